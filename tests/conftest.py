@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random mlx-lm models and the real GGUF files."""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+AUSTEN_DIR = Path(__file__).resolve().parents[1] / "flashhead_mlx" / "data"
+SHARED_AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+GGUF_DIR = Path(
+    os.environ.get("FLASHHEAD_GGUF_DIR", Path.home() / ".cache" / "flashhead-mlx" / "gguf")
+)
+GGUF_FILES = {
+    "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3": "gemma-3-270m-q4_k_m.gguf",
+}
+
+TINY_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession "
+    "of a good fortune, must be in want of a wife. "
+) * 20
+
+
+def gguf_path(name: str) -> Path:
+    """Path of a real GGUF model, or skip the test with the command that fetches it."""
+    path = GGUF_DIR / GGUF_FILES[name]
+    if not path.exists():
+        pytest.skip(
+            f"{path} is absent: run ../shared/models/fetch_models.sh "
+            "(or set FLASHHEAD_GGUF_DIR) to run the real-model tests"
+        )
+    return path
+
+
+def make_tokenizer(path: Path, vocab_size: int) -> None:
+    """Train a small byte-level BPE tokenizer and save it in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 400),
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TINY_TEXT], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+
+
+def make_tiny_model(
+    path: Path,
+    model_type: str = "llama",
+    vocab_size: int = 1000,
+    hidden_size: int = 64,
+    tied: bool = True,
+    quantize: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random mlx-lm model folder (float32) that ``mlx_lm.load`` reads."""
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    config = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 512,
+    }
+    if model_type == "gemma3_text":
+        config.update(
+            query_pre_attn_scalar=hidden_size // 4,
+            sliding_window=64,
+            sliding_window_pattern=2,
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model, config = load_model(path, lazy=False, strict=False)
+    if quantize:
+        model, config = quantize_model(model, config, group_size=32, bits=4)
+    save_model(path, model, donate_model=False)
+    save_config(config, path / "config.json")
+    make_tokenizer(path, vocab_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random llama with a tied head and a vocabulary that is not a multiple of 16."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
