@@ -2,10 +2,15 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
+from flashhead_mlx.blas import reexec_with_openblas
+
+reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
 
 AUSTEN_DIR = Path(__file__).resolve().parents[1] / "flashhead_mlx" / "data"
 SHARED_AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"

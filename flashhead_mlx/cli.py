@@ -1,0 +1,34 @@
+"""The ``flashhead-mlx`` command: one subcommand per module, as ``mlx_lm`` does."""
+
+import importlib
+import sys
+
+from .blas import reexec_with_openblas
+
+SUBCOMMANDS = {
+    "convert": "Cluster a model's head and write a FlashHead model folder.",
+    "demo": "Convert a model and generate with the dense head and with FlashHead.",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: flashhead-mlx <subcommand> [--help] [options]\n\nsubcommands:")
+        for name, help_text in SUBCOMMANDS.items():
+            print(f"  {name:10s} {help_text}")
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    if sys.argv[1] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return
+    subcommand = sys.argv[1]
+    if subcommand not in SUBCOMMANDS:
+        sys.exit(f"flashhead-mlx: unknown subcommand {subcommand!r}; choose from {list(SUBCOMMANDS)}")
+    reexec_with_openblas(["-m", f"flashhead_mlx.{subcommand}", *sys.argv[2:]])
+    sys.argv = [f"flashhead-mlx {subcommand}", *sys.argv[2:]]
+    importlib.import_module(f"flashhead_mlx.{subcommand}").main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Convert a model (hub repo, mlx-lm folder or GGUF file) into a FlashHead model folder.
+
+The output is a normal mlx-lm folder, weights in their original order, plus
+``flashhead.safetensors`` and a ``flashhead`` section in ``config.json``.
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .model_head import head_module, head_rows
+
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+
+
+def _prepare_mlx_model(
+    model: str,
+    mlx_path: Path,
+    dtype: Optional[str],
+    quantize: bool,
+    q_group_size: Optional[int],
+    q_bits: Optional[int],
+    revision: Optional[str],
+    trust_remote_code: bool,
+) -> None:
+    """Write ``model`` as an mlx-lm folder at ``mlx_path`` (GGUF files are imported first)."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    source = model
+    if model.endswith(".gguf"):
+        from .gguf import import_gguf
+
+        if not Path(model).is_file():
+            raise ValueError(f"GGUF file {model} does not exist")
+        source = str(import_gguf(model, mlx_path.parent / "gguf", dtype=dtype or "float32"))
+    mlx_lm_convert(
+        source,
+        mlx_path=str(mlx_path),
+        quantize=quantize,
+        q_group_size=q_group_size,
+        q_bits=q_bits,
+        dtype=dtype,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def add_flashhead(
+    path: Path,
+    cluster_size: int = 16,
+    n_clusters: Optional[int] = None,
+    n_probes: Optional[int] = None,
+    centroid_bits: Optional[int] = 4,
+    seed: int = 0,
+    calibration_tokens: int = 16384,
+) -> dict:
+    """Cluster the head of the mlx-lm model at ``path`` and write its FlashHead assets there."""
+    from mlx_lm import load
+
+    from .assets import save_assets
+    from .calibration import calibration_hidden_states
+    from .clustering import cluster_head, default_n_probes
+    from .sampling import fit_mass_bias
+
+    model, tokenizer = load(str(path))
+    head = head_module(model)
+    weight = head_rows(head)
+    vocab_size = weight.shape[0]
+    if n_clusters is not None:
+        if n_clusters <= 0:
+            raise ValueError(f"--n-clusters must be positive, got {n_clusters}")
+        cluster_size = -(-vocab_size // n_clusters)
+    if not 1 <= cluster_size <= vocab_size:
+        raise ValueError(f"--cluster-size must be in [1, {vocab_size}], got {cluster_size}")
+
+    print(f"[INFO] Calibrating on {calibration_tokens} tokens of {CALIBRATION_TEXT.name}")
+    hidden = calibration_hidden_states(
+        model, tokenizer, CALIBRATION_TEXT.read_text(), n_tokens=calibration_tokens
+    )
+    print(f"[INFO] Clustering {vocab_size} rows into clusters of {cluster_size}")
+    start = time.perf_counter()
+    clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
+    clustering_seconds = time.perf_counter() - start
+    n_clusters = clusters["centroids"].shape[0]
+    if n_probes is None:
+        n_probes = default_n_probes(n_clusters, cluster_size, vocab_size)
+    if not 1 <= n_probes <= n_clusters:
+        raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
+    mass_bias = fit_mass_bias(weight, clusters, hidden)
+    save_assets(
+        path,
+        clusters,
+        n_probes=n_probes,
+        centroid_bits=centroid_bits,
+        mass_bias=mass_bias,
+        head_module=head,
+    )
+    scored = (n_clusters + n_probes * cluster_size) / vocab_size
+    print(
+        f"[INFO] FlashHead: {n_clusters} clusters of {cluster_size}, {n_probes} probes "
+        f"({100 * scored:.1f}% of the vocabulary scored), clustered in {clustering_seconds:.1f} s"
+    )
+    return {"n_clusters": n_clusters, "n_probes": n_probes, "clustering_seconds": clustering_seconds}
+
+
+def convert(
+    model: str,
+    output: str,
+    cluster_size: int = 16,
+    n_clusters: Optional[int] = None,
+    n_probes: Optional[int] = None,
+    centroid_bits: Optional[int] = 4,
+    seed: int = 0,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    calibration_tokens: int = 16384,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    force: bool = False,
+) -> Path:
+    """Convert ``model`` into a FlashHead folder at ``output``, atomically.
+
+    Everything is written to a temporary folder beside ``output`` and renamed into place at the
+    end, so an interrupted conversion leaves nothing that looks finished.
+    """
+    output_path = Path(output).expanduser().resolve()
+    if output_path.exists() and not force:
+        raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        mlx_path = stage / "model"
+        _prepare_mlx_model(
+            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+        )
+        add_flashhead(
+            mlx_path,
+            cluster_size=cluster_size,
+            n_clusters=n_clusters,
+            n_probes=n_probes,
+            centroid_bits=centroid_bits,
+            seed=seed,
+            calibration_tokens=calibration_tokens,
+        )
+        if output_path.exists():
+            output_path.rename(stage / "previous")
+        mlx_path.rename(output_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"[INFO] Wrote {output_path}")
+    return output_path
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashhead-mlx convert",
+        description="Cluster a model's head and write a FlashHead model folder.",
+    )
+    parser.add_argument(
+        "--model",
+        "--hf-path",
+        required=True,
+        help="A Hugging Face repo id, a local mlx-lm folder or a .gguf file.",
+    )
+    parser.add_argument("--output", "--mlx-path", required=True, help="Folder to write.")
+    parser.add_argument("--cluster-size", type=int, default=16, help="Tokens per cluster.")
+    parser.add_argument(
+        "--n-clusters",
+        type=int,
+        default=None,
+        help="Number of clusters (sets the cluster size to ceil(vocab_size / n_clusters)).",
+    )
+    parser.add_argument(
+        "--n-probes",
+        type=int,
+        default=None,
+        help="Clusters scored exactly per token (default: about 10%% of the vocabulary scored).",
+    )
+    parser.add_argument(
+        "--centroid-bits",
+        type=int,
+        default=4,
+        choices=[4, 8, 0],
+        help="Bits of the stage-1 centroids (0: unquantized).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Clustering seed.")
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=16384,
+        help="Tokens of calibration text run through the model.",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="Type of the non-quantized parameters (float32 is fastest on a CPU).",
+    )
+    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the model.")
+    parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size.")
+    parser.add_argument("--q-bits", type=int, default=None, help="Quantization bits.")
+    parser.add_argument("--revision", default=None, help="Hub revision of --model.")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Trust remote code of --model."
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="Overwrite --output if it exists."
+    )
+    return parser
+
+
+def main() -> None:
+    args = setup_arg_parser().parse_args()
+    kwargs = vars(args)
+    kwargs["centroid_bits"] = kwargs["centroid_bits"] or None
+    try:
+        convert(**kwargs)
+    except ValueError as error:
+        raise SystemExit(f"flashhead-mlx convert: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

