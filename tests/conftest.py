@@ -65,8 +65,11 @@ def make_tiny_model(
     tied: bool = True,
     quantize: bool = False,
     seed: int = 0,
+    **config_overrides,
 ) -> Path:
-    """Write a tiny random mlx-lm model folder (float32) that ``mlx_lm.load`` reads."""
+    """Write a tiny random mlx-lm model folder (float32) that ``mlx_lm.load`` reads.
+
+    ``config_overrides`` replace entries of the default ``config.json``."""
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     config = {
@@ -89,6 +92,7 @@ def make_tiny_model(
             sliding_window=64,
             sliding_window_pattern=2,
         )
+    config.update(config_overrides)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     mx.random.seed(seed)
@@ -105,3 +109,40 @@ def make_tiny_model(
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random llama with a tied head and a vocabulary that is not a multiple of 16."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF as a float32 mlx-lm folder (once per session)."""
+    from flashhead_mlx.gguf import import_gguf
+
+    return import_gguf(gguf_path("smollm2"), tmp_path_factory.mktemp("gguf") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """Gemma-3-270M imported from its GGUF as a float32 mlx-lm folder (once per session)."""
+    from flashhead_mlx.gguf import import_gguf
+
+    return import_gguf(gguf_path("gemma3"), tmp_path_factory.mktemp("gguf") / "gemma3")
+
+
+def make_clusters(weight, cluster_size: int = 16, seed: int = 0) -> dict:
+    """A stand-in for ``clustering.cluster_head``: random balanced clusters, padding slots
+    (-1) scattered at random, centroids the mean of each cluster's rows, small random biases."""
+    import numpy as np
+
+    weight = np.asarray(weight, dtype=np.float32)
+    vocab_size = weight.shape[0]
+    n_clusters = -(-vocab_size // cluster_size)
+    rng = np.random.default_rng(seed)
+    order = np.full(n_clusters * cluster_size, -1, dtype=np.int32)
+    order[rng.permutation(order.size)[:vocab_size]] = rng.permutation(vocab_size)
+    slots = order.reshape(n_clusters, cluster_size)
+    rows = np.where((slots >= 0)[..., None], weight[np.maximum(slots, 0)], 0.0)
+    centroids = rows.sum(1) / (slots >= 0).sum(1, keepdims=True)
+    return {
+        "order": order,
+        "centroids": centroids.astype(np.float32),
+        "cluster_bias": rng.normal(0, 0.01, n_clusters).astype(np.float32),
+    }

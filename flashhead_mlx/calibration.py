@@ -1,0 +1,68 @@
+"""Hidden states of real text, as the head sees them, for calibration and evaluation."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from .model_head import final_hidden_states
+
+
+def text_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> mx.array:
+    """``[n_windows, len(prefix) + seq_len]`` token windows spread evenly over ``text``.
+
+    Each window starts with the special tokens the tokenizer puts before any text (the BOS
+    token for most models), as in generation, followed by ``seq_len`` tokens of ``text``.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < seq_len:
+        raise ValueError(
+            f"The text has {len(ids)} tokens, fewer than seq_len={seq_len}: use a longer text "
+            "or a smaller seq_len"
+        )
+    prefix = tokenizer.encode("", add_special_tokens=True)
+    n_windows = math.ceil(n_tokens / seq_len)
+    last_start = len(ids) - seq_len
+    starts = [round(i * last_start / max(n_windows - 1, 1)) for i in range(n_windows)]
+    return mx.array([prefix + ids[s : s + seq_len] for s in starts])
+
+
+def calibration_hidden_states(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    n_tokens: int = 16384,
+    seq_len: int = 512,
+    batch_size: int = 4,
+) -> mx.array:
+    """Final hidden states ``[n_tokens, d]`` (float32) of teacher-forced windows of ``text``.
+
+    Args:
+        model: an mlx-lm model.
+        tokenizer: its tokenizer.
+        text: the text to run through the model (windows are spread over all of it).
+        n_tokens: how many positions to return.
+        seq_len: tokens of text per window (the special-token prefix comes on top).
+        batch_size: windows per forward pass.
+    """
+    windows = text_windows(tokenizer, text, n_tokens, seq_len)
+    n_prefix = windows.shape[1] - seq_len
+    states = []
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc="Calibration forward"):
+        h = final_hidden_states(model, windows[i : i + batch_size])[:, n_prefix:]
+        h = h.astype(mx.float32).reshape(-1, h.shape[-1])
+        mx.eval(h)
+        states.append(h)
+    return mx.concatenate(states)[:n_tokens]
+
+
+def dense_argmax(weight: mx.array, hidden_states: mx.array, chunk_size: int = 256) -> mx.array:
+    """Index of the largest logit ``hidden_states @ weight.T`` for each row, computed in
+    chunks so that the ``[N, V]`` logits are never held at once."""
+    out = []
+    for i in range(0, hidden_states.shape[0], chunk_size):
+        top = mx.argmax(hidden_states[i : i + chunk_size] @ weight.T, axis=-1)
+        mx.eval(top)
+        out.append(top)
+    return mx.concatenate(out).astype(mx.int32)

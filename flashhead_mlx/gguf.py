@@ -1,0 +1,392 @@
+"""Import a llama.cpp GGUF file as an mlx-lm model folder.
+
+The folder holds ``config.json``, ``model.safetensors`` and a Hugging Face tokenizer built from
+the GGUF's own metadata, so ``mlx_lm.load(folder)`` returns a working ``(model, tokenizer)``.
+
+Tensors are dequantized with the ``gguf`` package to ``dtype``. With ``keep_quantized``, Q4_0,
+Q4_1 and Q8_0 tensors instead map losslessly onto MLX's affine quantization (group size 32); that
+suits Metal, while on the CPU MLX's quantized matmuls are far slower than float32 BLAS.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+# GGUF architecture -> mlx-lm model_type.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+GROUP_SIZE = 32
+QUANTIZED_BITS = {
+    gguf.GGMLQuantizationType.Q4_0: 4,
+    gguf.GGMLQuantizationType.Q4_1: 4,
+    gguf.GGMLQuantizationType.Q8_0: 8,
+}
+
+GLOBAL_TENSOR_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+LAYER_TENSOR_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GEMMA3_LAYER_TENSOR_NAMES = {
+    **LAYER_TENSOR_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+# llama.cpp token types (tokenizer.ggml.token_type).
+CONTROL_TOKEN = 3
+USER_DEFINED_TOKEN = 4
+
+# Pre-tokenizer splits of byte-level BPE vocabularies, by `tokenizer.ggml.pre`.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BYTE_LEVEL_SPLITS = {
+    "default": [GPT2_SPLIT],
+    "gpt2": [GPT2_SPLIT],
+    "smollm": [r"\p{N}", GPT2_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "llama3": [LLAMA3_SPLIT],
+    "qwen2": [QWEN2_SPLIT],
+}
+
+
+def import_gguf(
+    gguf_path: str | Path,
+    output_dir: str | Path,
+    dtype: str = "float32",
+    keep_quantized: bool = False,
+) -> Path:
+    """Write the GGUF model at ``gguf_path`` as an mlx-lm folder ``output_dir`` (created).
+
+    Args:
+        dtype: float type of the weights (and of the quantization scales and biases).
+        keep_quantized: keep Q4_0/Q4_1/Q8_0 tensors quantized (MLX affine, group size 32)
+            instead of dequantizing them. Default: ``False``.
+    """
+    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
+    float_type = getattr(mx, dtype, None)
+    if not isinstance(float_type, mx.Dtype) or not mx.issubdtype(float_type, mx.floating):
+        raise ValueError(f"dtype must be a float type such as 'float32', got {dtype!r}")
+    reader = gguf.GGUFReader(gguf_path)
+    architecture = metadata(reader, "general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"Unsupported GGUF architecture {architecture!r} in {gguf_path}; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    config = model_config(reader, architecture)
+    weights, quantization = convert_tensors(reader, config, float_type, keep_quantized)
+    if quantization:
+        config["quantization"] = quantization
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(output_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (output_dir / "config.json").write_text(json.dumps(config, indent=4))
+    save_tokenizer(reader, output_dir)
+    return output_dir
+
+
+def metadata(reader: gguf.GGUFReader, key: str, default=None):
+    """The value of the metadata ``key`` (a scalar, a string or a list), or ``default``."""
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def model_config(reader: gguf.GGUFReader, architecture: str) -> dict:
+    """The mlx-lm ``config.json`` of the model, from the GGUF hyperparameters."""
+
+    def hparam(name, default=None):
+        value = metadata(reader, f"{architecture}.{name}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata {architecture}.{name} is missing")
+        if isinstance(value, list):
+            raise ValueError(f"Per-layer {architecture}.{name} is not supported")
+        # Floats are stored as float32: keep the decimal value they were written from.
+        return float(f"{value:.7g}") if isinstance(value, float) else value
+
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    hidden_size = hparam("embedding_length")
+    n_heads = hparam("attention.head_count")
+    head_dim = hparam("attention.key_length", hidden_size // n_heads)
+    config = {
+        "model_type": ARCHITECTURES[architecture],
+        "vocab_size": int(tensor_shape(reader, "token_embd.weight")[0]),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": hparam("block_count"),
+        "intermediate_size": hparam("feed_forward_length"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": hparam("attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": hparam("attention.layer_norm_rms_epsilon"),
+        "rope_theta": hparam("rope.freq_base", 10000.0),
+        "max_position_embeddings": hparam("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = metadata(reader, f"{architecture}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": hparam("rope.scaling.factor"),
+        }
+    elif scaling != "none":
+        raise ValueError(f"Unsupported rope scaling {scaling!r} ({architecture}.rope.scaling.type)")
+    if architecture == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
+    if architecture == "gemma3":
+        # Fixed in llama.cpp's gemma3 graph rather than stored in the file; the 27B model
+        # (62 layers) scales queries by hidden_size / n_heads instead of head_dim.
+        config["query_pre_attn_scalar"] = (
+            hidden_size // n_heads if config["num_hidden_layers"] == 62 else head_dim
+        )
+        config["sliding_window"] = hparam("attention.sliding_window")
+        config["sliding_window_pattern"] = 6
+        config["rope_local_base_freq"] = 10000.0
+    eos_ids = {metadata(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")} - {None}
+    if eos_ids:
+        config["eos_token_id"] = sorted(eos_ids) if len(eos_ids) > 1 else eos_ids.pop()
+    bos_id = metadata(reader, "tokenizer.ggml.bos_token_id")
+    if bos_id is not None:
+        config["bos_token_id"] = bos_id
+    return config
+
+
+def tensor_shape(reader: gguf.GGUFReader, name: str) -> tuple[int, ...]:
+    """The ``(rows, columns)`` shape of a GGUF tensor (GGUF lists dimensions innermost first)."""
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return tuple(int(n) for n in reversed(tensor.shape))
+    raise ValueError(f"GGUF tensor {name!r} is missing")
+
+
+def mlx_name(gguf_name: str, architecture: str) -> str:
+    """The mlx-lm parameter path of a GGUF tensor, e.g. ``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4:
+        names = GEMMA3_LAYER_TENSOR_NAMES if architecture == "gemma3" else LAYER_TENSOR_NAMES
+        if parts[2] in names:
+            return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    elif len(parts) == 2 and parts[0] in GLOBAL_TENSOR_NAMES:
+        return f"{GLOBAL_TENSOR_NAMES[parts[0]]}.{parts[1]}"
+    raise ValueError(f"Unsupported tensor {gguf_name!r} in a {architecture} GGUF")
+
+
+def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows for interleaved rotary embeddings."""
+    shape = rows.shape
+    rows = rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:])
+    return rows.swapaxes(1, 2).reshape(shape)
+
+
+def affine_from_blocks(tensor) -> tuple[np.ndarray, ...]:
+    """MLX affine ``(weight, scales, biases)`` of a Q4_0/Q4_1/Q8_0 tensor, exactly: each block of
+    32 values becomes one quantization group."""
+    tensor_type = tensor.tensor_type
+    blocks = np.asarray(tensor.data)
+    rows = blocks.shape[0]
+    blocks = blocks.reshape(rows, -1, gguf.GGML_QUANT_SIZES[tensor_type][1])
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if tensor_type == gguf.GGMLQuantizationType.Q8_0:
+        values = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        biases = -128 * scales
+        packed = values
+    else:
+        if tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            biases = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            nibbles = blocks[..., 4:]
+        else:
+            biases = -8 * scales
+            nibbles = blocks[..., 2:]
+        # A block stores value i in the low nibble of byte i and value i + 16 in its high
+        # nibble; MLX packs consecutive values, the first in the low bits.
+        values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+        packed = values[..., 0::2] | (values[..., 1::2] << 4)
+    weight = np.ascontiguousarray(packed).reshape(rows, -1).view(np.uint32)
+    return weight, scales, biases
+
+
+def convert_tensors(
+    reader: gguf.GGUFReader, config: dict, float_type: mx.Dtype, keep_quantized: bool
+) -> tuple[dict[str, mx.array], dict]:
+    """The mlx-lm weights of the model, and its ``quantization`` config (empty if none)."""
+    architecture = next(k for k, v in ARCHITECTURES.items() if v == config["model_type"])
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    weights = {}
+    quantization = {}
+    for tensor in tqdm(reader.tensors, desc="Importing GGUF tensors", leave=False):
+        module, suffix = mlx_name(tensor.name, architecture).rsplit(".", 1)
+        kind = tensor.name.split(".")[-2]
+        bits = QUANTIZED_BITS.get(tensor.tensor_type)
+        if keep_quantized and bits is not None and suffix == "weight":
+            arrays = dict(zip(("weight", "scales", "biases"), affine_from_blocks(tensor)))
+            quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
+        else:
+            arrays = {suffix: dequantize(tensor)}
+            if architecture == "gemma3" and kind.endswith("norm"):
+                # llama.cpp stores Gemma's RMSNorm weights as 1 + w; mlx-lm adds the 1 itself.
+                arrays[suffix] = arrays[suffix] - 1
+        if architecture == "llama" and kind in heads:
+            arrays = {k: unpermute_rows(v, heads[kind]) for k, v in arrays.items()}
+        for key, array in arrays.items():
+            array = mx.array(array)
+            weights[f"{module}.{key}"] = array if array.dtype == mx.uint32 else array.astype(float_type)
+    if not quantization:
+        return weights, {}
+    default_bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
+    overrides = {path: q for path, q in quantization.items() if q["bits"] != default_bits}
+    return weights, {"group_size": GROUP_SIZE, "bits": default_bits, **overrides}
+
+
+def dequantize(tensor) -> np.ndarray:
+    """The float32 values of a GGUF tensor, ``[rows, columns]``."""
+    try:
+        return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"Unsupported tensor type {tensor.tensor_type.name} of {tensor.name}"
+        ) from error
+
+
+def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
+    """Merges implied by a sentencepiece vocabulary: every split of a token into two tokens,
+    best-ranked token first (higher rank is better)."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, rank in zip(tokens, ranks):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token))]
+        merges.extend((rank, l, r) for l, r in pairs if l in ids and r in ids)
+    # Ties between splits of the same token: the longer left piece first.
+    merges.sort(key=lambda m: (-m[0], -len(m[1])))
+    return [(l, r) for _, l, r in merges]
+
+
+def build_tokenizer(reader: gguf.GGUFReader):
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer_model = metadata(reader, "tokenizer.ggml.model")
+    tokens = metadata(reader, "tokenizer.ggml.tokens")
+    token_types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    if tokenizer_model == "gpt2":
+        pre = metadata(reader, "tokenizer.ggml.pre", "default")
+        if pre not in BYTE_LEVEL_SPLITS:
+            raise ValueError(
+                f"Unsupported byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre); "
+                f"supported: {sorted(BYTE_LEVEL_SPLITS)}"
+            )
+        merges = [tuple(m.split(" ", 1)) for m in metadata(reader, "tokenizer.ggml.merges")]
+        tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in BYTE_LEVEL_SPLITS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+    elif tokenizer_model == "llama":
+        # Sentencepiece BPE. Tokens made only of spaces are stored with real spaces.
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        if metadata(reader, "general.architecture") == "gemma3":
+            # Gemma's scores do not follow its merge order; the vocabulary order does.
+            ranks = [-i for i in range(len(tokens))]
+        else:
+            ranks = metadata(reader, "tokenizer.ggml.scores")
+        unk_id = metadata(reader, "tokenizer.ggml.unknown_token_id", 0)
+        tokenizer = Tokenizer(
+            models.BPE(
+                {t: i for i, t in enumerate(tokens)},
+                bpe_merges(tokens, ranks),
+                unk_token=tokens[unk_id],
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+        add_prefix = metadata(reader, "tokenizer.ggml.add_space_prefix", True)
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if add_prefix else "never", split=False
+        )
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + [decoders.Strip(" ", 1, 0)] * add_prefix
+        )
+    else:
+        raise ValueError(
+            f"Unsupported tokenizer {tokenizer_model!r} (tokenizer.ggml.model); "
+            "supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)"
+        )
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, token_types)
+            if kind == CONTROL_TOKEN
+        ]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, token_types)
+            if kind == USER_DEFINED_TOKEN
+        ]
+    )
+    return tokenizer
+
+
+def save_tokenizer(reader: gguf.GGUFReader, output_dir: Path) -> None:
+    """Save the GGUF's tokenizer (special tokens, BOS/EOS behaviour, chat template) in
+    Hugging Face format."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = build_tokenizer(reader)
+    special = {
+        f"{name}_token": tokenizer.id_to_token(token_id)
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+        if (token_id := metadata(reader, f"tokenizer.ggml.{key}_token_id")) is not None
+    }
+    add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)) and "bos_token" in special
+    add_eos = bool(metadata(reader, "tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
+    if add_bos or add_eos:
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+        template = " ".join([bos] * add_bos + ["$A"] + [eos] * add_eos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=template,
+            pair=f"{template} " + template.replace("$A", "$B"),
+            special_tokens=[(t, tokenizer.token_to_id(t)) for t in {bos, eos} if t is not None],
+        )
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )
+    chat_template = metadata(reader, "tokenizer.chat_template")
+    if chat_template is not None:
+        hf_tokenizer.chat_template = chat_template
+    hf_tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,237 @@
+"""FlashHead: a two-stage retrieval classification head.
+
+Stage 1 scores a hidden state against one probe vector per cluster (stored quantized) and keeps
+the ``n_probes`` best clusters; stage 2 scores the rows of those clusters exactly. The head's rows
+are stored once, in cluster order (cluster ``k`` owns slots ``[k * cluster_size, (k + 1) *
+cluster_size)``), at the model's own precision: permuting whole rows keeps every quantization
+group intact, so each candidate logit is the dense logit. Padding slots (when the vocabulary is
+not a multiple of ``cluster_size``) have token id -1 and logit ``-inf``.
+"""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class FlashHead(nn.Module):
+    """A classification head that scores only the rows of the ``n_probes`` best clusters.
+
+    Args:
+        assets (dict): the clusters, as made by :func:`flashhead_mlx.assets.make_assets` or
+            read by :func:`flashhead_mlx.assets.load_assets`: ``order`` (token id of each slot,
+            -1 for padding), ``centroids`` (packed when ``centroid_bits`` is set, with
+            ``centroid_scales`` and ``centroid_biases``), ``cluster_bias``, optional
+            ``mass_bias``, and the ints ``cluster_size``, ``n_probes``, ``centroid_bits``,
+            ``centroid_group_size``.
+        weight (mx.array): the head's rows ``[V, d]`` in token order, float or packed.
+        scales, biases (mx.array, optional): quantization scales and biases of ``weight``.
+        group_size, bits (int, optional): quantization of ``weight``. Default: ``None``.
+        mode (str): quantization mode of ``weight``. Default: ``"affine"``.
+        n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
+        softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+    """
+
+    def __init__(
+        self,
+        assets: dict,
+        weight: mx.array,
+        scales: Optional[mx.array] = None,
+        biases: Optional[mx.array] = None,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = "affine",
+        n_probes: Optional[int] = None,
+        softcap: Optional[float] = None,
+    ):
+        super().__init__()
+        order = assets["order"].astype(mx.int32)
+        self.vocab_size = weight.shape[0]
+        self.cluster_size = int(assets["cluster_size"])
+        self.n_clusters = order.size // self.cluster_size
+        self.n_probes = int(assets["n_probes"] if n_probes is None else n_probes)
+        if not 1 <= self.n_probes <= self.n_clusters:
+            raise ValueError(f"n_probes must be in [1, {self.n_clusters}], got {self.n_probes}")
+        if order.size != self.n_clusters * self.cluster_size or order.size < self.vocab_size:
+            raise ValueError(
+                f"order has {order.size} slots, which cannot hold {self.vocab_size} tokens "
+                f"in clusters of {self.cluster_size}"
+            )
+
+        # Rows in cluster order; padding slots copy row 0 and are masked to -inf when scored.
+        rows = mx.maximum(order, 0)
+        self.weight = mx.take(weight, rows, axis=0)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        if scales is not None:
+            self.scales = mx.take(scales, rows, axis=0)
+            self.biases = None if biases is None else mx.take(biases, rows, axis=0)
+        dtype = weight.dtype if scales is None else scales.dtype
+
+        self.order = order
+        # Sorting puts the padding slots (-1) first, then the slot of each token 0..V-1.
+        self.inverse = mx.argsort(order)[order.size - self.vocab_size :].astype(mx.int32)
+        self.centroid_bits = assets["centroid_bits"]
+        self.centroid_group_size = assets["centroid_group_size"]
+        self.centroids = assets["centroids"]
+        if self.centroid_bits is None:
+            self.centroids = self.centroids.astype(dtype)
+        else:
+            self.centroid_scales = assets["centroid_scales"].astype(dtype)
+            self.centroid_biases = assets["centroid_biases"].astype(dtype)
+        self.cluster_bias = assets["cluster_bias"].astype(dtype)
+        mass_bias = assets.get("mass_bias")
+        self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
+        self.softcap = softcap
+        self.freeze()
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        assets: dict,
+        n_probes: Optional[int] = None,
+        softcap: Optional[float] = None,
+    ) -> "FlashHead":
+        """Build from the model's ``lm_head`` or tied ``embed_tokens`` (float or quantized)."""
+        quantized = "scales" in module
+        return cls(
+            assets,
+            module.weight,
+            scales=module.scales if quantized else None,
+            biases=module.get("biases") if quantized else None,
+            group_size=module.group_size if quantized else None,
+            bits=module.bits if quantized else None,
+            mode=getattr(module, "mode", "affine"),
+            n_probes=n_probes,
+            softcap=softcap,
+        )
+
+    def _extra_repr(self) -> str:
+        return (
+            f"vocab_size={self.vocab_size}, n_clusters={self.n_clusters}, "
+            f"cluster_size={self.cluster_size}, n_probes={self.n_probes}, "
+            f"bits={self.bits}, centroid_bits={self.centroid_bits}"
+        )
+
+    def _softcap(self, logits: mx.array) -> mx.array:
+        if self.softcap is None:
+            return logits
+        return mx.tanh(logits / self.softcap) * self.softcap
+
+    def cluster_scores(self, h: mx.array) -> mx.array:
+        """Stage-1 scores ``[..., n_clusters]``: ``h`` against the quantized centroids, plus bias."""
+        if self.centroid_bits is None:
+            scores = h @ self.centroids.T
+        else:
+            scores = mx.quantized_matmul(
+                h,
+                self.centroids,
+                self.centroid_scales,
+                self.centroid_biases,
+                transpose=True,
+                group_size=self.centroid_group_size,
+                bits=self.centroid_bits,
+            )
+        return scores + self.cluster_bias
+
+    def probe(self, h: mx.array, scores: Optional[mx.array] = None) -> mx.array:
+        """The ``n_probes`` best clusters ``[..., n_probes]`` (uint32, in no particular order)."""
+        if scores is None:
+            scores = self.cluster_scores(h)
+        return mx.argpartition(-scores, kth=self.n_probes - 1, axis=-1)[..., : self.n_probes]
+
+    def _score_clusters(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
+        """Slots and exact logits of ``clusters`` ``[M, K]`` for ``h`` ``[M, d]``: ``[M, K * s]``."""
+        s = self.cluster_size
+        x = h[:, None, None, :]
+        if "scales" in self:
+            logits = mx.gather_qmm(
+                x,
+                self.weight.reshape(self.n_clusters, s, -1),
+                self.scales.reshape(self.n_clusters, s, -1),
+                None if self.biases is None else self.biases.reshape(self.n_clusters, s, -1),
+                rhs_indices=clusters,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+        else:
+            rows = self.weight.reshape(self.n_clusters, s, -1).swapaxes(-1, -2)
+            logits = mx.gather_mm(x, rows, rhs_indices=clusters)
+        slots = (clusters[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)).flatten(-2)
+        logits = self._softcap(logits.flatten(-3))
+        return slots, mx.where(self.order[slots] >= 0, logits, -mx.inf)
+
+    def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
+        """Token ids and exact logits of the rows of ``clusters`` ``[..., K]``: ``[..., K * s]``.
+
+        Padding slots have token id -1 and logit ``-inf``.
+        """
+        lead = h.shape[:-1]
+        slots, logits = self._score_clusters(
+            h.reshape(-1, h.shape[-1]), clusters.reshape(-1, clusters.shape[-1]).astype(mx.uint32)
+        )
+        shape = (*lead, slots.shape[-1])
+        return self.order[slots].reshape(shape), logits.reshape(shape)
+
+    def candidates(self, h: mx.array) -> Tuple[mx.array, mx.array]:
+        """Token ids and exact logits of the probed clusters' rows ``[..., n_probes * s]``."""
+        return self.cluster_logits(h, self.probe(h))
+
+    def greedy(self, h: mx.array) -> mx.array:
+        """The highest-scoring candidate token ``[...]``; ties go to the lowest token id."""
+        tokens, logits = self.candidates(h)
+        best = logits.max(axis=-1, keepdims=True)
+        return mx.where(logits == best, tokens, self.vocab_size).min(axis=-1)
+
+    def dense_logits(self, h: mx.array) -> mx.array:
+        """The exact logits of every token ``[..., V]``, in vocabulary order."""
+        if "scales" in self:
+            logits = mx.quantized_matmul(
+                h,
+                self.weight,
+                self.scales,
+                self.biases,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+        else:
+            logits = h @ self.weight.T
+        return mx.take(self._softcap(logits), self.inverse, axis=-1)
+
+    def sparse_logits(self, h: mx.array) -> mx.array:
+        """Logits ``[..., V]`` in vocabulary order: exact at the candidates, ``-inf`` elsewhere."""
+        lead = h.shape[:-1]
+        h = h.reshape(-1, h.shape[-1])
+        slots, logits = self._score_clusters(h, self.probe(h))
+        full = mx.full((h.shape[0], self.order.size), -mx.inf, dtype=logits.dtype)
+        full = mx.put_along_axis(full, slots, logits, axis=-1)
+        return mx.take(full, self.inverse, axis=-1).reshape(*lead, self.vocab_size)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The rows of ``tokens`` (the tied embedding lookup), dequantized when quantized."""
+        slots = self.inverse[tokens]
+        if "scales" not in self:
+            return self.weight[slots]
+        return mx.dequantize(
+            self.weight[slots],
+            self.scales[slots],
+            None if self.biases is None else self.biases[slots],
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+    def __call__(self, h: mx.array) -> mx.array:
+        """Logits ``[..., L, V]`` for hidden states ``[..., L, d]``.
+
+        A decode step (``L == 1``) gets :meth:`sparse_logits`, a drop-in for mlx-lm's samplers and
+        logits processors; longer inputs (prefill, perplexity, verification) get the exact
+        :meth:`dense_logits`.
+        """
+        if h.shape[-2] == 1:
+            return self.sparse_logits(h)
+        return self.dense_logits(h)

@@ -1,0 +1,487 @@
+"""Run ``mx.fast.metal_kernel`` sources on the CPU.
+
+:func:`metal_kernel` takes the same arguments as ``mx.fast.metal_kernel`` and returns a kernel
+that takes the same call arguments. It builds the kernel source exactly as MLX does (the
+signature from the input and output names, the ``<name>_shape/_strides/_ndim`` and
+thread-position attributes the source mentions, and the template arguments), compiles it as
+C++ after ``metal_prelude.h`` (the Metal subset) with the system compiler, links the
+scheduler ``metal_runtime.cpp``, and runs the grid: threadgroups one after the other, the
+threads of a threadgroup as fibers that switch at barriers and SIMD-group functions (32 lanes
+per SIMD group). Compiled kernels are cached by source hash under
+``~/.cache/flashhead-mlx/emulator`` (``FLASHHEAD_EMULATOR_CACHE`` overrides it).
+
+Checks that real hardware does not make, each an :class:`EmulatorError`: reads and writes past
+the end of a buffer (each buffer ends at a guard page), divergent SIMD-group collectives,
+barriers that not every thread reaches, shuffles from inactive lanes, and spin-waits. Outputs
+start filled with 0xff bytes (NaN for floats) unless ``init_value`` is given, so unwritten
+elements show. With ``shuffle=True`` threadgroups and threads run in a random order (a race
+check: a correct kernel gives the same result). Threadgroup variables are shared by turning
+their declarations into ``static`` ones; the source is otherwise compiled as written.
+
+:func:`emulate` patches ``mx.fast.metal_kernel`` and ``mx.metal.is_available`` so that
+unmodified code (ours or mlx-lm's) runs its Metal path through the emulator.
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PRELUDE = HERE / "metal_prelude.h"
+RUNTIME = HERE / "metal_runtime.cpp"
+CXX = os.environ.get("CXX", "g++")
+FLAGS = [
+    "-std=c++17",
+    "-O1",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-Wno-attributes",
+    "-Wno-unknown-pragmas",
+]
+TIMEOUT_S = 300
+
+# Inputs with fewer elements go to the constant address space (MLX's max_constant_array_size).
+MAX_CONSTANT_ARRAY_SIZE = 8
+
+# MLX's thread-position attributes, in MLX's order, with their types.
+ATTRIBUTES = {
+    "dispatch_quadgroups_per_threadgroup": "uint",
+    "dispatch_simdgroups_per_threadgroup": "uint",
+    "dispatch_threads_per_threadgroup": "uint3",
+    "grid_origin": "uint3",
+    "grid_size": "uint3",
+    "quadgroup_index_in_threadgroup": "uint",
+    "quadgroups_per_threadgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint",
+    "simdgroups_per_threadgroup": "uint",
+    "thread_execution_width": "uint",
+    "thread_index_in_quadgroup": "uint",
+    "thread_index_in_simdgroup": "uint",
+    "thread_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3",
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threadgroups_per_grid": "uint3",
+    "threads_per_grid": "uint3",
+    "threads_per_simdgroup": "uint",
+    "threads_per_threadgroup": "uint3",
+}
+
+# MLX dtype -> (Metal type name, numpy dtype of the bytes).
+DTYPES = {
+    mx.bool_: ("bool", np.bool_),
+    mx.uint8: ("uint8_t", np.uint8),
+    mx.uint16: ("uint16_t", np.uint16),
+    mx.uint32: ("uint32_t", np.uint32),
+    mx.uint64: ("uint64_t", np.uint64),
+    mx.int8: ("int8_t", np.int8),
+    mx.int16: ("int16_t", np.int16),
+    mx.int32: ("int32_t", np.int32),
+    mx.int64: ("int64_t", np.int64),
+    mx.float16: ("float16_t", np.float16),
+    mx.bfloat16: ("bfloat16_t", np.uint16),
+    mx.float32: ("float", np.float32),
+}
+
+
+class EmulatorError(RuntimeError):
+    """A kernel the emulator cannot compile, or that did something wrong while it ran."""
+
+
+def type_string(dtype: mx.Dtype) -> str:
+    if dtype not in DTYPES:
+        raise EmulatorError(f"the emulator has no Metal type for {dtype}")
+    return DTYPES[dtype][0]
+
+
+def rewrite_threadgroup(source: str) -> str:
+    """Turn ``threadgroup`` variable declarations into ``static`` ones (shared by the threads
+    of the threadgroup); ``threadgroup`` qualifiers of pointers and references stay (an empty
+    macro). Raises on a use of ``threadgroup`` that is neither."""
+
+    def replace(match: re.Match) -> str:
+        rest = source[match.end() :]
+        declarator = re.match(r"[^;(){}]*", rest).group(0)
+        head = re.split(r"[\[=]", declarator, maxsplit=1)[0]
+        if "*" in head or "&" in head:
+            return match.group(0)
+        if re.fullmatch(r"\s*(const\s+)?[\w:]+(\s*<[^;]*>)?\s+\w+\s*", head):
+            return "static"
+        line = source.count("\n", 0, match.start()) + 1
+        raise EmulatorError(f"line {line}: cannot tell a threadgroup declaration in {declarator!r}")
+
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m.group(0)), source, flags=re.S)
+    return re.sub(r"\bthreadgroup\b", replace, source)
+
+
+def kernel_name(name: str, inputs: Sequence[mx.array], output_dtypes, template) -> Tuple[str, str]:
+    """MLX's host name of an instantiation, and its template argument list (or "")."""
+    full = "custom_kernel_" + name
+    template_def = ""
+    if template:
+        args = []
+        for _, value in template:
+            if isinstance(value, bool):
+                args.append(str(int(value)))
+            elif isinstance(value, int):
+                args.append(str(value))
+            elif isinstance(value, mx.Dtype):
+                args.append(type_string(value))
+            else:
+                raise EmulatorError("template arguments must be mx.Dtype, int or bool")
+        template_def = "<" + ", ".join(args) + ">"
+        full += "_" + template_def.replace("<", "_").replace(">", "_").replace(", ", "_")[:-1]
+    for x in inputs:
+        full += "_" + type_string(x.dtype)
+        full += "s" if x.ndim == 0 else "c" if x.size < MAX_CONSTANT_ARRAY_SIZE else ""
+    for dtype in output_dtypes:
+        full += "_" + type_string(dtype)
+    return full, template_def
+
+
+def write_signature(
+    func_name: str,
+    header: str,
+    source: str,
+    input_names: Sequence[str],
+    inputs: Sequence[mx.array],
+    output_names: Sequence[str],
+    output_dtypes: Sequence[mx.Dtype],
+    template: Sequence[tuple],
+    attributes: Sequence[str],
+    shape_infos: Sequence[Tuple[bool, bool, bool]],
+    atomic_outputs: bool,
+) -> str:
+    """The kernel source MLX compiles (mlx/backend/common/metal_kernel.cpp, write_signature)."""
+    text = header
+    if template:
+        kinds = [
+            "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
+            for _, v in template
+        ]
+        text += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
+    params = []
+    index = 0
+    for name, x, (shape, strides, ndim) in zip(input_names, inputs, shape_infos):
+        location = "constant" if x.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        ref = "&" if x.ndim == 0 else "*"
+        params.append(f"  const {location} {type_string(x.dtype)}{ref} {name} [[buffer({index})]]")
+        index += 1
+        if x.ndim > 0:
+            for used, param in (
+                (shape, f"const constant int* {name}_shape"),
+                (strides, f"const constant int64_t* {name}_strides"),
+                (ndim, f"const constant int& {name}_ndim"),
+            ):
+                if used:
+                    params.append(f"  {param} [[buffer({index})]]")
+                    index += 1
+    for name, dtype in zip(output_names, output_dtypes):
+        t = type_string(dtype)
+        t = f"atomic<{t}>" if atomic_outputs else t
+        params.append(f"  device {t}* {name} [[buffer({index})]]")
+        index += 1
+    params += [f"  {ATTRIBUTES[a]} {a} [[{a}]]" for a in attributes]
+    text += f"[[kernel]] void {func_name}(\n" + ",\n".join(params) + ") {\n"
+    return text + source + "\n}\n"
+
+
+def _arguments(input_names, inputs, shape_infos, output_dtypes, atomic_outputs, attributes):
+    """C++ expressions that pass buffer i (emu_buffers[i]) as each kernel parameter."""
+    args, index = [], 0
+
+    def buffer(t: str, ref: bool) -> str:
+        nonlocal index
+        expr = f"*({t}*)emu_buffers[{index}]" if ref else f"({t}*)emu_buffers[{index}]"
+        index += 1
+        return expr
+
+    for x, (shape, strides, ndim) in zip(inputs, shape_infos):
+        args.append(buffer("const " + type_string(x.dtype), x.ndim == 0))
+        if x.ndim > 0:
+            for used, t, ref in ((shape, "const int", False), (strides, "const int64_t", False), (ndim, "const int", True)):
+                if used:
+                    args.append(buffer(t, ref))
+    for dtype in output_dtypes:
+        t = type_string(dtype)
+        args.append(buffer(f"atomic<{t}>" if atomic_outputs else t, False))
+    args += [f"emu::{a}()" for a in attributes]
+    return args
+
+
+def _compiler_id() -> str:
+    return subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "flashhead-mlx" / "emulator"
+    path = Path(os.environ.get("FLASHHEAD_EMULATOR_CACHE", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile(command: List[str], output: Path, what: str) -> None:
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        target = Path(tmp) / output.name
+        result = subprocess.run(command + ["-o", str(target)], capture_output=True, text=True)
+        if result.returncode:
+            raise EmulatorError(f"{what} does not compile:\n{result.stderr[-6000:]}")
+        os.replace(target, output)
+
+
+@lru_cache(maxsize=None)
+def _runtime_object() -> Path:
+    key = hashlib.sha256(
+        (_compiler_id() + " ".join(FLAGS) + PRELUDE.read_text() + RUNTIME.read_text()).encode()
+    ).hexdigest()[:20]
+    path = cache_dir() / f"runtime-{key}.o"
+    if not path.exists():
+        _compile([CXX, *FLAGS, "-I", str(HERE), "-c", str(RUNTIME)], path, "metal_runtime.cpp")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _library(cpp: str) -> ctypes.CDLL:
+    runtime = _runtime_object()
+    key = hashlib.sha256((runtime.name + " ".join(FLAGS) + cpp).encode()).hexdigest()[:24]
+    path = cache_dir() / f"kernel-{key}.so"
+    if not path.exists():
+        source = path.with_suffix(".cpp")
+        source.write_text(cpp)
+        _compile(
+            [CXX, *FLAGS, "-shared", "-I", str(HERE), str(source), str(runtime)],
+            path,
+            f"the kernel (generated C++ in {source})",
+        )
+    lib = ctypes.CDLL(str(path))
+    lib.emu_launch.restype = ctypes.c_int
+    lib.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                               ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    lib.emu_alloc.restype = ctypes.c_void_p
+    lib.emu_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+    lib.emu_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
+class _Buffer:
+    """A guarded copy of one input or output."""
+
+    def __init__(self, lib: ctypes.CDLL, name: str, nbytes: int):
+        self.lib, self.name, self.nbytes = lib, name, nbytes
+        mapped = ctypes.c_size_t()
+        self.ptr = lib.emu_alloc(max(nbytes, 1), ctypes.byref(mapped))
+        if not self.ptr:
+            raise MemoryError(f"cannot map {nbytes} bytes for {name}")
+        self.mapped = mapped.value
+
+    def view(self, np_dtype, count: int) -> np.ndarray:
+        return np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr)).view(np_dtype)[:count]
+
+    def free(self) -> None:
+        self.lib.emu_free(self.ptr, self.mapped)
+
+    def describe(self, address: int) -> Optional[str]:
+        padded = (self.nbytes + 15) // 16 * 16
+        if self.ptr + self.nbytes <= address < self.ptr + padded + 4096:
+            return f"{address - self.ptr - self.nbytes} bytes past the end of {self.name} ({self.nbytes} bytes)"
+        if self.ptr - 4096 <= address < self.ptr:
+            return f"{self.ptr - address} bytes before the start of {self.name}"
+        return None
+
+
+def _host(x: mx.array) -> np.ndarray:
+    """The elements of x as numpy, with MLX's strides (bfloat16 as its uint16 bits)."""
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return np.asarray(memoryview(x))
+
+
+class EmulatedKernel:
+    """A kernel made by :func:`metal_kernel`; call it like an ``mx.fast.metal_kernel``."""
+
+    def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous,
+                 atomic_outputs, shuffle, seed):
+        if not output_names:
+            raise ValueError("[metal_kernel] Must specify at least one output.")
+        self.name, self.source, self.header = name, source, header
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self.ensure_row_contiguous, self.atomic_outputs = ensure_row_contiguous, atomic_outputs
+        self.shuffle, self.seed = shuffle, seed
+        self.shape_infos = [
+            (f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source)
+            for n in self.input_names
+        ]
+        self.attributes = [a for a in ATTRIBUTES if a in source]
+
+    def cpp_source(self, inputs, output_dtypes, template) -> Tuple[str, str]:
+        """The kernel source MLX would compile, and the C++ translation unit that runs it."""
+        func, template_def = kernel_name(self.name, inputs, output_dtypes, template)
+        metal = write_signature(
+            func, self.header, self.source, self.input_names, inputs, self.output_names,
+            output_dtypes, template, self.attributes, self.shape_infos, self.atomic_outputs,
+        )
+        if template:
+            inst = func + template_def
+            metal += f'\ntemplate [[host_name("{func}")]] [[kernel]] decltype({inst}) {inst};\n'
+        args = _arguments(self.input_names, inputs, self.shape_infos, output_dtypes,
+                          self.atomic_outputs, self.attributes)
+        cpp = (
+            '#include "metal_prelude.h"\n'
+            "static void** emu_buffers;\n"
+            '#line 1 "kernel.metal"\n'
+            + rewrite_threadgroup(metal)
+            + '\n#line 1 "emulator_driver.cpp"\n'
+            + f"static void emu_entry() {{\n  {func}{template_def}(\n    "
+            + ",\n    ".join(args)
+            + ");\n}\n"
+            + "EMU_EXPORT int emu_launch(void** buffers, const int64_t* config, char* message,\n"
+            + "                          int size, void** fault) {\n"
+            + "  emu_buffers = buffers;\n"
+            + "  return emu::launch(emu_entry, config, message, size, fault);\n}\n"
+        )
+        return metal, cpp
+
+    def __call__(
+        self,
+        *,
+        inputs: Sequence[Union[mx.array, np.ndarray, int, float, bool]],
+        output_shapes: Sequence[Sequence[int]],
+        output_dtypes: Sequence[mx.Dtype],
+        grid: Tuple[int, int, int],
+        threadgroup: Tuple[int, int, int],
+        template: Optional[Sequence[tuple]] = None,
+        init_value: Optional[float] = None,
+        verbose: bool = False,
+        stream=None,
+    ) -> List[mx.array]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)}")
+        if len(output_shapes) != len(self.output_names) or len(output_dtypes) != len(self.output_names):
+            raise ValueError(f"[metal_kernel] Expected {len(self.output_names)} output shapes and dtypes")
+        inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        mx.eval(inputs)
+        metal, cpp = self.cpp_source(inputs, output_dtypes, template or [])
+        if verbose:
+            print(f"Generated source code for `{self.name}`:\n```\n{metal}\n```")
+        lib = _library(cpp)
+
+        buffers: List[_Buffer] = []
+        pointers: List[int] = []
+        keep = []
+        try:
+            for name, x, (shape, strides, ndim) in zip(self.input_names, inputs, self.shape_infos):
+                host = _host(x)
+                if self.ensure_row_contiguous:
+                    host = np.ascontiguousarray(host)
+                pointers.append(self._copy_in(lib, f"input '{name}'", host, buffers))
+                elem_strides = [s // host.itemsize for s in host.strides]
+                if x.ndim > 0:
+                    for used, values in ((shape, np.array(x.shape, np.int32)),
+                                         (strides, np.array(elem_strides, np.int64)),
+                                         (ndim, np.array([x.ndim], np.int32))):
+                        if used:
+                            keep.append(values)
+                            pointers.append(values.ctypes.data)
+            outputs = []
+            for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes):
+                type_string(dtype)
+                np_dtype = DTYPES[dtype][1]
+                count = int(np.prod(shape, dtype=np.int64))
+                out = _Buffer(lib, f"output '{name}'", count * np.dtype(np_dtype).itemsize)
+                buffers.append(out)
+                data = out.view(np_dtype, count)
+                if init_value is None:
+                    data.view(np.uint8)[:] = 0xFF
+                else:
+                    data[:] = _host(mx.array(init_value, dtype=dtype))
+                pointers.append(out.ptr)
+                outputs.append((data, shape, dtype))
+
+            config = (ctypes.c_int64 * 9)(*grid, *threadgroup, int(self.shuffle), self.seed, TIMEOUT_S)
+            message = ctypes.create_string_buffer(512)
+            fault = ctypes.c_void_p()
+            status = lib.emu_launch((ctypes.c_void_p * len(pointers))(*pointers), config, message,
+                                    len(message), ctypes.byref(fault))
+            if status:
+                text = message.value.decode()
+                if status == 1:
+                    where = [b.describe(fault.value or 0) for b in buffers]
+                    where = [w for w in where if w]
+                    text = f"out-of-bounds access: {where[0]}" if where else text + " (a wild pointer or a stack overflow)"
+                raise EmulatorError(f"[{self.name}] {text}")
+            return [self._to_mlx(data, shape, dtype) for data, shape, dtype in outputs]
+        finally:
+            for b in buffers:
+                b.free()
+
+    @staticmethod
+    def _copy_in(lib, name: str, host: np.ndarray, buffers: List[_Buffer]) -> int:
+        """Copy the bytes that host's elements span into a guarded buffer; return the address
+        of element 0 in it."""
+        if host.size == 0:
+            low = high = 0
+        else:
+            offsets = [(n - 1) * s for n, s in zip(host.shape, host.strides)]
+            low = sum(o for o in offsets if o < 0)
+            high = sum(o for o in offsets if o > 0) + host.itemsize
+        buf = _Buffer(lib, name, high - low)
+        buffers.append(buf)
+        if high > low:
+            ctypes.memmove(buf.ptr, host.__array_interface__["data"][0] + low, high - low)
+        return buf.ptr - low
+
+    @staticmethod
+    def _to_mlx(data: np.ndarray, shape, dtype: mx.Dtype) -> mx.array:
+        array = mx.array(data.copy().reshape(shape))
+        return array.view(mx.bfloat16) if dtype == mx.bfloat16 else array
+
+
+def metal_kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    source: str,
+    header: str = "",
+    ensure_row_contiguous: bool = True,
+    atomic_outputs: bool = False,
+    compile_options: Optional[dict] = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> EmulatedKernel:
+    """A drop-in for ``mx.fast.metal_kernel`` that runs on the CPU.
+
+    Args:
+        shuffle (bool): run threadgroups and the threads of each threadgroup in a random order
+            (a race check). Default: ``False`` (in order of index).
+        seed (int): seed of the random order. Default: ``0``.
+    """
+    return EmulatedKernel(name, input_names, output_names, source, header,
+                          ensure_row_contiguous, atomic_outputs, shuffle, seed)
+
+
+@contextlib.contextmanager
+def emulate(shuffle: bool = False, seed: int = 0) -> Iterator[None]:
+    """Within the block, ``mx.fast.metal_kernel`` makes emulated kernels and
+    ``mx.metal.is_available()`` is true, so code that chooses its Metal path runs it here."""
+
+    def factory(*args, **kwargs):
+        return metal_kernel(*args, shuffle=shuffle, seed=seed, **kwargs)
+
+    saved = mx.fast.metal_kernel, mx.metal.is_available
+    mx.fast.metal_kernel, mx.metal.is_available = factory, lambda: True
+    try:
+        yield
+    finally:
+        mx.fast.metal_kernel, mx.metal.is_available = saved

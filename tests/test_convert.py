@@ -1,0 +1,132 @@
+"""The convert command: folder format, atomic writes, CLI, hub ids, and a real GGUF model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from conftest import gguf_path
+from flashhead_mlx import clustering
+from flashhead_mlx.convert import convert
+from flashhead_mlx.model_head import final_hidden_states
+from flashhead_mlx.patch import load
+
+TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
+
+
+def leftovers(folder: Path) -> list:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_llama) -> Path:
+    out = tmp_path_factory.mktemp("convert") / "tiny-flashhead"
+    return convert(str(tiny_llama), str(out), calibration_tokens=256)
+
+
+def test_output_is_a_dense_mlx_lm_folder(converted, tiny_llama):
+    source, _ = mlx_lm.load(str(tiny_llama))
+    plain, _ = mlx_lm.load(str(converted))
+    np.testing.assert_allclose(np.array(plain(TOKENS)), np.array(source(TOKENS)), rtol=1e-5, atol=1e-5)
+    section = json.loads((converted / "config.json").read_text())["flashhead"]
+    assert section["cluster_size"] == 16
+    assert section["n_clusters"] == -(-1000 // 16)
+    assert 1 <= section["n_probes"] <= section["n_clusters"]
+    assert (converted / "flashhead.safetensors").is_file()
+
+
+def test_flashhead_load_matches_dense(converted):
+    dense, _ = mlx_lm.load(str(converted))
+    model, _ = load(str(converted))
+    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
+    step = np.array(model(TOKENS[:, :1]))[0, 0]
+    reference = np.array(dense(TOKENS[:, :1]))[0, 0]
+    finite = np.isfinite(step)
+    assert 0 < finite.sum() < step.size
+    np.testing.assert_allclose(step[finite], reference[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_existing_output_needs_force(converted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    with pytest.raises(ValueError, match="--force"):
+        convert(str(converted), str(out), calibration_tokens=256)
+    convert(str(converted), str(out), calibration_tokens=256, force=True)
+    assert (out / "flashhead.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clustering, "cluster_head", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tiny_llama), str(tmp_path / "out"), calibration_tokens=256)
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flashhead_mlx.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_convert_and_bad_input(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", "--model", str(tiny_llama), "--output", str(out),
+                     "--calibration-tokens", "256", "--n-probes", "5")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["flashhead"]["n_probes"] == 5
+    missing = run_cli("convert", "--model", str(tmp_path / "missing.gguf"), "--output", str(tmp_path / "x"))
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    too_many = run_cli("convert", "--model", str(tiny_llama), "--output", str(tmp_path / "y"),
+                       "--calibration-tokens", "256", "--n-probes", "100000")
+    assert too_many.returncode != 0 and "--n-probes" in too_many.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_hub_repo_id_through_the_hub_cache(tiny_llama, tmp_path):
+    """A hub id resolves through huggingface_hub (here from a local cache, offline)."""
+    snapshot = tmp_path / "hub" / "models--local--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama, snapshot)
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "out"
+    result = run_cli("convert", "--model", "local/tiny", "--output", str(out), "--calibration-tokens", "256",
+                     env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (out / "flashhead.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_convert_smollm2_gguf(tmp_path):
+    source = gguf_path("smollm2")
+    out = tmp_path / "smollm2-flashhead"
+    result = run_cli("convert", "--model", str(source), "--output", str(out), "--calibration-tokens", "2048")
+    assert result.returncode == 0, result.stderr
+    dense, tokenizer = mlx_lm.load(str(out))
+    model, _ = load(str(out))
+    prompt = mx.array([tokenizer.encode("Emma Woodhouse, handsome, clever, and rich, with a comfortable home")])
+    tokens = mx.array([[*prompt[0].tolist(), *mx.argmax(dense(prompt)[0], axis=-1).tolist()]])
+    dense_argmax = np.array(mx.argmax(dense(tokens), axis=-1))[0]
+    head = model.model.embed_tokens.as_linear
+    hidden = final_hidden_states(model, tokens)
+    contained = 0
+    for position in range(tokens.shape[1]):
+        step = np.array(head(hidden[:, position : position + 1]))[0, 0]
+        if np.isfinite(step[dense_argmax[position]]):
+            contained += 1
+            assert int(np.argmax(step)) == dense_argmax[position]
+    assert contained >= 0.9 * tokens.shape[1]

@@ -1,0 +1,152 @@
+"""FlashHead against the dense head and a numpy reference of the two stages."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import make_clusters
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.head import FlashHead
+
+VOCAB, DIMS, CLUSTER = 1000, 64, 16  # 63 clusters, 8 padding slots
+
+
+@pytest.fixture(scope="module")
+def weight():
+    return np.random.default_rng(0).normal(0, 1, (VOCAB, DIMS)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def clusters(weight):
+    return make_clusters(weight, CLUSTER)
+
+
+def make_head(weight, clusters, quantized=False, n_probes=8, **kwargs):
+    assets = make_assets(clusters, n_probes, **{k: kwargs.pop(k) for k in list(kwargs) if k.startswith("centroid")})
+    if not quantized:
+        return FlashHead(assets, mx.array(weight), **kwargs), weight
+    packed, scales, biases = mx.quantize(mx.array(weight), 32, 4)
+    head = FlashHead(assets, packed, scales, biases, group_size=32, bits=4, **kwargs)
+    return head, np.array(mx.dequantize(packed, scales, biases, 32, 4))
+
+
+def reference_candidates(head, rows, h):
+    """Candidate token sets and their dense logits, computed independently with numpy."""
+    if head.centroid_bits is None:
+        centroids = np.array(head.centroids)
+    else:
+        centroids = np.array(
+            mx.dequantize(head.centroids, head.centroid_scales, head.centroid_biases,
+                          head.centroid_group_size, head.centroid_bits)
+        )
+    scores = h @ centroids.T + np.array(head.cluster_bias)
+    order = np.array(head.order).reshape(head.n_clusters, head.cluster_size)
+    probes = np.argsort(-scores, axis=-1)[..., : head.n_probes]
+    tokens = [set(order[p].ravel()) - {-1} for p in probes.reshape(-1, head.n_probes)]
+    return tokens, h @ rows.T
+
+
+def hidden(weight, n, seed=1):
+    """Hidden states near some head rows, so that argmaxes are often contained."""
+    rng = np.random.default_rng(seed)
+    picks = weight[rng.integers(0, VOCAB, n)]
+    return (2 * picks + rng.normal(0, 1, picks.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_prefill_is_exact_dense(weight, clusters, quantized):
+    head, rows = make_head(weight, clusters, quantized)
+    h = hidden(weight, 2 * 5).reshape(2, 5, DIMS)
+    np.testing.assert_allclose(np.array(head(mx.array(h))), h @ rows.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("centroid_bits", [None, 8, 4])
+def test_decode_logits_are_dense_at_candidates(weight, clusters, quantized, centroid_bits):
+    head, rows = make_head(weight, clusters, quantized, centroid_bits=centroid_bits)
+    h = hidden(weight, 6).reshape(6, 1, DIMS)
+    logits = np.array(head(mx.array(h)))[:, 0]
+    tokens, dense = reference_candidates(head, rows, h[:, 0])
+    for row, expected, ref in zip(logits, tokens, dense):
+        finite = set(np.flatnonzero(np.isfinite(row)))
+        assert finite == expected
+        idx = sorted(finite)
+        np.testing.assert_allclose(row[idx], ref[idx], rtol=1e-4, atol=1e-4)
+        assert np.all(row[np.isinf(row)] < 0)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_all_probes_is_dense(weight, clusters, quantized):
+    head, rows = make_head(weight, clusters, quantized, n_probes=clusters["centroids"].shape[0])
+    h = hidden(weight, 3).reshape(3, 1, DIMS)
+    np.testing.assert_allclose(np.array(head(mx.array(h))), h @ rows.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_greedy_matches_dense_argmax_when_contained(weight, clusters, quantized):
+    head, rows = make_head(weight, clusters, quantized)
+    h = hidden(weight, 64)
+    tokens, dense = reference_candidates(head, rows, h)
+    greedy = np.array(head.greedy(mx.array(h)))
+    contained = [int(d.argmax()) in t for d, t in zip(dense, tokens)]
+    assert 0 < sum(contained) < len(contained)
+    for g, d, t, c in zip(greedy, dense, tokens, contained):
+        assert g in t
+        if c:
+            assert g == d.argmax()
+
+
+def test_candidates_are_compact_and_padding_never_wins(weight, clusters):
+    head, rows = make_head(weight, clusters, n_probes=clusters["centroids"].shape[0])
+    h = 10 * weight[:1]  # padding slots copy row 0: they must stay -inf
+    ids, logits = head.candidates(mx.array(h))
+    ids, logits = np.array(ids)[0], np.array(logits)[0]
+    assert ids.shape == logits.shape == (head.n_probes * CLUSTER,)
+    assert np.all(np.isneginf(logits[ids == -1])) and (ids == -1).sum() == 8
+    np.testing.assert_allclose(logits[ids >= 0], (h @ rows.T)[0, ids[ids >= 0]], rtol=1e-4)
+    assert int(head.greedy(mx.array(h))[0]) == 0
+
+
+def test_ties_go_to_the_lowest_token_id(weight, clusters):
+    tied = weight.copy()
+    tied[700] = tied[3] = 5 * tied[3]
+    head, _ = make_head(tied, clusters, n_probes=clusters["centroids"].shape[0])
+    assert int(head.greedy(mx.array(tied[3:4]))[0]) == 3
+    assert int(np.argmax(np.array(head(mx.array(tied[None, 3:4])))[0, 0])) == 3
+
+
+def test_batch_rows_get_their_own_probes(weight, clusters):
+    head, _ = make_head(weight, clusters, n_probes=4)
+    h = mx.array(hidden(weight, 5)).reshape(5, 1, DIMS)
+    batched = np.array(head(h))
+    single = np.concatenate([np.array(head(h[i : i + 1])) for i in range(5)])
+    np.testing.assert_array_equal(batched, single)
+    finite = np.isfinite(batched[:, 0])
+    assert len({tuple(np.flatnonzero(f)) for f in finite}) > 1
+    assert np.array_equal(np.array(head.greedy(h))[:, 0], np.array(head.greedy(h[:, 0])))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_embedding_lookup_is_unchanged(weight, clusters, quantized):
+    head, rows = make_head(weight, clusters, quantized)
+    ids = np.array([[0, 999, 5], [17, 17, 640]])
+    np.testing.assert_allclose(np.array(head.embed(mx.array(ids))), rows[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_softcap(weight, clusters):
+    head, rows = make_head(weight, clusters, softcap=3.0)
+    h = hidden(weight, 2)
+    capped = np.tanh(h @ rows.T / 3.0) * 3.0
+    np.testing.assert_allclose(np.array(head.dense_logits(mx.array(h))), capped, rtol=1e-5, atol=1e-5)
+    step = np.array(head(mx.array(h[:, None])))[:, 0]
+    finite = np.isfinite(step)
+    assert finite.any() and np.all(np.isneginf(step[~finite]))
+    np.testing.assert_allclose(step[finite], capped[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_n_probes(weight, clusters):
+    with pytest.raises(ValueError, match="n_probes"):
+        make_head(weight, clusters, n_probes=0)
+    assets = make_assets(clusters, 4)
+    with pytest.raises(ValueError, match="n_probes"):
+        FlashHead(assets, mx.array(weight), n_probes=64)
