@@ -113,7 +113,7 @@ def _top_candidates(scores: mx.array, n_candidates: int) -> tuple[np.ndarray, np
     else:
         idx = mx.argpartition(-scores, n_candidates - 1, axis=-1)[..., :n_candidates]
     vals = mx.take_along_axis(scores, idx, axis=-1)
-    return np.array(vals), np.array(idx)
+    return np.array(vals), np.array(idx).astype(np.int64)
 
 
 def _assign_with_fallback(
@@ -186,38 +186,6 @@ def _kmeans_in_groups(
     return labels
 
 
-def _refine(x: mx.array, labels: np.ndarray, capacity: np.ndarray, n_neighbors: int = 16) -> np.ndarray:
-    """One flat balanced k-means pass in which each point may move to one of the
-    ``n_neighbors`` clusters whose centroids are nearest its own cluster's centroid."""
-    n_clusters, cluster_size = capacity.size, int(capacity.max())
-    centroids = _centroids(x, labels, n_clusters)
-    bias = -0.5 * (centroids * centroids).sum(-1)
-    order = np.argsort(labels, kind="stable")
-    slots = np.full(n_clusters * cluster_size, x.shape[0])
-    slots[: order.size] = order
-    x_pad = mx.concatenate([x, mx.zeros((1, x.shape[1]), dtype=x.dtype)])
-    scores, candidates = [], []
-    for i in range(0, n_clusters, 1024):
-        block = centroids[i : i + 1024]
-        _, neighbors = _top_candidates(block @ centroids.T + bias, n_neighbors)
-        rows = x_pad[mx.array(slots[i * cluster_size : (i + block.shape[0]) * cluster_size].astype(np.int32))]
-        rows = rows.reshape(block.shape[0], cluster_size, -1)
-        nb = mx.array(neighbors.astype(np.int32))
-        s = rows @ centroids[nb].transpose(0, 2, 1) + bias[nb][:, None, :]
-        scores.append(np.array(s).reshape(-1, n_neighbors))
-        candidates.append(np.repeat(neighbors, cluster_size, axis=0))
-    n = order.size
-    new = np.empty_like(labels)
-    new[order] = _assign_with_fallback(
-        x[mx.array(order.astype(np.int32))],
-        centroids,
-        np.concatenate(scores)[:n],
-        np.concatenate(candidates)[:n],
-        capacity,
-    )
-    return new
-
-
 def data_aware_rows(weight: mx.array, hidden_states: mx.array) -> mx.array:
     """Rows mapped to ``S^(1/2) w`` with ``S = E[h h^T]`` over ``hidden_states``.
 
@@ -232,7 +200,7 @@ def data_aware_rows(weight: mx.array, hidden_states: mx.array) -> mx.array:
 
 
 def balanced_clusters(
-    x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8, n_refine: int = 0
+    x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8
 ) -> np.ndarray:
     """Cluster of every row of ``x`` ``[V, d]``: exactly ``cluster_size`` rows per cluster.
 
@@ -246,14 +214,11 @@ def balanced_clusters(
     n_groups = max(1, round(math.sqrt(n_clusters)))
     leaf_start = np.arange(n_groups + 1) * n_clusters // n_groups
     group_capacity = np.add.reduceat(capacity, leaf_start[:-1])
-    with tqdm(total=2 + n_refine, desc="Clustering head") as bar:
+    with tqdm(total=2, desc="Clustering head") as bar:
         group = _kmeans_in_groups(
             x, np.zeros(vocab_size, dtype=np.int64), np.array([0, n_groups]), group_capacity, n_iters, rng
         )
         bar.update()
         labels = _kmeans_in_groups(x, group, leaf_start, capacity, n_iters, rng)
         bar.update()
-        for _ in range(n_refine):
-            labels = _refine(x, labels, capacity)
-            bar.update()
     return labels

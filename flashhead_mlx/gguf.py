@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 # GGUF architecture -> mlx-lm model_type.
@@ -52,6 +53,12 @@ GEMMA3_LAYER_TENSOR_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 
+SPECIAL_TOKEN_KEYS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
 # llama.cpp token types (tokenizer.ggml.token_type).
 CONTROL_TOKEN = 3
 USER_DEFINED_TOKEN = 4
@@ -101,7 +108,9 @@ def import_gguf(
             f"supported: {sorted(ARCHITECTURES)}"
         )
     config = model_config(reader, architecture)
-    weights, quantization = convert_tensors(reader, config, float_type, keep_quantized)
+    weights, quantization = convert_tensors(
+        reader, architecture, config, float_type, keep_quantized
+    )
     if quantization:
         config["quantization"] = quantization
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,10 +243,13 @@ def affine_from_blocks(tensor) -> tuple[np.ndarray, ...]:
 
 
 def convert_tensors(
-    reader: gguf.GGUFReader, config: dict, float_type: mx.Dtype, keep_quantized: bool
+    reader: gguf.GGUFReader,
+    architecture: str,
+    config: dict,
+    float_type: mx.Dtype,
+    keep_quantized: bool,
 ) -> tuple[dict[str, mx.array], dict]:
     """The mlx-lm weights of the model, and its ``quantization`` config (empty if none)."""
-    architecture = next(k for k, v in ARCHITECTURES.items() if v == config["model_type"])
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     weights = {}
     quantization = {}
@@ -257,7 +269,9 @@ def convert_tensors(
             arrays = {k: unpermute_rows(v, heads[kind]) for k, v in arrays.items()}
         for key, array in arrays.items():
             array = mx.array(array)
-            weights[f"{module}.{key}"] = array if array.dtype == mx.uint32 else array.astype(float_type)
+            if array.dtype != mx.uint32:
+                array = array.astype(float_type)
+            weights[f"{module}.{key}"] = array
     if not quantization:
         return weights, {}
     default_bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
@@ -288,10 +302,8 @@ def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
     return [(l, r) for _, l, r in merges]
 
 
-def build_tokenizer(reader: gguf.GGUFReader):
+def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
     tokenizer_model = metadata(reader, "tokenizer.ggml.model")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     token_types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
@@ -360,17 +372,16 @@ def build_tokenizer(reader: gguf.GGUFReader):
 def save_tokenizer(reader: gguf.GGUFReader, output_dir: Path) -> None:
     """Save the GGUF's tokenizer (special tokens, BOS/EOS behaviour, chat template) in
     Hugging Face format."""
-    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = build_tokenizer(reader)
     special = {
-        f"{name}_token": tokenizer.id_to_token(token_id)
-        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-        if (token_id := metadata(reader, f"tokenizer.ggml.{key}_token_id")) is not None
+        name: tokenizer.id_to_token(token_id)
+        for name, key in SPECIAL_TOKEN_KEYS.items()
+        if (token_id := metadata(reader, key)) is not None
     }
-    add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)) and "bos_token" in special
-    add_eos = bool(metadata(reader, "tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
+    add_bos = "bos_token" in special and metadata(reader, "tokenizer.ggml.add_bos_token", False)
+    add_eos = "eos_token" in special and metadata(reader, "tokenizer.ggml.add_eos_token", False)
     if add_bos or add_eos:
         bos, eos = special.get("bos_token"), special.get("eos_token")
         template = " ".join([bos] * add_bos + ["$A"] + [eos] * add_eos)

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .sampling import full_vocabulary_logits
+
 
 class FlashHead(nn.Module):
     """A classification head that scores only the rows of the ``n_probes`` best clusters.
@@ -30,6 +32,9 @@ class FlashHead(nn.Module):
         mode (str): quantization mode of ``weight``. Default: ``"affine"``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
         softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+        sampling_temperature (float, optional): when set, decode steps return the logits of one
+            full-vocabulary sampler draw (:mod:`flashhead_mlx.sampling`), to be sampled at this
+            same temperature. Default: ``None`` (the candidates' logits only).
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class FlashHead(nn.Module):
         mode: str = "affine",
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
+        sampling_temperature: Optional[float] = None,
     ):
         super().__init__()
         order = assets["order"].astype(mx.int32)
@@ -72,16 +78,17 @@ class FlashHead(nn.Module):
         self.inverse = mx.argsort(order)[order.size - self.vocab_size :].astype(mx.int32)
         self.centroid_bits = assets["centroid_bits"]
         self.centroid_group_size = assets["centroid_group_size"]
-        self.centroids = assets["centroids"]
         if self.centroid_bits is None:
-            self.centroids = self.centroids.astype(dtype)
+            self.centroids = assets["centroids"].astype(dtype)
         else:
+            self.centroids = assets["centroids"]
             self.centroid_scales = assets["centroid_scales"].astype(dtype)
             self.centroid_biases = assets["centroid_biases"].astype(dtype)
         self.cluster_bias = assets["cluster_bias"].astype(dtype)
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
         self.softcap = softcap
+        self.sampling_temperature = sampling_temperature
         self.freeze()
 
     @classmethod
@@ -91,6 +98,7 @@ class FlashHead(nn.Module):
         assets: dict,
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
+        sampling_temperature: Optional[float] = None,
     ) -> "FlashHead":
         """Build from the model's ``lm_head`` or tied ``embed_tokens`` (float or quantized)."""
         quantized = "scales" in module
@@ -104,6 +112,7 @@ class FlashHead(nn.Module):
             mode=getattr(module, "mode", "affine"),
             n_probes=n_probes,
             softcap=softcap,
+            sampling_temperature=sampling_temperature,
         )
 
     def _extra_repr(self) -> str:
@@ -185,8 +194,8 @@ class FlashHead(nn.Module):
         best = logits.max(axis=-1, keepdims=True)
         return mx.where(logits == best, tokens, self.vocab_size).min(axis=-1)
 
-    def dense_logits(self, h: mx.array) -> mx.array:
-        """The exact logits of every token ``[..., V]``, in vocabulary order."""
+    def slot_logits(self, h: mx.array) -> mx.array:
+        """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
         if "scales" in self:
             logits = mx.quantized_matmul(
                 h,
@@ -200,7 +209,11 @@ class FlashHead(nn.Module):
             )
         else:
             logits = h @ self.weight.T
-        return mx.take(self._softcap(logits), self.inverse, axis=-1)
+        return mx.where(self.order >= 0, self._softcap(logits), -mx.inf)
+
+    def dense_logits(self, h: mx.array) -> mx.array:
+        """The exact logits of every token ``[..., V]``, in vocabulary order."""
+        return mx.take(self.slot_logits(h), self.inverse, axis=-1)
 
     def sparse_logits(self, h: mx.array) -> mx.array:
         """Logits ``[..., V]`` in vocabulary order: exact at the candidates, ``-inf`` elsewhere."""
@@ -228,10 +241,13 @@ class FlashHead(nn.Module):
     def __call__(self, h: mx.array) -> mx.array:
         """Logits ``[..., L, V]`` for hidden states ``[..., L, d]``.
 
-        A decode step (``L == 1``) gets :meth:`sparse_logits`, a drop-in for mlx-lm's samplers and
+        A decode step (``L == 1``) gets :meth:`sparse_logits` (or, with ``sampling_temperature``
+        set, one full-vocabulary sampler draw's logits), a drop-in for mlx-lm's samplers and
         logits processors; longer inputs (prefill, perplexity, verification) get the exact
         :meth:`dense_logits`.
         """
-        if h.shape[-2] == 1:
+        if h.shape[-2] != 1:
+            return self.dense_logits(h)
+        if self.sampling_temperature is None:
             return self.sparse_logits(h)
-        return self.dense_logits(h)
+        return full_vocabulary_logits(self, h, self.sampling_temperature)

@@ -44,7 +44,12 @@ def flash_head(model: nn.Module) -> FlashHead:
     return head
 
 
-def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = None) -> nn.Module:
+def apply_flashhead(
+    model: nn.Module,
+    assets: dict,
+    n_probes: Optional[int] = None,
+    sampling_temperature: Optional[float] = None,
+) -> nn.Module:
     """Replace the head of an mlx-lm ``model`` by a FlashHead built from ``assets``, in place.
 
     The head's rows are reordered into cluster order and the original rows are released: a tied
@@ -55,6 +60,8 @@ def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = No
         model (nn.Module): a model loaded with ``mlx_lm.load``.
         assets (dict): from :func:`flashhead_mlx.assets.load_assets` or ``make_assets``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
+        sampling_temperature (float, optional): sample the full vocabulary at this temperature
+            (pass the same temperature to mlx-lm's sampler). Default: ``None``.
     """
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -63,7 +70,9 @@ def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = No
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     lm = language_model(model)
-    head = FlashHead.from_module(head_module(model), assets, n_probes=n_probes)
+    head = FlashHead.from_module(
+        head_module(model), assets, n_probes=n_probes, sampling_temperature=sampling_temperature
+    )
     mx.eval(head.parameters())
     if is_tied(model):
         lm.model.embed_tokens = FlashEmbedding(head)
@@ -72,12 +81,19 @@ def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = No
     return model
 
 
-def load(path_or_hf_repo: str, n_probes: Optional[int] = None, **kwargs):
+def load(
+    path_or_hf_repo: str,
+    n_probes: Optional[int] = None,
+    sampling_temperature: Optional[float] = None,
+    **kwargs,
+):
     """``mlx_lm.load`` a converted FlashHead folder and install its FlashHead.
 
     Args:
         path_or_hf_repo (str): a local folder or a Hugging Face repository.
         n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
+        sampling_temperature (float, optional): sample the full vocabulary at this temperature
+            (pass the same temperature to mlx-lm's sampler). Default: ``None``.
         **kwargs: passed to ``mlx_lm.load`` (``tokenizer_config``, ``lazy``, ...).
 
     Returns:
@@ -88,5 +104,6 @@ def load(path_or_hf_repo: str, n_probes: Optional[int] = None, **kwargs):
 
     folder = _download(path_or_hf_repo, revision=kwargs.get("revision"))
     loaded = mlx_lm_load(str(folder), **{k: v for k, v in kwargs.items() if k != "revision"})
-    apply_flashhead(loaded[0], load_assets(folder, loaded[0]), n_probes=n_probes)
+    assets = load_assets(folder, loaded[0])
+    apply_flashhead(loaded[0], assets, n_probes, sampling_temperature)
     return loaded

@@ -1,60 +1,64 @@
 """Full-vocabulary sampling with a FlashHead: every token can be drawn.
 
-The probed clusters' tokens get their exact logits. Every other cluster ``k`` gets an estimated
-mass from its stage-1 score ``s_k``: ``log m_k = s_k / T + a_k(T)``, with ``a_k(T) = sum_j
-mass_bias[j, k] / T**j`` fitted on calibration hidden states (:func:`fit_mass_bias`). A draw
-picks one non-probed cluster in proportion to its mass, then samples the combined categorical of
-the candidates (exact softmax) and that cluster's tokens (exact softmax inside it, weighted by the
-total estimated tail mass). A token of a non-probed cluster ``k`` is thus drawn with probability
-``m_k p(token | k) / Z``: only the cluster masses are estimated, never the tokens inside them.
+At temperature ``T`` the probed clusters' tokens (the candidates) get their exact logits. Every
+other cluster ``k`` gets an estimated log mass ``s_k / T + a_k(T)`` from its stage-1 score
+``s_k``, with offsets ``a_k(T) = mass_bias[0, k] + mass_bias[1, k] / T`` fitted on calibration
+hidden states (:func:`fit_mass_bias`). A draw picks one non-probed cluster ``k`` with probability
+``q_k`` proportional to its estimated mass, scores its rows exactly, and samples the combined
+categorical of the candidates (weights ``exp(z / T)``) and the drawn cluster's tokens (weights
+``exp(z / T) / q_k``, an importance-weighted, unbiased estimate of the whole tail). So the tail's
+total weight is right on average whatever the estimates, and only the cluster draw uses them.
 """
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
-import numpy as np
 
-# Temperatures the mass offsets are fitted at (1 / T spans the range samplers use).
+# Temperatures the mass offsets are fitted at.
 FIT_TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0)
 
 
 def mass_offsets(mass_bias: mx.array, temperature: float) -> mx.array:
     """``a_k(T) = sum_j mass_bias[j, k] / T**j`` ``[n_clusters]``."""
-    powers = mx.array([temperature ** -j for j in range(mass_bias.shape[0])], mx.float32)
+    powers = mx.array([temperature**-j for j in range(mass_bias.shape[0])], mx.float32)
     return powers @ mass_bias
 
 
-def _tail_log_mass(head, scores: mx.array, probes: mx.array, temperature: float) -> mx.array:
-    """Estimated log mass (in units of logit / T) of every cluster, ``-inf`` at the probes."""
+def _tail_log_probs(head, scores: mx.array, probes: mx.array, temperature: float) -> mx.array:
+    """``log q_k``: how likely each non-probed cluster is to be drawn; ``-inf`` at the probes."""
     if head.mass_bias is None:
         raise ValueError(
             "this FlashHead has no mass_bias: full-vocabulary sampling needs assets "
             "converted with calibration (fit_mass_bias)"
         )
     log_mass = scores.astype(mx.float32) / temperature + mass_offsets(head.mass_bias, temperature)
-    return mx.put_along_axis(log_mass, probes.astype(mx.int32), mx.array(-mx.inf), axis=-1)
+    log_mass = mx.put_along_axis(log_mass, probes.astype(mx.int32), mx.array(-mx.inf), axis=-1)
+    total = mx.logsumexp(log_mass, axis=-1, keepdims=True)
+    return log_mass - mx.where(mx.isinf(total), 0.0, total)  # all -inf when every cluster is probed
 
 
-def sampling_logits(head, h: mx.array, temperature: float, key: Optional[mx.array] = None):
-    """One draw's combined categorical: token ids and logits (at temperature 1) ``[M, K]``.
+def sampling_logits(
+    head, h: mx.array, temperature: float, key: Optional[mx.array] = None
+) -> Tuple[mx.array, mx.array]:
+    """Token ids and logits ``[M, (n_probes + 1) * cluster_size]`` of one draw's categorical.
 
-    ``K = (n_probes + 1) * cluster_size``: the candidates, then the tokens of one non-probed
-    cluster drawn in proportion to its estimated mass. Sampling ``softmax(logits)`` over these
-    slots draws from the full-vocabulary sampler.
+    The candidates, then the tokens of one non-probed cluster ``k`` drawn with probability
+    ``q_k``; the logits are already divided by ``temperature``. Sampling ``softmax(logits)``
+    draws from the full-vocabulary sampler.
     """
     h = h.reshape(-1, h.shape[-1])
     scores = head.cluster_scores(h)
     probes = head.probe(h, scores)
-    tail = _tail_log_mass(head, scores, probes, temperature)
-    tail_cluster = mx.random.categorical(tail, key=key)
-    clusters = mx.concatenate([probes, tail_cluster[:, None].astype(probes.dtype)], axis=-1)
+    tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
+    drawn = mx.random.categorical(tail_log_probs, key=key)[:, None]
+    clusters = mx.concatenate([probes, drawn.astype(probes.dtype)], axis=-1)
     tokens, logits = head.cluster_logits(h, clusters)
     logits = logits.astype(mx.float32) / temperature
     n_candidates = head.n_probes * head.cluster_size
-    tail_logits = logits[:, n_candidates:]
-    tail_logits = tail_logits - mx.logsumexp(tail_logits, axis=-1, keepdims=True)
-    tail_logits = tail_logits + mx.logsumexp(tail, axis=-1, keepdims=True)
-    return tokens, mx.concatenate([logits[:, :n_candidates], tail_logits], axis=-1)
+    drawn_log_prob = mx.take_along_axis(tail_log_probs, drawn, axis=-1)
+    # With every cluster probed there is no tail: its weight is zero, never exp(+inf).
+    tail = mx.where(mx.isinf(drawn_log_prob), -mx.inf, logits[:, n_candidates:] - drawn_log_prob)
+    return tokens, mx.concatenate([logits[:, :n_candidates], tail], axis=-1)
 
 
 def sample(head, h: mx.array, temperature: float, key: Optional[mx.array] = None) -> mx.array:
@@ -65,21 +69,81 @@ def sample(head, h: mx.array, temperature: float, key: Optional[mx.array] = None
     return mx.take_along_axis(tokens, choice[:, None], axis=-1).reshape(h.shape[:-1])
 
 
+def full_vocabulary_logits(
+    head, h: mx.array, temperature: float, key: Optional[mx.array] = None
+) -> mx.array:
+    """Logits ``[..., V]`` that mlx-lm's sampler at ``temperature`` turns into one sampler draw.
+
+    ``-inf`` outside the candidates and the drawn cluster; a new cluster is drawn at every call.
+    """
+    tokens, logits = sampling_logits(head, h, temperature, key)
+    full = mx.full((tokens.shape[0], head.vocab_size + 1), -mx.inf, dtype=logits.dtype)
+    tokens = mx.where(tokens < 0, head.vocab_size, tokens)  # padding slots land in a spare column
+    full = mx.put_along_axis(full, tokens, logits * temperature, axis=-1)
+    return full[:, : head.vocab_size].reshape(*h.shape[:-1], head.vocab_size)
+
+
 def sampler_distribution(head, h: mx.array, temperature: float) -> mx.array:
-    """The exact distribution ``[..., V]`` that :func:`sample` draws from (dense cost)."""
+    """The exact distribution ``[..., V]`` that :func:`sample` draws from (at dense cost).
+
+    A token of a non-probed cluster ``k`` is drawn with probability ``exp(z / T) / (Z_c + Z_k /
+    q_k)`` and a candidate with ``exp(z / T) * sum_k q_k / (Z_c + Z_k / q_k)``, where ``Z_c`` and
+    ``Z_k`` are the exact masses of the candidates and of cluster ``k``.
+    """
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     scores = head.cluster_scores(h)
     probes = head.probe(h, scores)
-    tail = _tail_log_mass(head, scores, probes, temperature)
-    all_clusters = mx.broadcast_to(mx.arange(head.n_clusters), tail.shape)
-    _, logits = head.cluster_logits(h, all_clusters)
-    logits = logits.astype(mx.float32).reshape(*tail.shape, head.cluster_size) / temperature
-    cluster_lse = mx.logsumexp(logits, axis=-1)
-    log_weight = mx.where(mx.isinf(tail), 0.0, tail - cluster_lse)  # 0 at the probes
-    logits = (logits + log_weight[..., None]).reshape(h.shape[0], -1)
-    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
+    probed = mx.isinf(tail_log_probs)
+    logits = head.slot_logits(h).astype(mx.float32) / temperature
+    logits = logits.reshape(*scores.shape, head.cluster_size)
+    cluster_mass = mx.logsumexp(logits, axis=-1)
+    candidate_mass = mx.logsumexp(mx.where(probed, cluster_mass, -mx.inf), axis=-1, keepdims=True)
+    denominator = mx.logaddexp(candidate_mass, cluster_mass - tail_log_probs)
+    candidate_factor = mx.where(
+        probed.all(axis=-1, keepdims=True),
+        -candidate_mass,
+        mx.logsumexp(tail_log_probs - denominator, axis=-1, keepdims=True),
+    )
+    log_weight = mx.where(probed, candidate_factor, -denominator)
+    log_probs = (logits + log_weight[..., None]).reshape(h.shape[0], -1)
     return mx.exp(mx.take(log_probs, head.inverse, axis=-1)).reshape(*lead, head.vocab_size)
+
+
+def fit_mass_bias(
+    head,
+    hidden_states: mx.array,
+    temperatures: Sequence[float] = FIT_TEMPERATURES,
+    chunk_size: int = 256,
+) -> mx.array:
+    """Fit the per-cluster mass offsets ``[2, n_clusters]`` on calibration hidden states.
+
+    At each temperature, ``a_k(T)`` is the mean over the positions where cluster ``k`` is not
+    probed (all positions if it always is) of ``logsumexp(z_k / T) - s_k / T``; the two
+    coefficients of ``a_k(T) = c0 + c1 / T`` are then fitted by least squares.
+    """
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    n_temps, n_clusters = len(temperatures), head.n_clusters
+    tail_sum = mx.zeros((n_temps, n_clusters))
+    all_sum = mx.zeros((n_temps, n_clusters))
+    tail_count = mx.zeros((n_clusters,))
+    for start in range(0, hidden_states.shape[0], chunk_size):
+        h = hidden_states[start : start + chunk_size]
+        scores = head.cluster_scores(h).astype(mx.float32)
+        tail = mx.ones(scores.shape, mx.bool_)
+        tail = mx.put_along_axis(tail, head.probe(h, scores).astype(mx.int32), mx.array(False), axis=-1)
+        logits = head.slot_logits(h).astype(mx.float32).reshape(*scores.shape, head.cluster_size)
+        gaps = mx.stack([mx.logsumexp(logits / t, axis=-1) - scores / t for t in temperatures])
+        tail_sum = tail_sum + mx.where(tail, gaps, 0.0).sum(axis=1)
+        all_sum = all_sum + gaps.sum(axis=1)
+        tail_count = tail_count + tail.sum(axis=0)
+        mx.eval(tail_sum, all_sum, tail_count)
+    offsets = mx.where(
+        tail_count > 0, tail_sum / mx.maximum(tail_count, 1), all_sum / hidden_states.shape[0]
+    )
+    design = mx.array([[1.0, 1.0 / t] for t in temperatures])
+    return mx.linalg.pinv(design, stream=mx.cpu) @ offsets
 
 
 def total_variation(p: mx.array, q: mx.array) -> mx.array:

@@ -16,20 +16,15 @@ inline bool better(uint key, uint id, uint best_key, uint best_id) {
 }
 
 // One lane's part of the dot product of x with row `row` of a head: the lanes of a SIMD group
-// stride over the row, 4 values (BITS == 0: float rows) or one packed uint32 (BITS = 4 or 8:
-// MLX's affine format, value = scale * q + bias per group of GS values) at a time.
-template <int BITS, int GS, typename T, typename W, typename S>
-inline float lane_dot(
-    const device T* x,
-    const device W* w,
-    const device S* scales,
-    const device S* biases,
-    size_t row,
-    uint D,
-    uint lane) {
+// stride over the row, 4 values (BITS == 0: float rows) or one packed uint32 (BITS = 2, 4 or
+// 8: MLX's affine format, value = scale * q + bias per group of GS values) at a time. The
+// pointer types are template parameters so that any address space works (MLX passes arrays
+// of fewer than 8 elements as constant).
+template <int BITS, int GS, typename X, typename Wt, typename St, typename Bt>
+inline float lane_dot(X x, Wt w, St scales, Bt biases, size_t row, uint D, uint lane) {
   float acc = 0.0f;
   if constexpr (BITS == 0) {
-    const device W* wr = w + row * D;
+    auto wr = w + row * D;
     for (uint j = 4 * lane; j < D; j += 128) {
       for (uint q = 0; q < 4; q++) {
         acc += static_cast<float>(wr[j + q]) * static_cast<float>(x[j + q]);
@@ -39,9 +34,9 @@ inline float lane_dot(
     constexpr uint V = 32 / BITS;
     constexpr uint M = (1u << BITS) - 1;
     const uint words = D / V;
-    const device uint* wr = (const device uint*)w + row * words;
-    const device S* sr = scales + row * (D / GS);
-    const device S* br = biases + row * (D / GS);
+    auto wr = w + row * words;
+    auto sr = scales + row * (D / GS);
+    auto br = biases + row * (D / GS);
     for (uint i = lane; i < words; i += 32) {
       uint packed = wr[i];
       float xq = 0.0f, xs = 0.0f;

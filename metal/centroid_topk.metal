@@ -25,7 +25,10 @@
 //     Qwen3-0.6B   (C = 9496, d = 1024):  5.49 MB -> M1  81 us, M4 46 us, M4 Max 10 us
 //     Gemma-3-270M (C = 16384, d = 640):  5.93 MB -> M1  87 us, M4 49 us, M4 Max 11 us
 //   at full bandwidth (68, 120, 546 GB/s), plus the single-threadgroup merge (5 * C / 256
-//   cached loads per thread: a few microseconds, more on M4 Max in relative terms).
+//   cached loads and histogram atomics per thread, guessed at 3-10 us: it dominates on M4 Max)
+//   and the zero fill. h is re-read from cache for every cluster; keeping each lane's slice
+//   of h in registers (B = 1) is the next step if the cache traffic shows.
+// - Needs MSL 3.2 (macOS 15) for atomic_thread_fence with thread_scope_device.
 
 template <uint TG>
 inline void select_top(

@@ -28,7 +28,12 @@
 //                                           4-bit 5.6 MB -> M1  82 us, M4 47 us, M4 Max 10 us
 //     Gemma-3-270M (1024 probes, d = 640): bf16 21.2 MB -> M1 311 us, M4 176 us, M4 Max 39 us
 //                                           4-bit 6.1 MB -> M1  90 us, M4 51 us, M4 Max 11 us
-//   at full bandwidth (68, 120, 546 GB/s).
+//   at full bandwidth (68, 120, 546 GB/s), plus the zero fill and the last threadgroup's
+//   reduction of ceil(n_probes / 8) pairs (negligible).
+// - Stage 1 + stage 2 per token vs the dense head (bf16 head, 4-bit centroids): Llama-3.2-1B
+//   0.62 / 0.35 / 0.077 ms vs 7.7 / 4.4 / 0.96 ms on M1 / M4 / M4 Max; Gemma-3-270M
+//   0.40 / 0.23 / 0.050 ms vs 4.9 / 2.8 / 0.62 ms; add ~10-20 us of dispatches and merges.
+// - Needs MSL 3.2 (macOS 15) for atomic_thread_fence with thread_scope_device.
 
 // ---- kernel body ----
   constexpr uint TG = 256, NSG = TG / 32;

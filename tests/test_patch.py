@@ -12,6 +12,7 @@ from conftest import make_clusters, make_tiny_model
 from flashhead_mlx.assets import make_assets, save_assets
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.patch import apply_flashhead, flash_head, load
+from flashhead_mlx.sampling import fit_mass_bias
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 999]])
 N_PROBES = 6
@@ -81,6 +82,27 @@ def test_all_probes_is_dense(pair):
 def test_generate_runs(pair):
     _, _, model, tokenizer = pair
     text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=make_sampler(temp=1.0))
+    assert isinstance(text, str)
+
+
+def test_full_vocabulary_sampling_in_generate(pair):
+    folder = pair[0]
+    dense, model, tokenizer = patched(folder)
+    head = flash_head(model)
+    head.mass_bias = fit_mass_bias(head, final_hidden_states(dense, TOKENS))
+    head.sampling_temperature = 0.7
+    batch = TOKENS.reshape(-1, 1)
+    step, reference = np.array(model(batch))[:, 0], np.array(dense(batch))[:, 0]
+    candidates = np.array(head.candidates(final_hidden_states(dense, batch))[0])[:, 0]
+    order = np.array(head.order)
+    for row, ref, cand in zip(step, reference, candidates):
+        cand = cand[cand >= 0]
+        np.testing.assert_allclose(row[cand], ref[cand], rtol=1e-4, atol=1e-4)
+        extra = np.setdiff1d(np.flatnonzero(np.isfinite(row)), cand)
+        assert 0 < extra.size <= head.cluster_size
+        slots = np.flatnonzero(np.isin(order, extra))
+        assert len(set(slots // head.cluster_size)) == 1  # one drawn, non-probed cluster
+    text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=make_sampler(temp=0.7))
     assert isinstance(text, str)
 
 

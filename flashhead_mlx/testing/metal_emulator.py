@@ -6,14 +6,18 @@ signature from the input and output names, the ``<name>_shape/_strides/_ndim`` a
 thread-position attributes the source mentions, and the template arguments), compiles it as
 C++ after ``metal_prelude.h`` (the Metal subset) with the system compiler, links the
 scheduler ``metal_runtime.cpp``, and runs the grid: threadgroups one after the other, the
-threads of a threadgroup as fibers that switch at barriers and SIMD-group functions (32 lanes
-per SIMD group). Compiled kernels are cached by source hash under
-``~/.cache/flashhead-mlx/emulator`` (``FLASHHEAD_EMULATOR_CACHE`` overrides it).
+threads of a threadgroup as fibers that switch only at barriers and SIMD-group functions (32
+lanes per SIMD group; a collective acts on the lanes waiting at it). Compiled kernels are
+cached by source hash under ``~/.cache/flashhead-mlx/emulator`` (``FLASHHEAD_EMULATOR_CACHE``
+overrides it).
 
 Checks that real hardware does not make, each an :class:`EmulatorError`: reads and writes past
 the end of a buffer (each buffer ends at a guard page), divergent SIMD-group collectives,
-barriers that not every thread reaches, shuffles from inactive lanes, and spin-waits. Outputs
-start filled with 0xff bytes (NaN for floats) unless ``init_value`` is given, so unwritten
+barriers that not every thread reaches, shuffles from inactive lanes, and spin-waits. Not
+checked: address spaces (they are plain memory, so a device/constant pointer mix-up that Metal
+rejects compiles here), reads just before the start of a buffer, threadgroup memory bounds, the
+32 KB threadgroup memory limit; half arithmetic may keep float precision between operations.
+Outputs start filled with 0xff bytes (NaN for floats) unless ``init_value`` is given, so unwritten
 elements show. With ``shuffle=True`` threadgroups and threads run in a random order (a race
 check: a correct kernel gives the same result). Threadgroup variables are shared by turning
 their declarations into ``static`` ones; the source is otherwise compiled as written.
@@ -111,8 +115,7 @@ def rewrite_threadgroup(source: str) -> str:
     macro). Raises on a use of ``threadgroup`` that is neither."""
 
     def replace(match: re.Match) -> str:
-        rest = source[match.end() :]
-        declarator = re.match(r"[^;(){}]*", rest).group(0)
+        declarator = re.compile(r"[^;(){}]*").match(source, match.end()).group(0)
         head = re.split(r"[\[=]", declarator, maxsplit=1)[0]
         if "*" in head or "&" in head:
             return match.group(0)
@@ -121,7 +124,10 @@ def rewrite_threadgroup(source: str) -> str:
         line = source.count("\n", 0, match.start()) + 1
         raise EmulatorError(f"line {line}: cannot tell a threadgroup declaration in {declarator!r}")
 
-    source = re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m.group(0)), source, flags=re.S)
+    def blank(comment: re.Match) -> str:  # keeps the line numbers
+        return re.sub(r"[^\n]", " ", comment.group(0))
+
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", blank, source, flags=re.S)
     return re.sub(r"\bthreadgroup\b", replace, source)
 
 
@@ -150,74 +156,54 @@ def kernel_name(name: str, inputs: Sequence[mx.array], output_dtypes, template) 
     return full, template_def
 
 
-def write_signature(
-    func_name: str,
-    header: str,
-    source: str,
+def parameters(
     input_names: Sequence[str],
     inputs: Sequence[mx.array],
+    shape_infos: Sequence[Tuple[bool, bool, bool]],
     output_names: Sequence[str],
     output_dtypes: Sequence[mx.Dtype],
-    template: Sequence[tuple],
     attributes: Sequence[str],
-    shape_infos: Sequence[Tuple[bool, bool, bool]],
     atomic_outputs: bool,
-) -> str:
-    """The kernel source MLX compiles (mlx/backend/common/metal_kernel.cpp, write_signature)."""
+) -> List[Tuple[str, str, Optional[Tuple[str, int]]]]:
+    """The kernel's parameters as MLX declares them (mlx/backend/common/metal_kernel.cpp,
+    write_signature), each with the C++ expression the emulator passes (buffer i is
+    ``emu_buffers[i]``, attributes come from the running thread) and what buffer i holds:
+    ``("input" | "shape" | "strides" | "ndim", input index)``, ``("output", output index)``,
+    or None for an attribute."""
+    params = []
+
+    def buffer(declaration: str, t: str, ref: bool, holds: Tuple[str, int]) -> None:
+        i = len(params)
+        expr = f"*({t}*)emu_buffers[{i}]" if ref else f"({t}*)emu_buffers[{i}]"
+        params.append((f"  {declaration} [[buffer({i})]]", expr, holds))
+
+    for k, (name, x, uses) in enumerate(zip(input_names, inputs, shape_infos)):
+        location = "constant" if x.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        t = type_string(x.dtype)
+        buffer(f"const {location} {t}{'&' if x.ndim == 0 else '*'} {name}", "const " + t,
+               x.ndim == 0, ("input", k))
+        for used, kind, t, ref in zip(uses, ("shape", "strides", "ndim"),
+                                      ("int", "int64_t", "int"), ("*", "*", "&")):
+            if used and x.ndim > 0:
+                declaration = f"const constant {t}{ref} {name}_{kind}"
+                buffer(declaration, "const " + t, ref == "&", (kind, k))
+    for k, (name, dtype) in enumerate(zip(output_names, output_dtypes)):
+        t = f"atomic<{type_string(dtype)}>" if atomic_outputs else type_string(dtype)
+        buffer(f"device {t}* {name}", t, False, ("output", k))
+    params += [(f"  {ATTRIBUTES[a]} {a} [[{a}]]", f"emu::{a}()", None) for a in attributes]
+    return params
+
+
+def write_signature(func_name: str, header: str, source: str, template: Sequence[tuple],
+                    params: Sequence[tuple]) -> str:
+    """The kernel source MLX compiles: header, template, signature, body."""
     text = header
     if template:
-        kinds = [
-            "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
-            for _, v in template
-        ]
+        kinds = ["bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
+                 for _, v in template]
         text += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
-    params = []
-    index = 0
-    for name, x, (shape, strides, ndim) in zip(input_names, inputs, shape_infos):
-        location = "constant" if x.size < MAX_CONSTANT_ARRAY_SIZE else "device"
-        ref = "&" if x.ndim == 0 else "*"
-        params.append(f"  const {location} {type_string(x.dtype)}{ref} {name} [[buffer({index})]]")
-        index += 1
-        if x.ndim > 0:
-            for used, param in (
-                (shape, f"const constant int* {name}_shape"),
-                (strides, f"const constant int64_t* {name}_strides"),
-                (ndim, f"const constant int& {name}_ndim"),
-            ):
-                if used:
-                    params.append(f"  {param} [[buffer({index})]]")
-                    index += 1
-    for name, dtype in zip(output_names, output_dtypes):
-        t = type_string(dtype)
-        t = f"atomic<{t}>" if atomic_outputs else t
-        params.append(f"  device {t}* {name} [[buffer({index})]]")
-        index += 1
-    params += [f"  {ATTRIBUTES[a]} {a} [[{a}]]" for a in attributes]
-    text += f"[[kernel]] void {func_name}(\n" + ",\n".join(params) + ") {\n"
+    text += f"[[kernel]] void {func_name}(\n" + ",\n".join(p[0] for p in params) + ") {\n"
     return text + source + "\n}\n"
-
-
-def _arguments(input_names, inputs, shape_infos, output_dtypes, atomic_outputs, attributes):
-    """C++ expressions that pass buffer i (emu_buffers[i]) as each kernel parameter."""
-    args, index = [], 0
-
-    def buffer(t: str, ref: bool) -> str:
-        nonlocal index
-        expr = f"*({t}*)emu_buffers[{index}]" if ref else f"({t}*)emu_buffers[{index}]"
-        index += 1
-        return expr
-
-    for x, (shape, strides, ndim) in zip(inputs, shape_infos):
-        args.append(buffer("const " + type_string(x.dtype), x.ndim == 0))
-        if x.ndim > 0:
-            for used, t, ref in ((shape, "const int", False), (strides, "const int64_t", False), (ndim, "const int", True)):
-                if used:
-                    args.append(buffer(t, ref))
-    for dtype in output_dtypes:
-        t = type_string(dtype)
-        args.append(buffer(f"atomic<{t}>" if atomic_outputs else t, False))
-    args += [f"emu::{a}()" for a in attributes]
-    return args
 
 
 def _compiler_id() -> str:
@@ -286,7 +272,8 @@ class _Buffer:
         self.mapped = mapped.value
 
     def view(self, np_dtype, count: int) -> np.ndarray:
-        return np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr)).view(np_dtype)[:count]
+        raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
+        return np.ctypeslib.as_array(raw).view(np_dtype)[:count]
 
     def free(self) -> None:
         self.lib.emu_free(self.ptr, self.mapped)
@@ -294,7 +281,8 @@ class _Buffer:
     def describe(self, address: int) -> Optional[str]:
         padded = (self.nbytes + 15) // 16 * 16
         if self.ptr + self.nbytes <= address < self.ptr + padded + 4096:
-            return f"{address - self.ptr - self.nbytes} bytes past the end of {self.name} ({self.nbytes} bytes)"
+            past = address - self.ptr - self.nbytes
+            return f"{past} bytes past the end of {self.name} ({self.nbytes} bytes)"
         if self.ptr - 4096 <= address < self.ptr:
             return f"{self.ptr - address} bytes before the start of {self.name}"
         return None
@@ -324,18 +312,17 @@ class EmulatedKernel:
         ]
         self.attributes = [a for a in ATTRIBUTES if a in source]
 
-    def cpp_source(self, inputs, output_dtypes, template) -> Tuple[str, str]:
-        """The kernel source MLX would compile, and the C++ translation unit that runs it."""
+    def cpp_source(self, inputs, output_dtypes, template) -> Tuple[str, str, list]:
+        """The kernel source MLX would compile, the C++ translation unit that runs it, and the
+        kernel's parameters (see :func:`parameters`)."""
         func, template_def = kernel_name(self.name, inputs, output_dtypes, template)
-        metal = write_signature(
-            func, self.header, self.source, self.input_names, inputs, self.output_names,
-            output_dtypes, template, self.attributes, self.shape_infos, self.atomic_outputs,
-        )
+        params = parameters(self.input_names, inputs, self.shape_infos, self.output_names,
+                            output_dtypes, self.attributes, self.atomic_outputs)
+        metal = write_signature(func, self.header, self.source, template, params)
         if template:
             inst = func + template_def
             metal += f'\ntemplate [[host_name("{func}")]] [[kernel]] decltype({inst}) {inst};\n'
-        args = _arguments(self.input_names, inputs, self.shape_infos, output_dtypes,
-                          self.atomic_outputs, self.attributes)
+        args = [p[1] for p in params]
         cpp = (
             '#include "metal_prelude.h"\n'
             "static void** emu_buffers;\n"
@@ -350,7 +337,7 @@ class EmulatedKernel:
             + "  emu_buffers = buffers;\n"
             + "  return emu::launch(emu_entry, config, message, size, fault);\n}\n"
         )
-        return metal, cpp
+        return metal, cpp, params
 
     def __call__(
         self,
@@ -366,49 +353,47 @@ class EmulatedKernel:
         stream=None,
     ) -> List[mx.array]:
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)}")
-        if len(output_shapes) != len(self.output_names) or len(output_dtypes) != len(self.output_names):
-            raise ValueError(f"[metal_kernel] Expected {len(self.output_names)} output shapes and dtypes")
+            raise ValueError(f"[metal_kernel] Expected {len(self.input_names)} inputs")
+        n_outputs = len(self.output_names)
+        if len(output_shapes) != n_outputs or len(output_dtypes) != n_outputs:
+            raise ValueError(f"[metal_kernel] Expected {n_outputs} output shapes and dtypes")
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
         mx.eval(inputs)
-        metal, cpp = self.cpp_source(inputs, output_dtypes, template or [])
+        metal, cpp, params = self.cpp_source(inputs, output_dtypes, template or [])
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{metal}\n```")
         lib = _library(cpp)
+        hosts = [_host(x) for x in inputs]
+        if self.ensure_row_contiguous:
+            hosts = [np.ascontiguousarray(x) for x in hosts]
 
         buffers: List[_Buffer] = []
         pointers: List[int] = []
-        keep = []
+        keep, outputs = [], []
         try:
-            for name, x, (shape, strides, ndim) in zip(self.input_names, inputs, self.shape_infos):
-                host = _host(x)
-                if self.ensure_row_contiguous:
-                    host = np.ascontiguousarray(host)
-                pointers.append(self._copy_in(lib, f"input '{name}'", host, buffers))
-                elem_strides = [s // host.itemsize for s in host.strides]
-                if x.ndim > 0:
-                    for used, values in ((shape, np.array(x.shape, np.int32)),
-                                         (strides, np.array(elem_strides, np.int64)),
-                                         (ndim, np.array([x.ndim], np.int32))):
-                        if used:
-                            keep.append(values)
-                            pointers.append(values.ctypes.data)
-            outputs = []
-            for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes):
-                type_string(dtype)
-                np_dtype = DTYPES[dtype][1]
-                count = int(np.prod(shape, dtype=np.int64))
-                out = _Buffer(lib, f"output '{name}'", count * np.dtype(np_dtype).itemsize)
-                buffers.append(out)
-                data = out.view(np_dtype, count)
-                if init_value is None:
-                    data.view(np.uint8)[:] = 0xFF
-                else:
-                    data[:] = _host(mx.array(init_value, dtype=dtype))
-                pointers.append(out.ptr)
-                outputs.append((data, shape, dtype))
+            for _, _, holds in params:
+                if holds is None:
+                    continue
+                kind, k = holds
+                if kind == "input":
+                    name = f"input '{self.input_names[k]}'"
+                    pointers.append(self._copy_in(lib, name, hosts[k], buffers))
+                    continue
+                if kind == "output":
+                    pointers.append(self._output(lib, self.output_names[k], output_shapes[k],
+                                                 output_dtypes[k], init_value, buffers, outputs))
+                    continue
+                host = hosts[k]
+                values = {
+                    "shape": np.array(host.shape, np.int32),
+                    "strides": np.array([s // host.itemsize for s in host.strides], np.int64),
+                    "ndim": np.array([host.ndim], np.int32),
+                }[kind]
+                keep.append(values)
+                pointers.append(values.ctypes.data)
 
-            config = (ctypes.c_int64 * 9)(*grid, *threadgroup, int(self.shuffle), self.seed, TIMEOUT_S)
+            config = (ctypes.c_int64 * 9)(*grid, *threadgroup, int(self.shuffle), self.seed,
+                                          TIMEOUT_S)
             message = ctypes.create_string_buffer(512)
             fault = ctypes.c_void_p()
             status = lib.emu_launch((ctypes.c_void_p * len(pointers))(*pointers), config, message,
@@ -418,7 +403,8 @@ class EmulatedKernel:
                 if status == 1:
                     where = [b.describe(fault.value or 0) for b in buffers]
                     where = [w for w in where if w]
-                    text = f"out-of-bounds access: {where[0]}" if where else text + " (a wild pointer or a stack overflow)"
+                    text = (f"out-of-bounds access: {where[0]}" if where
+                            else text + " (a wild pointer or a stack overflow)")
                 raise EmulatorError(f"[{self.name}] {text}")
             return [self._to_mlx(data, shape, dtype) for data, shape, dtype in outputs]
         finally:
@@ -440,6 +426,22 @@ class EmulatedKernel:
         if high > low:
             ctypes.memmove(buf.ptr, host.__array_interface__["data"][0] + low, high - low)
         return buf.ptr - low
+
+    @staticmethod
+    def _output(lib, name, shape, dtype, init_value, buffers, outputs) -> int:
+        """A guarded output buffer, filled with init_value or else 0xff bytes."""
+        type_string(dtype)  # raises for a dtype without a Metal type
+        np_dtype = DTYPES[dtype][1]
+        count = int(np.prod(shape, dtype=np.int64))
+        out = _Buffer(lib, f"output '{name}'", count * np.dtype(np_dtype).itemsize)
+        buffers.append(out)
+        data = out.view(np_dtype, count)
+        if init_value is None:
+            data.view(np.uint8)[:] = 0xFF
+        else:
+            data[:] = _host(mx.array(init_value, dtype=dtype))
+        outputs.append((data, shape, dtype))
+        return out.ptr
 
     @staticmethod
     def _to_mlx(data: np.ndarray, shape, dtype: mx.Dtype) -> mx.array:

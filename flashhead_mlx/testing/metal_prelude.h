@@ -19,6 +19,12 @@ namespace emu {
 struct Lane;
 typedef const char* (*Collective)(Lane* const* lanes, uint32_t waiting);
 
+// Where a barrier or SIMD-group function is called in the kernel source.
+struct Site {
+  const char* file;
+  int line;
+};
+
 struct Lane {
   uint32_t pos[3];      // thread_position_in_threadgroup
   uint32_t index;       // thread_index_in_threadgroup
@@ -26,7 +32,7 @@ struct Lane {
   void* out;            // its result (a T*)
   uint32_t arg;         // the lane, delta or mask argument
   Collective collective;
-  const void* site;     // return address of the call, to catch divergent collectives
+  Site site;            // to catch lanes that wait at different collectives
 };
 
 struct Grid {
@@ -40,7 +46,7 @@ struct Grid {
 Lane* lane();
 const Grid* grid();
 void simd_wait();
-void barrier(const void* site);
+void barrier(Site site);
 void atomic_tick();
 [[noreturn]] void fail(const char* message);
 int launch(void (*entry)(), const int64_t* config, char* message, int message_size, void** fault);
@@ -52,6 +58,9 @@ int launch(void (*entry)(), const int64_t* config, char* message, int message_si
 #ifndef EMU_RUNTIME
 
 #define EMU_INLINE inline __attribute__((always_inline))
+// Trailing parameters that record the caller's source location.
+#define EMU_HERE const char *file_ = __builtin_FILE(), int line_ = __builtin_LINE()
+#define EMU_SITE emu::Site{file_, line_}
 
 // Address spaces are plain memory. Threadgroup variables are made shared by the emulator,
 // which rewrites their declarations to `static` before compiling; as a qualifier it is empty.
@@ -502,14 +511,14 @@ EMU_INLINE void atomic_thread_fence(mem_flags, memory_order, thread_scope = thre
 namespace emu {
 
 template <class T, Collective F>
-__attribute__((noinline)) T collective(T x, uint32_t arg) {
+T collective(T x, uint32_t arg, Site site) {
   Lane* l = lane();
   T result;
   l->in = &x;
   l->out = &result;
   l->arg = arg;
   l->collective = F;
-  l->site = __builtin_return_address(0);
+  l->site = site;
   simd_wait();
   return result;
 }
@@ -612,10 +621,6 @@ struct Xor {
 
 inline const char* sync(Lane* const*, uint32_t) { return nullptr; }
 
-__attribute__((noinline)) inline void threadgroup_barrier_() {
-  barrier(__builtin_return_address(0));
-}
-
 inline uint32_t linear(const uint32_t* p, const uint32_t* size) {
   return p[0] + size[0] * (p[1] + size[1] * p[2]);
 }
@@ -625,7 +630,7 @@ inline uint32_t linear(const uint32_t* p, const uint32_t* size) {
 namespace metal {
 
 #define EMU_REDUCE(name, Op) \
-  template <class T> EMU_INLINE T name(T x) { return emu::collective<T, emu::reduce<T, emu::Op>>(x, 0); }
+  template <class T> EMU_INLINE T name(T x, EMU_HERE) { return emu::collective<T, emu::reduce<T, emu::Op>>(x, 0, EMU_SITE); }
 EMU_REDUCE(simd_sum, Sum)
 EMU_REDUCE(simd_product, Product)
 EMU_REDUCE(simd_max, Max)
@@ -636,7 +641,7 @@ EMU_REDUCE(simd_xor, Xor)
 #undef EMU_REDUCE
 
 #define EMU_PREFIX(name, Op, inclusive) \
-  template <class T> EMU_INLINE T name(T x) { return emu::collective<T, emu::prefix<T, emu::Op, inclusive>>(x, 0); }
+  template <class T> EMU_INLINE T name(T x, EMU_HERE) { return emu::collective<T, emu::prefix<T, emu::Op, inclusive>>(x, 0, EMU_SITE); }
 EMU_PREFIX(simd_prefix_exclusive_sum, Sum, false)
 EMU_PREFIX(simd_prefix_inclusive_sum, Sum, true)
 EMU_PREFIX(simd_prefix_exclusive_product, Product, false)
@@ -644,7 +649,7 @@ EMU_PREFIX(simd_prefix_inclusive_product, Product, true)
 #undef EMU_PREFIX
 
 #define EMU_SHUFFLE(name, kind) \
-  template <class T> EMU_INLINE T name(T x, ushort a) { return emu::collective<T, emu::shuffle<T, emu::kind>>(x, a); }
+  template <class T> EMU_INLINE T name(T x, ushort a, EMU_HERE) { return emu::collective<T, emu::shuffle<T, emu::kind>>(x, a, EMU_SITE); }
 EMU_SHUFFLE(simd_shuffle, kIndex)
 EMU_SHUFFLE(simd_broadcast, kIndex)
 EMU_SHUFFLE(simd_shuffle_xor, kXor)
@@ -655,24 +660,30 @@ EMU_SHUFFLE(simd_shuffle_rotate_up, kRotateUp)
 #undef EMU_SHUFFLE
 
 template <class T>
-EMU_INLINE T simd_broadcast_first(T x) {
-  return emu::collective<T, emu::shuffle<T, emu::kFirst>>(x, 0);
+EMU_INLINE T simd_broadcast_first(T x, EMU_HERE) {
+  return emu::collective<T, emu::shuffle<T, emu::kFirst>>(x, 0, EMU_SITE);
 }
-EMU_INLINE bool simd_any(bool x) { return emu::collective<uint, emu::reduce<uint, emu::Or>>(x, 0); }
-EMU_INLINE bool simd_all(bool x) { return emu::collective<uint, emu::reduce<uint, emu::And>>(x, 0) & 1; }
-EMU_INLINE bool simd_is_first() {
-  return emu::collective<uint, emu::shuffle<uint, emu::kFirst>>(emu::lane()->index, 0) ==
-         emu::lane()->index;
+EMU_INLINE bool simd_any(bool x, EMU_HERE) {
+  return emu::collective<uint, emu::reduce<uint, emu::Or>>(x, 0, EMU_SITE);
 }
-EMU_INLINE void simdgroup_barrier(mem_flags) { emu::collective<int, emu::sync>(0, 0); }
-EMU_INLINE void threadgroup_barrier(mem_flags) { emu::threadgroup_barrier_(); }
+EMU_INLINE bool simd_all(bool x, EMU_HERE) {
+  return emu::collective<uint, emu::reduce<uint, emu::And>>(x, 0, EMU_SITE) & 1;
+}
+EMU_INLINE bool simd_is_first(EMU_HERE) {
+  uint index = emu::lane()->index;
+  return emu::collective<uint, emu::shuffle<uint, emu::kFirst>>(index, 0, EMU_SITE) == index;
+}
+EMU_INLINE void simdgroup_barrier(mem_flags, EMU_HERE) { emu::collective<int, emu::sync>(0, 0, EMU_SITE); }
+EMU_INLINE void threadgroup_barrier(mem_flags, EMU_HERE) { emu::barrier(EMU_SITE); }
 
 }  // namespace metal
 
 using namespace metal;
 
 // ------------------------------------------------------------------------------------------
-// Thread-position attributes, as functions of the running thread (see metal_emulator.py).
+// Thread-position attributes, as functions of the running thread. In a threadgroup at the
+// edge of a grid that is not a multiple of the threadgroup size, threads_per_threadgroup is
+// the threads that exist and dispatch_threads_per_threadgroup the size given at dispatch.
 
 namespace emu {
 

@@ -1,6 +1,7 @@
 // The emulator's scheduler: runs a grid of threads with cooperative scheduling.
 //
-// Threadgroups run one after the other. The threads of a threadgroup are ucontext fibers that
+// Threadgroups run one after the other. The threads of a threadgroup are fibers (entered with
+// setcontext, then switched with _setjmp/_longjmp, which skip the signal-mask syscalls) that
 // run until they wait at a SIMD-group collective or a threadgroup barrier, or return. When no
 // thread can run, the scheduler resolves the collectives of each SIMD group over the lanes
 // waiting at them, and else releases the barrier, which every thread must have reached. Faults
@@ -20,8 +21,6 @@
 #include <cstdio>
 #include <cstring>
 
-
-
 namespace emu {
 namespace {
 
@@ -29,9 +28,11 @@ enum State { kRun, kSimd, kBarrier, kDone };
 
 struct Thread {
   Lane lane;
-  ucontext_t context;
+  ucontext_t context;  // the entry, for the first switch
+  jmp_buf resume;      // where it waits, after that
+  bool started;
   State state;
-  const void* barrier_site;
+  Site barrier_site;
 };
 
 constexpr size_t kStack = 256 << 10;
@@ -41,11 +42,9 @@ struct Launch {
   void (*entry)();
   Grid grid;
   Thread* threads;
-  int n_threads;
   Thread* current;
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   char* stacks;
-  size_t stack_bytes;
   bool shuffle;
   uint64_t rng;
   double deadline;
@@ -57,6 +56,11 @@ struct Launch {
 };
 
 Launch* L = nullptr;
+
+bool same(const Site& a, const Site& b) {
+  return a.line == b.line && strcmp(a.file, b.file) == 0;
+}
+
 size_t page_size() { return size_t(sysconf(_SC_PAGESIZE)); }
 
 double now() {
@@ -86,6 +90,13 @@ void permutation(int* order, int n) {
 void thread_main() {
   L->entry();
   L->current->state = kDone;
+  _longjmp(L->scheduler, 1);
+}
+
+// Suspends the running thread and returns to the scheduler.
+void yield(State state) {
+  L->current->state = state;
+  if (!_setjmp(L->current->resume)) _longjmp(L->scheduler, 1);
 }
 
 void on_fault(int, siginfo_t* info, void*) {
@@ -103,7 +114,8 @@ void on_fault(int, siginfo_t* info, void*) {
 void run_threadgroup(int* order) {
   const Grid& g = L->grid;
   int n = int(g.size[0] * g.size[1] * g.size[2]);
-  L->n_threads = n;
+  ucontext_t entry;
+  getcontext(&entry);
   for (int i = 0; i < n; i++) {
     Thread& t = L->threads[i];
     memset(&t.lane, 0, sizeof t.lane);
@@ -112,10 +124,11 @@ void run_threadgroup(int* order) {
     t.lane.pos[1] = uint32_t(i) / g.size[0] % g.size[1];
     t.lane.pos[2] = uint32_t(i) / (g.size[0] * g.size[1]);
     t.state = kRun;
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = L->stacks + size_t(i) * L->stack_bytes + page_size();
-    t.context.uc_stack.ss_size = L->stack_bytes - page_size();
-    t.context.uc_link = &L->scheduler;
+    t.started = false;
+    t.context = entry;
+    t.context.uc_stack.ss_sp = L->stacks + size_t(i) * kStack + page_size();
+    t.context.uc_stack.ss_size = kStack - page_size();
+    t.context.uc_link = nullptr;
     makecontext(&t.context, thread_main, 0);
   }
   int n_groups = (n + 31) / 32;
@@ -125,19 +138,22 @@ void run_threadgroup(int* order) {
       Thread& t = L->threads[order[k]];
       if (t.state != kRun) continue;
       L->current = &t;
-      swapcontext(&L->scheduler, &t.context);
+      if (_setjmp(L->scheduler)) continue;
+      if (t.started) _longjmp(t.resume, 1);
+      t.started = true;
+      setcontext(&t.context);
     }
     bool resolved = false;
     for (int s = 0; s < n_groups; s++) {
       Lane* lanes[32] = {};
       uint32_t waiting = 0;
       Collective collective = nullptr;
-      const void* site = nullptr;
+      Site site = {};
       for (int i = 0; i < 32 && 32 * s + i < n; i++) {
         Thread& t = L->threads[32 * s + i];
         lanes[i] = &t.lane;
         if (t.state != kSimd) continue;
-        if (waiting && (t.lane.collective != collective || t.lane.site != site)) {
+        if (waiting && (t.lane.collective != collective || !same(t.lane.site, site))) {
           fail("the lanes of a SIMD group wait at different SIMD-group functions (divergent "
                "control flow around a collective)");
         }
@@ -153,13 +169,13 @@ void run_threadgroup(int* order) {
     }
     if (resolved) continue;
     int at_barrier = 0, done = 0;
-    const void* site = nullptr;
+    Site site = {};
     for (int i = 0; i < n; i++) {
       Thread& t = L->threads[i];
       if (t.state == kDone) {
         done++;
       } else if (t.state == kBarrier) {
-        if (at_barrier++ && t.barrier_site != site) {
+        if (at_barrier++ && !same(t.barrier_site, site)) {
           fail("threads of a threadgroup wait at different threadgroup_barrier calls");
         }
         site = t.barrier_site;
@@ -180,15 +196,11 @@ void run_threadgroup(int* order) {
 Lane* lane() { return &L->current->lane; }
 const Grid* grid() { return &L->grid; }
 
-void simd_wait() {
-  L->current->state = kSimd;
-  swapcontext(&L->current->context, &L->scheduler);
-}
+void simd_wait() { yield(kSimd); }
 
-void barrier(const void* site) {
-  L->current->state = kBarrier;
+void barrier(Site site) {
   L->current->barrier_site = site;
-  swapcontext(&L->current->context, &L->scheduler);
+  yield(kBarrier);
 }
 
 void atomic_tick() {
@@ -228,7 +240,6 @@ int launch(void (*entry)(), const int64_t* config, char* message, int message_si
   launch.rng = uint64_t(config[7]) * 0x9E3779B97F4A7C15ull + 1;
   launch.deadline = now() + double(config[8]);
   launch.tid = pid_t(syscall(SYS_gettid));
-  launch.stack_bytes = kStack;
   launch.stacks = static_cast<char*>(mmap(nullptr, size_t(n_max) * kStack, PROT_READ | PROT_WRITE,
                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   for (int i = 0; i < n_max; i++) mprotect(launch.stacks + size_t(i) * kStack, page_size(), PROT_NONE);

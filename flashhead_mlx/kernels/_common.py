@@ -1,0 +1,58 @@
+"""Helpers that the kernels share: loading their sources, choosing the path, and the ranking
+key both paths use."""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import mlx.core as mx
+
+METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+BODY = "// ---- kernel body ----"
+THREADGROUP = 256
+
+
+def use_metal() -> bool:
+    """Whether to run the Metal kernels: ``FLASHHEAD_KERNELS=metal`` or ``mlx`` forces a path;
+    by default, the kernels run when Metal is available."""
+    choice = os.environ.get("FLASHHEAD_KERNELS", "").lower()
+    if choice not in ("", "metal", "mlx"):
+        raise ValueError(f"FLASHHEAD_KERNELS must be 'metal' or 'mlx', got {choice!r}")
+    return choice == "metal" or (choice == "" and mx.metal.is_available())
+
+
+@lru_cache
+def kernel_source(name: str) -> Tuple[str, str]:
+    """The header (the shared helpers, then the file's own) and the body of
+    ``metal/<name>.metal``."""
+    text = (METAL_DIR / f"{name}.metal").read_text()
+    header, body = text.split(BODY + "\n")
+    return (METAL_DIR / "_common.metal").read_text() + header, body
+
+
+def metal_kernel(name: str, input_names: Sequence[str]):
+    """The kernel of ``metal/<name>.metal`` (one output, ``out``), made by the current
+    ``mx.fast.metal_kernel``, which the tests replace with the CPU emulator."""
+    return _make_kernel(mx.fast.metal_kernel, name, tuple(input_names))
+
+
+@lru_cache
+def _make_kernel(factory, name: str, input_names: Tuple[str, ...]):
+    header, body = kernel_source(name)
+    return factory(
+        name=name, input_names=list(input_names), output_names=["out"], source=body, header=header
+    )
+
+
+@lru_cache
+def placeholder(dtype: mx.Dtype) -> mx.array:
+    """The scales and biases passed with float rows, which the kernels do not read."""
+    return mx.zeros((1,), dtype=dtype)
+
+
+def order_key(x: mx.array) -> mx.array:
+    """The bits of float32 ``x`` as uint32 that sort like the floats (-0 just below +0), as the
+    kernels' ``order_key``: with an id it makes an exact ranking, ties to the lowest id."""
+    bits = x.astype(mx.float32).view(mx.uint32)
+    return mx.where(bits >= 0x80000000, ~bits, bits | 0x80000000)

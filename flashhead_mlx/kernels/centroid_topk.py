@@ -1,0 +1,103 @@
+"""FlashHead stage 1: the ``n_probes`` best clusters of each hidden state, in one kernel."""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_metal
+
+# Clusters scored per threadgroup: 8 SIMD groups of 4 (see metal/centroid_topk.metal).
+CLUSTERS_PER_THREADGROUP = 32
+KERNEL_BITS = (None, 2, 4, 8)
+
+
+def centroid_topk(
+    h: mx.array,
+    centroids: mx.array,
+    scales: Optional[mx.array],
+    biases: Optional[mx.array],
+    cluster_bias: mx.array,
+    n_probes: int,
+    group_size: int = 64,
+    bits: Optional[int] = 4,
+) -> Tuple[mx.array, mx.array]:
+    """The ``n_probes`` best clusters of each row of ``h`` and their scores.
+
+    A cluster's score is ``h . centroid + cluster_bias`` in float32 (the centroid dequantized
+    when packed); ties go to the lowest cluster id.
+
+    Args:
+        h (mx.array): hidden states ``[..., d]`` (float32, float16 or bfloat16).
+        centroids (mx.array): ``[n_clusters, d]`` floats, or packed ``[n_clusters, d * bits / 32]``.
+        scales, biases (mx.array, optional): the packed centroids' quantization parameters.
+        cluster_bias (mx.array): ``[n_clusters]``.
+        n_probes (int): clusters to keep, at most ``n_clusters``.
+        group_size (int): quantization group size. Default: ``64``.
+        bits (int, optional): quantization bits, ``None`` for float centroids. Default: ``4``.
+
+    Returns:
+        The cluster ids ``[..., n_probes]`` (uint32, ascending) and their scores (float32).
+    """
+    lead = h.shape[:-1]
+    h = h.reshape(-1, h.shape[-1])
+    if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):
+        ids, scores = _centroid_topk_metal(
+            h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits
+        )
+    else:
+        ids, scores = _centroid_topk_mlx(
+            h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits
+        )
+    return ids.reshape(*lead, n_probes), scores.reshape(*lead, n_probes)
+
+
+def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits) -> mx.array:
+    """Every cluster's score ``[B, n_clusters]`` in float32."""
+    f32 = mx.float32
+    if bits is None:
+        scores = h.astype(f32) @ centroids.astype(f32).T
+    else:
+        scores = mx.quantized_matmul(
+            h.astype(f32),
+            centroids,
+            scales.astype(f32),
+            biases.astype(f32),
+            transpose=True,
+            group_size=group_size,
+            bits=bits,
+        )
+    return scores + cluster_bias.astype(f32)
+
+
+def _centroid_topk_mlx(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):
+    scores = cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
+    n = scores.shape[-1]
+    # (key, inverted id) as one uint64: the largest n_probes are the best, ties to the lowest id.
+    ids = mx.arange(n, dtype=mx.uint64)
+    ranked = (order_key(scores).astype(mx.uint64) << 32) | (0xFFFFFFFF - ids)
+    best = mx.argpartition(ranked, kth=n - n_probes, axis=-1)[:, n - n_probes :]
+    best = mx.sort(best, axis=-1)
+    return best.astype(mx.uint32), mx.take_along_axis(scores, best, axis=-1)
+
+
+def _centroid_topk_metal(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):
+    B = h.shape[0]
+    n = centroids.shape[0]
+    if scales is None:
+        scales = biases = placeholder(centroids.dtype)
+    kernel = metal_kernel(
+        "centroid_topk", ["h", "w", "scales", "biases", "cluster_bias", "n_probes"]
+    )
+    n_groups = -(-n // CLUSTERS_PER_THREADGROUP)
+    out = kernel(
+        inputs=[h, centroids, scales, biases, cluster_bias, n_probes],
+        template=[("BITS", bits or 0), ("GS", group_size if bits else 0)],
+        grid=(n_groups * THREADGROUP, 1, 1),
+        threadgroup=(THREADGROUP, 1, 1),
+        output_shapes=[(2 * B * n_probes + B * n + 1,)],
+        output_dtypes=[mx.uint32],
+        init_value=0,
+    )[0]
+    ids = out[: B * n_probes].reshape(B, n_probes)
+    scores = out[B * n_probes : 2 * B * n_probes].view(mx.float32).reshape(B, n_probes)
+    return ids, scores

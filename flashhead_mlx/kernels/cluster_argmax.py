@@ -1,0 +1,100 @@
+"""FlashHead stage 2: the exact logits of the probed clusters' rows and the greedy token, in
+one kernel."""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_metal
+
+# Probes (clusters) per threadgroup: one per SIMD group (see metal/cluster_argmax.metal).
+PROBES_PER_THREADGROUP = 8
+KERNEL_BITS = (None, 2, 4, 8)
+
+
+def cluster_argmax(
+    h: mx.array,
+    probes: mx.array,
+    weight: mx.array,
+    scales: Optional[mx.array],
+    biases: Optional[mx.array],
+    order: mx.array,
+    cluster_size: int,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Score the rows of the probed clusters and pick the best token.
+
+    Args:
+        h (mx.array): hidden states ``[..., d]`` (float32, float16 or bfloat16).
+        probes (mx.array): cluster ids ``[..., n_probes]``.
+        weight (mx.array): the head's rows in cluster order ``[n_clusters * cluster_size, d]``
+            (float32, float16 or bfloat16), or packed ``[..., d * bits / 32]``.
+        scales, biases (mx.array, optional): quantization parameters of packed rows.
+        order (mx.array): the token id of each slot ``[n_clusters * cluster_size]`` (int32),
+            -1 for padding.
+        cluster_size (int): rows per cluster.
+        group_size, bits (int, optional): quantization of packed rows. Default: ``None``.
+        softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+
+    Returns:
+        The token with the highest logit ``[...]`` (int32, ties to the lowest token id) and the
+        logits ``[..., n_probes * cluster_size]`` (float32, ``-inf`` at padding slots), the
+        rows of probe ``p`` at ``p * cluster_size ... (p + 1) * cluster_size - 1``.
+    """
+    lead = h.shape[:-1]
+    h = h.reshape(-1, h.shape[-1])
+    probes = probes.reshape(h.shape[0], -1).astype(mx.uint32)
+    args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, softcap)
+    if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):
+        tokens, logits = _cluster_argmax_metal(*args)
+    else:
+        tokens, logits = _cluster_argmax_mlx(*args)
+    return tokens.reshape(lead), logits.reshape(*lead, -1)
+
+
+def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
+                        softcap):
+    s = cluster_size
+    n_clusters = order.size // s
+    rows = mx.take(weight.reshape(n_clusters, s, -1), probes, axis=0)
+    if bits is not None:
+        scales, biases = (
+            mx.take(a.reshape(n_clusters, s, -1), probes, axis=0).astype(mx.float32)
+            for a in (scales, biases)
+        )
+        rows = mx.dequantize(rows, scales, biases, group_size=group_size, bits=bits)
+    logits = (rows.astype(mx.float32) @ h.astype(mx.float32)[:, None, :, None]).flatten(1)
+    if softcap is not None:
+        logits = mx.tanh(logits / softcap) * softcap
+    slots = (probes[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)).flatten(1)
+    tokens = order[slots]
+    logits = mx.where(tokens >= 0, logits, -mx.inf)
+    keys = mx.where(tokens >= 0, order_key(logits), 0)
+    best = mx.where(keys == keys.max(axis=-1, keepdims=True), tokens, mx.iinfo(mx.int32).max)
+    return best.min(axis=-1), logits
+
+
+def _cluster_argmax_metal(h, probes, weight, scales, biases, order, cluster_size, group_size,
+                          bits, softcap):
+    B, n_probes = probes.shape
+    if scales is None:
+        scales = biases = placeholder(weight.dtype)
+    kernel = metal_kernel(
+        "cluster_argmax",
+        ["h", "probes", "w", "scales", "biases", "order", "cluster_size", "softcap"],
+    )
+    n_groups = -(-n_probes // PROBES_PER_THREADGROUP)
+    n_logits = B * n_probes * cluster_size
+    out = kernel(
+        inputs=[h, probes, weight, scales, biases, order, cluster_size, float(softcap or 0.0)],
+        template=[("BITS", bits or 0), ("GS", group_size if bits else 0)],
+        grid=(n_groups * THREADGROUP, B, 1),
+        threadgroup=(THREADGROUP, 1, 1),
+        output_shapes=[(n_logits + B + 2 * B * n_groups + B,)],
+        output_dtypes=[mx.uint32],
+        init_value=0,
+    )[0]
+    logits = out[:n_logits].view(mx.float32).reshape(B, -1)
+    return out[n_logits : n_logits + B].view(mx.int32), logits

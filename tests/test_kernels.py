@@ -1,0 +1,380 @@
+"""The FlashHead Metal kernels, run through the CPU emulator, against float64 references and
+against the pure-MLX path of the same functions."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import make_clusters
+from flashhead_mlx.kernels import centroid_topk, cluster_argmax
+from flashhead_mlx.kernels._common import order_key
+from flashhead_mlx.testing.metal_emulator import emulate
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+QUANTIZED = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
+FORMATS = [(None, None)] + QUANTIZED
+
+
+def both_paths(fn, *args, shuffle=False, seed=0, **kwargs):
+    """fn's results through the Metal kernel (emulated) and through the pure-MLX path."""
+    with emulate(shuffle=shuffle, seed=seed):
+        metal = [np.array(a) for a in fn(*args, **kwargs)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHHEAD_KERNELS", "mlx")
+        reference = [np.array(a) for a in fn(*args, **kwargs)]
+    return metal, reference
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's affine packing: value i of a uint32 in bits [bits * i, bits * (i + 1))."""
+    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
+    q = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    return q.reshape(*packed.shape[:-1], -1).astype(np.float64)
+
+
+def as64(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def rows64(weight, scales, biases, group_size, bits):
+    """The exact rows (float64), and the rows of magnitudes that bound float32 rounding."""
+    if bits is None:
+        w = as64(weight)
+        return w, np.abs(w)
+    q = unpack(np.array(weight), bits)
+    s, b = (np.repeat(as64(a), group_size, axis=-1) for a in (scales, biases))
+    return s * q + b, np.abs(s) * q + np.abs(b)
+
+
+def store(rows: np.ndarray, dtype, bits, group_size):
+    """rows as the kernels take them: float in dtype, or quantized with scales in dtype."""
+    rows = mx.array(rows.astype(np.float32)).astype(dtype)
+    if bits is None:
+        return rows, None, None
+    return mx.quantize(rows, group_size=group_size, bits=bits)
+
+
+def test_unpack_matches_mlx_dequantize():
+    w = mx.random.normal((8, 128), key=mx.random.key(0))
+    for bits in (2, 4, 8):
+        packed, s, b = mx.quantize(w, group_size=32, bits=bits)
+        np.testing.assert_allclose(rows64(packed, s, b, 32, bits)[0],
+                                   np.array(mx.dequantize(packed, s, b, group_size=32, bits=bits)),
+                                   rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# centroid_topk
+
+
+def check_topk(ids, scores, exact, bound, n_probes):
+    """ids [B, P] ascending; every cluster clearly above the P-th best is in, every one
+    clearly below is out (closer ones may go either way by float32 rounding); scores agree."""
+    tol = 1e-5 * bound + 1e-5
+    for row in range(exact.shape[0]):
+        assert (np.diff(ids[row].astype(np.int64)) > 0).all()
+        ranking = np.lexsort((np.arange(exact.shape[1]), -exact[row]))
+        kth = exact[row, ranking[n_probes - 1]]
+        chosen = np.zeros(exact.shape[1], bool)
+        chosen[ids[row]] = True
+        assert chosen[exact[row] > kth + 2 * tol[row]].all()
+        assert not chosen[exact[row] < kth - 2 * tol[row]].any()
+        np.testing.assert_allclose(scores[row], exact[row, ids[row]], rtol=0,
+                                   atol=tol[row, ids[row]].max())
+
+
+def centroid_case(seed, B, d, n_clusters, dtype, bits, group_size):
+    rng = np.random.default_rng(seed)
+    h = mx.array(rng.normal(size=(B, d)).astype(np.float32)).astype(dtype)
+    rows = rng.normal(size=(n_clusters, d)) * 0.3
+    centroids, scales, biases = store(rows, dtype, bits, group_size)
+    cluster_bias = mx.array(rng.normal(size=n_clusters).astype(np.float32)).astype(dtype)
+    return h, centroids, scales, biases, cluster_bias
+
+
+# (B, d, n_clusters, n_probes): n_probes mostly not a multiple of 32, and all clusters once.
+TOPK_SHAPES = [(1, 64, 130, 7), (3, 576, 200, 37), (8, 640, 97, 33), (5, 640, 64, 64),
+               (2, 64, 300, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+def test_centroid_topk_matches_reference(dtype, bits, group_size):
+    k = FORMATS.index((bits, group_size)) + 7 * DTYPES.index(dtype)
+    shapes = [s for s in TOPK_SHAPES if group_size is None or s[1] % group_size == 0]
+    B, d, n_clusters, n_probes = shapes[k % len(shapes)]
+    h, centroids, scales, biases, cluster_bias = centroid_case(k, B, d, n_clusters, dtype, bits,
+                                                               group_size)
+    args = (h, centroids, scales, biases, cluster_bias, n_probes, group_size or 64, bits)
+    metal, reference = both_paths(centroid_topk, *args)
+    rows, magnitude = rows64(centroids, scales, biases, group_size, bits)
+    exact = as64(h) @ rows.T + as64(cluster_bias)
+    bound = np.abs(as64(h)) @ magnitude.T + np.abs(as64(cluster_bias))
+    for ids, scores in (metal, reference):
+        assert ids.shape == (B, n_probes) and ids.dtype == np.uint32
+        check_topk(ids, scores, exact, bound, n_probes)
+
+
+def exact_centroid_case(dtype, bits, group_size, B=3, d=128, n_clusters=90):
+    """Integer data, so that every path computes the same scores exactly, with many ties."""
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 1 << bits, size=(n_clusters // 3, d)).astype(np.uint32)
+    q = np.repeat(q, 3, axis=0)[rng.permutation(n_clusters)]  # each row three times
+    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
+    packed = (q.reshape(n_clusters, -1, 32 // bits) << shifts).sum(-1, dtype=np.uint32)
+    scales = mx.ones((n_clusters, d // group_size), dtype=dtype)
+    biases = mx.full((n_clusters, d // group_size), -(1 << (bits - 1)), dtype=dtype)
+    # Few nonzero entries in h: few distinct scores, so long runs of ties at the cut.
+    h = rng.integers(-2, 3, size=(B, d)) * (rng.random((B, d)) < 0.05)
+    h = mx.array(h.astype(np.float32)).astype(dtype)
+    cluster_bias = mx.array(rng.integers(-1, 2, size=n_clusters).astype(np.float32)).astype(dtype)
+    exact = as64(h) @ (q.astype(np.float64) - (1 << (bits - 1))).T + as64(cluster_bias)
+    return (h, mx.array(packed), scales, biases, cluster_bias), exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_centroid_topk_breaks_ties_by_lowest_cluster_id(dtype, bits):
+    inputs, exact = exact_centroid_case(dtype, bits, 32)
+    n_probes = 29
+    metal, reference = both_paths(centroid_topk, *inputs, n_probes, 32, bits)
+    for row in range(exact.shape[0]):
+        best = np.sort(np.lexsort((np.arange(exact.shape[1]), -exact[row]))[:n_probes])
+        np.testing.assert_array_equal(metal[0][row], best)
+        np.testing.assert_array_equal(metal[1][row], exact[row, best])
+    for a, b in zip(metal, reference):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_probes", [1, 37, 300])
+def test_centroid_topk_when_every_score_is_equal(n_probes):
+    h, centroids, scales, biases, _ = centroid_case(5, 2, 64, 300, mx.float32, 4, 64)
+    args = (h * 0, centroids, scales, biases, mx.zeros((300,)), n_probes, 64, 4)
+    metal, reference = both_paths(centroid_topk, *args)
+    for ids, scores in (metal, reference):
+        np.testing.assert_array_equal(ids, np.tile(np.arange(n_probes), (2, 1)))
+        np.testing.assert_array_equal(scores, 0)
+
+
+def test_centroid_topk_is_the_same_in_any_thread_order():
+    h, centroids, scales, biases, cluster_bias = centroid_case(0, 4, 64, 150, mx.bfloat16, 4, 64)
+    args = (h, centroids, scales, biases, cluster_bias, 21, 64, 4)
+    ordered, _ = both_paths(centroid_topk, *args)
+    for seed in range(2):
+        shuffled, _ = both_paths(centroid_topk, *args, shuffle=True, seed=seed)
+        for a, b in zip(ordered, shuffled):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster_argmax
+
+
+def head_case(seed, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size,
+              h_dtype=None):
+    """A random head in cluster order (padding slots copy row 0, as FlashHead stores them)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(vocab_size, d)).astype(np.float32) * 0.3
+    order = make_clusters(weight, cluster_size, seed)["order"]
+    n_clusters = order.size // cluster_size
+    rows = weight[np.maximum(order, 0)]
+    stored = store(rows, dtype, bits, group_size)
+    h = mx.array(rng.normal(size=(B, d)).astype(np.float32)).astype(h_dtype or dtype)
+    probes = np.stack([rng.choice(n_clusters, n_probes, replace=False) for _ in range(B)])
+    return h, mx.array(probes.astype(np.uint32)), *stored, mx.array(order)
+
+
+def reference_logits(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
+                     softcap):
+    """Exact logits (float64, -inf at padding), their rounding bounds, and the slots' tokens."""
+    slots = np.array(probes)[..., None] * cluster_size + np.arange(cluster_size)
+    slots = slots.reshape(len(probes), -1)
+    taken = [None if a is None else mx.take(a, mx.array(slots.ravel()), axis=0)
+             for a in (weight, scales, biases)]
+    rows, magnitude = (a.reshape(*slots.shape, -1) for a in rows64(*taken, group_size, bits))
+    x = as64(h)
+    logits = np.einsum("bd,bkd->bk", x, rows)
+    bound = np.einsum("bd,bkd->bk", np.abs(x), magnitude)
+    if softcap:
+        logits = np.tanh(logits / softcap) * softcap
+    tokens = np.array(order)[slots]
+    return np.where(tokens >= 0, logits, -np.inf), bound, tokens
+
+
+def check_argmax(token, logits, exact, bound, tokens):
+    tol = 1e-5 * bound + 1e-5
+    assert logits.dtype == np.float32 and token.dtype == np.int32
+    np.testing.assert_array_equal(np.isinf(logits), np.isinf(exact))
+    finite = np.isfinite(exact)
+    assert (np.abs(logits[finite] - exact[finite]) <= tol[finite]).all()
+    for row in range(len(token)):
+        best = exact[row].max()
+        near = tokens[row][finite[row] & (exact[row] >= best - 2 * tol[row])]
+        assert token[row] in near
+        if near.size == 1:
+            assert token[row] == near[0]
+        # Exactly the argmax of its own logits, ties to the lowest token id.
+        keys = np.where(finite[row], np.array(order_key(mx.array(logits[row]))), 0)
+        assert token[row] == tokens[row][keys == keys.max()].min()
+
+
+# (B, d, vocab_size, cluster_size, n_probes): vocabularies with padding, n_probes not a
+# multiple of 8 or 32 (one threadgroup scores 8 probes).
+ARGMAX_SHAPES = [(1, 64, 1000, 16, 5), (4, 576, 700, 32, 13), (8, 640, 1500, 16, 37),
+                 (2, 640, 900, 32, 21), (6, 64, 2000, 16, 40), (3, 576, 600, 16, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+def test_cluster_argmax_matches_reference(dtype, bits, group_size):
+    k = FORMATS.index((bits, group_size)) + 7 * DTYPES.index(dtype)
+    shapes = [s for s in ARGMAX_SHAPES if group_size is None or s[1] % group_size == 0]
+    B, d, vocab_size, cluster_size, n_probes = shapes[k % len(shapes)]
+    softcap = 30.0 if k % 2 else None
+    case = head_case(k, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
+    args = (*case, cluster_size, group_size, bits, softcap)
+    metal, reference = both_paths(cluster_argmax, *args)
+    exact, bound, tokens = reference_logits(*args)
+    for token, logits in (metal, reference):
+        assert token.shape == (B,) and logits.shape == (B, n_probes * cluster_size)
+        check_argmax(token, logits, exact, bound, tokens)
+
+
+@pytest.mark.parametrize("h_dtype,dtype", [(mx.float32, mx.bfloat16), (mx.bfloat16, mx.float32),
+                                           (mx.float16, mx.float32)], ids=str)
+def test_cluster_argmax_mixed_precision(h_dtype, dtype):
+    case = head_case(1, 3, 64, 500, 16, 9, dtype, None, None, h_dtype=h_dtype)
+    args = (*case, 16, None, None, None)
+    metal, reference = both_paths(cluster_argmax, *args)
+    exact, bound, tokens = reference_logits(*args)
+    for token, logits in (metal, reference):
+        check_argmax(token, logits, exact, bound, tokens)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cluster_argmax_ties_go_to_the_lowest_token_and_never_to_padding(dtype, bits):
+    """Integer rows, so that logits are exact; the best row appears at several tokens and at
+    the padding slots (which copy row 0, the best row)."""
+    rng = np.random.default_rng(0)
+    d, s, vocab_size = 64, 16, 150
+    weight = rng.integers(0, 16, size=(vocab_size, d)).astype(np.float32) - 8
+    h = rng.integers(-2, 3, size=(2, d)).astype(np.float32)
+    best_row = np.where(h[0] > 0, 7, -8).astype(np.float32)
+    twins = [0, 37, 101, 149]
+    weight[twins] = best_row
+    order = make_clusters(weight, s, 3)["order"]
+    rows = weight[np.maximum(order, 0)]
+    n_clusters = order.size // s
+    assert (order < 0).any()
+    slots = np.argsort(order)[order.size - vocab_size :]  # the slot of each token
+    first = np.concatenate([np.unique(slots[twins] // s), np.nonzero(order < 0)[0][:2] // s])
+    probes = np.stack([
+        np.concatenate([first, np.setdiff1d(rng.permutation(n_clusters), first)])[:9],
+        rng.permutation(n_clusters)[:9],
+    ])
+    if bits is None:
+        stored = (mx.array(rows).astype(dtype), None, None)
+    else:
+        shifts = np.arange(8, dtype=np.uint32) * 4
+        packed = (rows + 8).astype(np.uint32).reshape(len(rows), -1, 8) << shifts
+        packed = packed.sum(-1, dtype=np.uint32)
+        scales = mx.ones((len(rows), d // 32), dtype=dtype)
+        stored = (mx.array(packed), scales, mx.full(scales.shape, -8, dtype=dtype))
+    args = (mx.array(h).astype(dtype), mx.array(probes.astype(np.uint32)), *stored,
+            mx.array(order), s, 32 if bits else None, bits, None)
+    metal, reference = both_paths(cluster_argmax, *args)
+    exact, _, tokens = reference_logits(*args)
+    for row in range(2):
+        candidates = tokens[row][exact[row] == exact[row].max()]
+        assert (candidates >= 0).all()
+        assert metal[0][row] == candidates.min()
+    assert metal[0][0] == min(t for t in twins if np.isin(t, tokens[0]))
+    for a, b in zip(metal, reference):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cluster_argmax_is_the_same_in_any_thread_order():
+    case = head_case(2, 3, 64, 900, 16, 19, mx.float16, 8, 64)
+    args = (*case, 16, 64, 8, 30.0)
+    ordered, _ = both_paths(cluster_argmax, *args)
+    for seed in range(2):
+        shuffled, _ = both_paths(cluster_argmax, *args, shuffle=True, seed=seed)
+        for a, b in zip(ordered, shuffled):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def test_kernels_choose_their_path(monkeypatch):
+    case = head_case(3, 2, 64, 300, 16, 3, mx.float32, None, None)
+    args = (*case, 16, None, None, None)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Metal kernel was made")
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", no_kernel)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setenv("FLASHHEAD_KERNELS", "mlx")
+    cluster_argmax(*args)
+    monkeypatch.setenv("FLASHHEAD_KERNELS", "metal")
+    with pytest.raises(AssertionError, match="was made"):
+        cluster_argmax(*args)
+    # Formats the kernels do not cover (3-bit rows) take the pure-MLX path.
+    rows, scales, biases = mx.quantize(case[2], group_size=32, bits=3)
+    cluster_argmax(case[0], case[1], rows, scales, biases, case[5], 16, 32, 3)
+    monkeypatch.setenv("FLASHHEAD_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="FLASHHEAD_KERNELS"):
+        cluster_argmax(*args)
+
+
+def test_leading_dimensions_are_kept():
+    h, centroids, scales, biases, cluster_bias = centroid_case(4, 6, 64, 40, mx.float32, 4, 32)
+    with emulate():
+        args = (centroids, scales, biases, cluster_bias, 5, 32, 4)
+        ids, scores = centroid_topk(h.reshape(2, 3, 64), *args)
+        flat_ids, _ = centroid_topk(h, *args)
+    assert ids.shape == scores.shape == (2, 3, 5)
+    np.testing.assert_array_equal(np.array(ids).reshape(6, 5), np.array(flat_ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real hidden states and heads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
+def test_kernels_on_real_hidden_states_and_heads(model_name, request):
+    from mlx_lm import load
+
+    model, tokenizer = load(str(request.getfixturevalue(f"{model_name}_dir")))
+    tokens = tokenizer.encode("It is a truth universally acknowledged, that a single man in")
+    hidden = model.model(mx.array(tokens)[None])[0, -3:]
+    weight = model.model.embed_tokens.weight
+    clusters = make_clusters(np.array(weight), 16)
+    order = clusters["order"]
+    n_clusters = order.size // 16
+    n_probes = n_clusters // 16 + 3
+
+    centroids, scales, biases = mx.quantize(mx.array(clusters["centroids"]), group_size=64, bits=4)
+    cluster_bias = mx.array(clusters["cluster_bias"])
+    stage1 = (hidden, centroids, scales, biases, cluster_bias, n_probes, 64, 4)
+    metal, reference = both_paths(centroid_topk, *stage1)
+    rows, magnitude = rows64(centroids, scales, biases, 64, 4)
+    exact = as64(hidden) @ rows.T + as64(cluster_bias)
+    bound = np.abs(as64(hidden)) @ magnitude.T
+    for ids, scores in (metal, reference):
+        check_topk(ids, scores, exact, bound, n_probes)
+
+    probes = mx.array(metal[0])
+    head = mx.take(weight, mx.array(np.maximum(order, 0)), axis=0)
+    for bits in (None, 4):
+        stored = (head, None, None) if bits is None else mx.quantize(head, group_size=64, bits=bits)
+        args = (hidden, probes, *stored, mx.array(order), 16, 64 if bits else None, bits, None)
+        metal2, reference2 = both_paths(cluster_argmax, *args)
+        exact2, bound2, tokens2 = reference_logits(*args)
+        for token, logits in (metal2, reference2):
+            check_argmax(token, logits, exact2, bound2, tokens2)
+        np.testing.assert_array_equal(metal2[0], reference2[0])
