@@ -2,15 +2,10 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
-from flashhead_mlx.blas import reexec_with_openblas
-
-reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
-
-import mlx.core as mx  # noqa: E402
-import pytest  # noqa: E402
+import mlx.core as mx
+import pytest
 
 AUSTEN_DIR = Path(__file__).resolve().parents[1] / "flashhead_mlx" / "data"
 SHARED_AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"

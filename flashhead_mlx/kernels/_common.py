@@ -1,6 +1,7 @@
 """Helpers that the kernels share: loading their sources, choosing the path, and the ranking
 key both paths use."""
 
+import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -8,7 +9,8 @@ from typing import Sequence, Tuple
 
 import mlx.core as mx
 
-METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+# metal/ at the top of the repository, installed as the package ``flashhead_mlx.metal``.
+METAL_DIR = Path(importlib.util.find_spec("flashhead_mlx.metal").submodule_search_locations[0])
 BODY = "// ---- kernel body ----"
 THREADGROUP = 256
 

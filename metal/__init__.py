@@ -1,0 +1,1 @@
+"""The Metal kernel sources, installed as ``flashhead_mlx.metal``."""
