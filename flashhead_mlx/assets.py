@@ -77,7 +77,9 @@ def make_assets(
         assets["centroids"] = centroids
     else:
         if centroid_bits not in CENTROID_BITS:
-            raise ValueError(f"centroid_bits must be one of {CENTROID_BITS} or None, got {centroid_bits}")
+            raise ValueError(
+                f"centroid_bits must be one of {CENTROID_BITS} or None, got {centroid_bits}"
+            )
         if centroid_group_size not in (32, 64, 128) or dims % centroid_group_size:
             raise ValueError(
                 f"centroid_group_size must be 32, 64 or 128 and divide the hidden size {dims}, "
@@ -155,8 +157,16 @@ def load_assets(folder, model: nn.Module) -> dict:
             f"{folder}: FlashHead format_version {section.get('format_version')!r} is not "
             f"supported (this version reads {FORMAT_VERSION}); re-run the conversion"
         )
-    required = ("vocab_size", "hidden_size", "n_clusters", "cluster_size", "n_probes",
-                "centroid_bits", "centroid_group_size", "head_fingerprint")
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "n_clusters",
+        "cluster_size",
+        "n_probes",
+        "centroid_bits",
+        "centroid_group_size",
+        "head_fingerprint",
+    )
     missing = [key for key in required if key not in section]
     if missing:
         raise ValueError(f"{folder}: the flashhead section of config.json lacks {missing}")

@@ -44,14 +44,35 @@ def _deferred_acceptance(
     return labels
 
 
-def balanced_assign(
-    scores: np.ndarray, candidates: np.ndarray, capacity: np.ndarray, n_rounds: int = 64
-) -> np.ndarray:
-    """Assign each point to one of its candidate clusters, filling each exactly to ``capacity``.
+def _best_two(scores: np.ndarray, candidates: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's best priced candidate and its margin over the second best."""
+    value = scores - prices[candidates]
+    rows = np.arange(value.shape[0])
+    best = np.argmax(value, axis=1)
+    top = value[rows, best]
+    value[rows, best] = -np.inf
+    return candidates[rows, best], top - value.max(axis=1)
 
-    Auction rounds raise the price of over-demanded clusters until almost every point's best
-    priced candidate has room; the few points still in conflict are settled by deferred
-    acceptance. Points that fit in none of their candidates get -1.
+
+def _keep_most_attached(cluster: np.ndarray, margin: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Mask of the claimants each cluster keeps: up to its capacity, largest margin first."""
+    order = np.lexsort((-margin, cluster))
+    sorted_cluster = cluster[order]
+    rank = np.arange(cluster.size) - np.searchsorted(sorted_cluster, sorted_cluster, side="left")
+    keep = np.zeros(cluster.size, dtype=bool)
+    keep[order[rank < capacity[sorted_cluster]]] = True
+    return keep
+
+
+def balanced_assign(
+    scores: np.ndarray, candidates: np.ndarray, capacity: np.ndarray, n_rounds: int = 8
+) -> np.ndarray:
+    """Assign each point to one of its candidate clusters, filling each at most to ``capacity``.
+
+    Auction rounds raise the price of each over-demanded cluster until its extra claimants
+    prefer another candidate (only those claimants are re-scored, since prices only rise);
+    the few points still in conflict are settled by deferred acceptance. Points that fit in
+    none of their candidates get -1.
 
     Args:
         scores: ``[n, K]`` affinity of each point to each of its candidates (higher is better).
@@ -59,42 +80,33 @@ def balanced_assign(
         capacity: ``[n_clusters]`` how many points each cluster takes.
         n_rounds: auction rounds before the conflicts are settled.
     """
-    n, n_candidates = scores.shape
-    rows = np.arange(n)
     prices = np.zeros(capacity.size, dtype=scores.dtype)
-    for _ in range(n_rounds):
-        value = scores - prices[candidates]
-        top2 = np.argpartition(-value, 1, axis=1)[:, :2] if n_candidates > 1 else np.zeros((n, 2), int)
-        v1, v2 = value[rows, top2[:, 0]], value[rows, top2[:, 1]]
-        swap = v2 > v1
-        best = np.where(swap, top2[:, 1], top2[:, 0])
-        margin = np.abs(v1 - v2) if n_candidates > 1 else np.full(n, np.inf, scores.dtype)
-        cluster = candidates[rows, best]
-        load = np.bincount(cluster, minlength=capacity.size)
-        if np.all(load <= capacity):
+    cluster, margin = _best_two(scores, candidates, prices)
+    for _ in range(n_rounds if scores.shape[1] > 1 else 0):
+        over = np.bincount(cluster, minlength=capacity.size) > capacity
+        if not over.any():
             break
-        # Raise each over-demanded cluster's price by the margin of its first excess claimant.
-        order = np.lexsort((-margin, cluster))
-        sorted_cluster = cluster[order]
-        rank = np.arange(n) - np.searchsorted(sorted_cluster, sorted_cluster, side="left")
+        claim = np.flatnonzero(over[cluster])
+        order = np.lexsort((-margin[claim], cluster[claim]))
+        sorted_cluster = cluster[claim][order]
+        rank = np.arange(claim.size) - np.searchsorted(sorted_cluster, sorted_cluster, side="left")
         first_out = rank == capacity[sorted_cluster]
-        raise_by = margin[order[first_out]]
-        prices[sorted_cluster[first_out]] += np.minimum(raise_by, 1e30) + 1e-6 * (np.abs(raise_by) + 1e-6)
-    value = scores - prices[candidates]
-    pref = np.argsort(-value, axis=1, kind="stable")
-    value = np.take_along_axis(value, pref, axis=1)
-    candidates = np.take_along_axis(candidates, pref, axis=1)
-    # Claimants of clusters with room, and the most attached claimants of full ones, stay.
-    cluster = candidates[:, 0]
-    order = np.lexsort((-(value[:, 0] - value[:, 1]) if n_candidates > 1 else np.zeros(n), cluster))
-    sorted_cluster = cluster[order]
-    rank = np.arange(n) - np.searchsorted(sorted_cluster, sorted_cluster, side="left")
-    stay = np.zeros(n, dtype=bool)
-    stay[order[rank < capacity[sorted_cluster]]] = True
+        # The raise leaves the first excess claimant indifferent; the tie goes elsewhere.
+        raise_by = margin[claim[order[first_out]]]
+        prices[sorted_cluster[first_out]] += raise_by + 1e-6 * np.abs(raise_by) + 1e-12
+        cluster[claim], margin[claim] = _best_two(scores[claim], candidates[claim], prices)
+    stay = _keep_most_attached(cluster, margin, capacity)
     labels = np.where(stay, cluster, -1)
-    room = capacity - np.bincount(cluster[stay], minlength=capacity.size)
     moved = np.flatnonzero(~stay)
-    labels[moved] = _deferred_acceptance(value[moved], candidates[moved], room)
+    if moved.size:
+        value = scores[moved] - prices[candidates[moved]]
+        pref = np.argsort(-value, axis=1, kind="stable")
+        room = capacity - np.bincount(cluster[stay], minlength=capacity.size)
+        labels[moved] = _deferred_acceptance(
+            np.take_along_axis(value, pref, axis=1),
+            np.take_along_axis(candidates[moved], pref, axis=1),
+            room,
+        )
     return labels
 
 
@@ -107,34 +119,37 @@ def _centroids(x: mx.array, labels: np.ndarray, n_clusters: int) -> mx.array:
 
 
 def _top_candidates(scores: mx.array, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n_candidates`` best columns of each row of ``scores`` and their values."""
-    if n_candidates >= scores.shape[-1]:
-        idx = mx.broadcast_to(mx.arange(scores.shape[-1]), scores.shape)
+    """The values and column indices of the ``n_candidates`` best columns of each row."""
+    scores = np.array(scores)
+    if n_candidates < scores.shape[-1]:
+        idx = np.argpartition(-scores, n_candidates - 1, axis=-1)[..., :n_candidates]
     else:
-        idx = mx.argpartition(-scores, n_candidates - 1, axis=-1)[..., :n_candidates]
-    vals = mx.take_along_axis(scores, idx, axis=-1)
-    return np.array(vals), np.array(idx).astype(np.int64)
+        idx = np.broadcast_to(np.arange(scores.shape[-1]), scores.shape)
+    return np.take_along_axis(scores, idx, axis=-1), idx
 
 
-def _assign_with_fallback(
+def _assign(
     x: mx.array,
+    rows: np.ndarray,
     centroids: mx.array,
     scores: np.ndarray,
     candidates: np.ndarray,
     capacity: np.ndarray,
+    n_candidates: int,
 ) -> np.ndarray:
-    """``balanced_assign``, then place points rejected by all candidates in the free slots."""
+    """``balanced_assign`` of the points ``x[rows]``, then the points rejected by all their
+    candidates go to the nearest clusters that still have room, until every point is placed."""
     labels = balanced_assign(scores, candidates, capacity)
     lost = np.flatnonzero(labels < 0)
-    if lost.size:
+    while lost.size:
         room = capacity - np.bincount(labels[labels >= 0], minlength=capacity.size)
         open_clusters = np.flatnonzero(room > 0)
         c = centroids[mx.array(open_clusters.astype(np.int32))]
-        s = x[mx.array(lost.astype(np.int32))] @ c.T - 0.5 * (c * c).sum(-1)
-        s = np.array(s)
-        labels[lost] = open_clusters[
-            balanced_assign(s, np.broadcast_to(np.arange(open_clusters.size), s.shape), room[open_clusters])
-        ]
+        s = x[mx.array(rows[lost].astype(np.int32))] @ c.T - 0.5 * (c * c).sum(-1)
+        vals, idx = _top_candidates(s, n_candidates)
+        placed = balanced_assign(vals, idx, room[open_clusters])
+        labels[lost[placed >= 0]] = open_clusters[placed[placed >= 0]]
+        lost = lost[placed < 0]
     return labels
 
 
@@ -145,12 +160,14 @@ def _kmeans_in_groups(
     capacity: np.ndarray,
     n_iters: int,
     rng: np.random.Generator,
+    bar: tqdm,
     n_candidates: int = 16,
 ) -> np.ndarray:
     """Balanced k-means run independently inside each group of points.
 
     Group ``j`` holds the points with ``group == j`` and owns the clusters
     ``leaf_start[j] .. leaf_start[j + 1] - 1``, whose sizes are given by ``capacity``.
+    Each iteration scores every point against its group's centroids in one batched matmul.
     Returns the cluster of every point.
     """
     n_groups = leaf_start.size - 1
@@ -158,31 +175,36 @@ def _kmeans_in_groups(
     members = np.argsort(group, kind="stable")
     sizes = np.bincount(group, minlength=n_groups)
     width, n_local = int(sizes.max()), int(n_leaves.max())
-    slot = np.arange(width)
-    real = slot < sizes[:, None]
+    real = np.arange(width) < sizes[:, None]
     # [n_groups, width] rows of x, padded with a zero row.
     index = np.full((n_groups, width), x.shape[0])
     index[real] = members
     x_pad = mx.concatenate([x, mx.zeros((1, x.shape[1]), dtype=x.dtype)])
     grouped = x_pad[mx.array(index.astype(np.int32))]
-    # [n_groups, n_local] cluster ids, padded with a dummy cluster that never wins.
+    # [n_groups, n_local] cluster ids, padded with a dummy cluster with no room.
     local_valid = np.arange(n_local) < n_leaves[:, None]
     leaf_index = np.where(local_valid, leaf_start[:-1, None] + np.arange(n_local), capacity.size)
-    leaf_index = mx.array(leaf_index.astype(np.int32))
-    x_members = x[mx.array(members.astype(np.int32))]
 
     # Initial centroids: distinct random members of each group.
     picks = np.argsort(rng.random((n_groups, width)) + ~real, axis=1)[:, :n_local]
-    centroids = x[mx.array(index[np.arange(n_groups)[:, None], picks][local_valid].astype(np.int32))]
+    centroids = x[mx.array(np.take_along_axis(index, picks, axis=1)[local_valid].astype(np.int32))]
+    labels = np.full(x.shape[0], -1)
     for _ in range(n_iters):
         c_pad = mx.concatenate([centroids, mx.zeros((1, x.shape[1]), dtype=x.dtype)])
-        bias = mx.concatenate([-0.5 * (centroids * centroids).sum(-1), mx.array([-mx.inf])])
-        scores = grouped @ c_pad[leaf_index].transpose(0, 2, 1) + bias[leaf_index][:, None, :]
+        bias = mx.concatenate([-0.5 * (centroids * centroids).sum(-1), mx.array([-1e30])])
+        leaf = mx.array(leaf_index.astype(np.int32))
+        scores = grouped @ c_pad[leaf].transpose(0, 2, 1) + bias[leaf][:, None, :]
         vals, local = _top_candidates(scores, min(n_candidates, n_local))
-        cand = np.take_along_axis(np.array(leaf_index)[:, None, :], local, axis=2)
-        labels = np.empty(members.size, dtype=np.int64)
-        labels[members] = _assign_with_fallback(x_members, centroids, vals[real], cand[real], capacity)
+        candidates = np.take_along_axis(leaf_index[:, None, :], local, axis=2)
+        previous, labels = labels, np.empty_like(labels)
+        labels[members] = _assign(
+            x, members, centroids, vals[real], candidates[real], np.append(capacity, 0), n_candidates
+        )
         centroids = _centroids(x, labels, capacity.size)
+        bar.update()
+        if np.array_equal(labels, previous):
+            bar.update(n_iters - 1 - _)
+            break
     return labels
 
 
@@ -199,13 +221,11 @@ def data_aware_rows(weight: mx.array, hidden_states: mx.array) -> mx.array:
     return weight @ mx.array(root.astype(np.float32))
 
 
-def balanced_clusters(
-    x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8
-) -> np.ndarray:
-    """Cluster of every row of ``x`` ``[V, d]``: exactly ``cluster_size`` rows per cluster.
-
-    The last cluster is short by ``n_clusters * cluster_size - V`` rows (its padding slots).
-    """
+def balanced_clusters(x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8) -> np.ndarray:
+    """Cluster id of every row of ``x`` ``[V, d]``, with exactly ``cluster_size`` rows per
+    cluster except the last, which is short by its ``n_clusters * cluster_size - V`` padding
+    slots. Two levels of balanced k-means: about ``sqrt(n_clusters)`` groups, then each
+    group's clusters (``n_iters`` iterations each)."""
     vocab_size = x.shape[0]
     n_clusters = math.ceil(vocab_size / cluster_size)
     capacity = np.full(n_clusters, cluster_size)
@@ -214,11 +234,120 @@ def balanced_clusters(
     n_groups = max(1, round(math.sqrt(n_clusters)))
     leaf_start = np.arange(n_groups + 1) * n_clusters // n_groups
     group_capacity = np.add.reduceat(capacity, leaf_start[:-1])
-    with tqdm(total=2, desc="Clustering head") as bar:
-        group = _kmeans_in_groups(
-            x, np.zeros(vocab_size, dtype=np.int64), np.array([0, n_groups]), group_capacity, n_iters, rng
+    with tqdm(total=2 * n_iters, desc="Clustering head") as bar:
+        top = np.array([0, n_groups])
+        group = _kmeans_in_groups(x, np.zeros(vocab_size, dtype=np.int64), top, group_capacity, n_iters, rng, bar)
+        return _kmeans_in_groups(x, group, leaf_start, capacity, n_iters, rng, bar)
+
+
+def slot_order(labels: np.ndarray, cluster_size: int) -> np.ndarray:
+    """Token id of every slot ``[n_clusters * cluster_size]`` (cluster k owns slots
+    ``k * cluster_size .. (k + 1) * cluster_size - 1``); padding slots, at the end, are -1."""
+    n_slots = math.ceil(labels.size / cluster_size) * cluster_size
+    order = np.full(n_slots, -1, dtype=np.int32)
+    order[: labels.size] = np.argsort(labels, kind="stable")
+    return order
+
+
+def cluster_rows(weight: mx.array, order: np.ndarray) -> mx.array:
+    """The head's rows in slot order ``[n_slots, d]``, zero rows in the padding slots."""
+    padded = mx.concatenate([weight, mx.zeros((1, weight.shape[1]), dtype=weight.dtype)])
+    return padded[mx.array(np.where(order >= 0, order, weight.shape[0]).astype(np.int32))]
+
+
+def mean_rows(weight: mx.array, order: np.ndarray, cluster_size: int) -> mx.array:
+    """Mean ``[n_clusters, d]`` of each cluster's raw rows (padding slots excluded)."""
+    rows = cluster_rows(weight, order).reshape(-1, cluster_size, weight.shape[1])
+    counts = mx.array((order >= 0).reshape(-1, cluster_size).sum(axis=1).astype(np.float32))
+    return rows.sum(axis=1) / counts[:, None]
+
+
+def fit_probes(
+    weight: mx.array,
+    order: np.ndarray,
+    cluster_size: int,
+    hidden_states: mx.array,
+    ridge: float = 1e-3,
+    chunk_size: int = 256,
+) -> tuple[mx.array, mx.array]:
+    """Probe vectors ``[n_clusters, d]`` and biases ``[n_clusters]`` whose score
+    ``h @ probe + bias`` is the least-squares estimate of the cluster's largest logit.
+
+    The fit runs over the calibration ``hidden_states``; it shares one Gram matrix across all
+    clusters, so it costs one pass of dense logits. ``ridge`` (relative to the mean eigenvalue
+    of the Gram matrix) pulls each probe toward the mean of its cluster's rows.
+    """
+    n_clusters = order.size // cluster_size
+    rows = cluster_rows(weight, order)
+    padding = mx.array(np.where(order >= 0, 0.0, -np.inf).astype(np.float32))
+    h = mx.concatenate([hidden_states.astype(mx.float32), mx.ones((hidden_states.shape[0], 1))], axis=1)
+    moments = mx.zeros((h.shape[1], n_clusters))
+    for i in tqdm(range(0, h.shape[0], chunk_size), desc="Fitting probes"):
+        logits = h[i : i + chunk_size, :-1] @ rows.T + padding
+        best = logits.reshape(-1, n_clusters, cluster_size).max(axis=-1)
+        moments = moments + h[i : i + chunk_size].T @ best
+        mx.eval(moments)
+    gram = np.array(h.T @ h, dtype=np.float64)
+    prior = np.concatenate([np.array(mean_rows(weight, order, cluster_size)).T, np.zeros((1, n_clusters))])
+    penalty = np.ones(gram.shape[0])
+    penalty[-1] = 0.0  # the bias is not pulled toward anything
+    penalty *= ridge * np.trace(gram) / gram.shape[0]
+    theta = np.linalg.solve(gram + np.diag(penalty), np.array(moments, dtype=np.float64) + penalty[:, None] * prior)
+    theta = mx.array(theta.astype(np.float32))
+    return theta[:-1].T, theta[-1]
+
+
+def cluster_head(
+    weight: mx.array,
+    cluster_size: int = 16,
+    hidden_states: mx.array | None = None,
+    seed: int = 0,
+    ridge: float = 1e-3,
+) -> dict:
+    """Cluster the head's rows and build the stage-1 probes of FlashHead.
+
+    Args:
+        weight: the head's rows ``[V, d]`` (float32).
+        cluster_size: tokens per cluster.
+        hidden_states: ``[N, d]`` calibration hidden states (``calibration_hidden_states``).
+            With them, rows are clustered in the data-aware metric and the probes are fitted
+            to estimate each cluster's largest logit; without them, rows are clustered as they
+            are and the probes are the clusters' mean rows with no bias.
+        seed: seed of the centroid initialisation (the result is deterministic for a seed).
+        ridge: regularisation of the probe fit (see ``fit_probes``).
+
+    Returns a dict of MLX arrays:
+        ``order``: int32 ``[n_clusters * cluster_size]`` token of each slot, cluster k owning
+        slots ``k * cluster_size .. (k + 1) * cluster_size - 1``; padding slots are -1.
+        ``centroids``: float32 ``[n_clusters, d]`` stage-1 probe vectors.
+        ``cluster_bias``: float32 ``[n_clusters]``; stage-1 score = h @ centroids.T + cluster_bias.
+        ``spherical_centroids``: float32 ``[n_clusters, d]`` unit-norm mean direction of each cluster.
+    """
+    if weight.ndim != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must be a [V, d] matrix of head rows, got shape {weight.shape}")
+    if cluster_size < 1:
+        raise ValueError(f"cluster_size must be a positive integer, got {cluster_size}")
+    if hidden_states is not None and (hidden_states.ndim != 2 or hidden_states.shape[1] != weight.shape[1]):
+        raise ValueError(
+            f"hidden_states must be [N, {weight.shape[1]}] to match the head, got {hidden_states.shape}"
         )
-        bar.update()
-        labels = _kmeans_in_groups(x, group, leaf_start, capacity, n_iters, rng)
-        bar.update()
-    return labels
+    weight = weight.astype(mx.float32)
+    x = weight if hidden_states is None else data_aware_rows(weight, hidden_states)
+    order = slot_order(balanced_clusters(x, cluster_size, seed), cluster_size)
+    means = mean_rows(weight, order, cluster_size)
+    if hidden_states is None:
+        centroids, bias = means, mx.zeros((means.shape[0],), dtype=mx.float32)
+    else:
+        centroids, bias = fit_probes(weight, order, cluster_size, hidden_states, ridge)
+    return {
+        "order": mx.array(order),
+        "centroids": centroids,
+        "cluster_bias": bias,
+        "spherical_centroids": means / mx.maximum(mx.linalg.norm(means, axis=1, keepdims=True), 1e-12),
+    }
+
+
+def default_n_probes(n_clusters: int, cluster_size: int, vocab_size: int) -> int:
+    """Probes that make about 10% of the vocabulary scored per token
+    (``n_clusters + n_probes * cluster_size`` rows), at least 1 and at most ``n_clusters``."""
+    return int(min(n_clusters, max(1, (vocab_size // 10 - n_clusters) // cluster_size)))

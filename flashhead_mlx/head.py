@@ -128,7 +128,7 @@ class FlashHead(nn.Module):
         return mx.tanh(logits / self.softcap) * self.softcap
 
     def cluster_scores(self, h: mx.array) -> mx.array:
-        """Stage-1 scores ``[..., n_clusters]``: ``h`` against the quantized centroids, plus bias."""
+        """Stage-1 scores ``[..., n_clusters]``: ``h`` against the centroids, plus bias."""
         if self.centroid_bits is None:
             scores = h @ self.centroids.T
         else:
@@ -150,7 +150,7 @@ class FlashHead(nn.Module):
         return mx.argpartition(-scores, kth=self.n_probes - 1, axis=-1)[..., : self.n_probes]
 
     def _score_clusters(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
-        """Slots and exact logits of ``clusters`` ``[M, K]`` for ``h`` ``[M, d]``: ``[M, K * s]``."""
+        """Slots and exact logits ``[M, K * s]`` of ``clusters`` ``[M, K]`` for ``h`` ``[M, d]``."""
         s = self.cluster_size
         x = h[:, None, None, :]
         if "scales" in self:
@@ -168,7 +168,8 @@ class FlashHead(nn.Module):
         else:
             rows = self.weight.reshape(self.n_clusters, s, -1).swapaxes(-1, -2)
             logits = mx.gather_mm(x, rows, rhs_indices=clusters)
-        slots = (clusters[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)).flatten(-2)
+        slots = clusters[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)
+        slots = slots.flatten(-2)
         logits = self._softcap(logits.flatten(-3))
         return slots, mx.where(self.order[slots] >= 0, logits, -mx.inf)
 
@@ -215,14 +216,15 @@ class FlashHead(nn.Module):
         """The exact logits of every token ``[..., V]``, in vocabulary order."""
         return mx.take(self.slot_logits(h), self.inverse, axis=-1)
 
+    def scatter(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens."""
+        full = mx.full((*tokens.shape[:-1], self.vocab_size + 1), -mx.inf, dtype=logits.dtype)
+        tokens = mx.where(tokens < 0, self.vocab_size, tokens)  # padding goes to a spare column
+        return mx.put_along_axis(full, tokens, logits, axis=-1)[..., : self.vocab_size]
+
     def sparse_logits(self, h: mx.array) -> mx.array:
         """Logits ``[..., V]`` in vocabulary order: exact at the candidates, ``-inf`` elsewhere."""
-        lead = h.shape[:-1]
-        h = h.reshape(-1, h.shape[-1])
-        slots, logits = self._score_clusters(h, self.probe(h))
-        full = mx.full((h.shape[0], self.order.size), -mx.inf, dtype=logits.dtype)
-        full = mx.put_along_axis(full, slots, logits, axis=-1)
-        return mx.take(full, self.inverse, axis=-1).reshape(*lead, self.vocab_size)
+        return self.scatter(*self.candidates(h))
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The rows of ``tokens`` (the tied embedding lookup), dequantized when quantized."""

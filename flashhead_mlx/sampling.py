@@ -77,10 +77,8 @@ def full_vocabulary_logits(
     ``-inf`` outside the candidates and the drawn cluster; a new cluster is drawn at every call.
     """
     tokens, logits = sampling_logits(head, h, temperature, key)
-    full = mx.full((tokens.shape[0], head.vocab_size + 1), -mx.inf, dtype=logits.dtype)
-    tokens = mx.where(tokens < 0, head.vocab_size, tokens)  # padding slots land in a spare column
-    full = mx.put_along_axis(full, tokens, logits * temperature, axis=-1)
-    return full[:, : head.vocab_size].reshape(*h.shape[:-1], head.vocab_size)
+    full = head.scatter(tokens, logits * temperature)
+    return full.reshape(*h.shape[:-1], head.vocab_size)
 
 
 def sampler_distribution(head, h: mx.array, temperature: float) -> mx.array:
@@ -131,8 +129,8 @@ def fit_mass_bias(
     for start in range(0, hidden_states.shape[0], chunk_size):
         h = hidden_states[start : start + chunk_size]
         scores = head.cluster_scores(h).astype(mx.float32)
-        tail = mx.ones(scores.shape, mx.bool_)
-        tail = mx.put_along_axis(tail, head.probe(h, scores).astype(mx.int32), mx.array(False), axis=-1)
+        probes = head.probe(h, scores).astype(mx.int32)
+        tail = mx.put_along_axis(mx.ones(scores.shape, mx.bool_), probes, mx.array(False), axis=-1)
         logits = head.slot_logits(h).astype(mx.float32).reshape(*scores.shape, head.cluster_size)
         gaps = mx.stack([mx.logsumexp(logits / t, axis=-1) - scores / t for t in temperatures])
         tail_sum = tail_sum + mx.where(tail, gaps, 0.0).sum(axis=1)

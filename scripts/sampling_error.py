@@ -50,18 +50,22 @@ def measure(
                 dense = mx.softmax(head.dense_logits(h) / temperature, axis=-1)
                 sampler = sampler_distribution(head, h, temperature)
                 tokens, _ = head.candidates(h)
-                inside = mx.where(tokens >= 0, mx.take_along_axis(dense, mx.maximum(tokens, 0), -1), 0)
+                inside = mx.take_along_axis(dense, mx.maximum(tokens, 0), axis=-1)
+                inside = mx.where(tokens >= 0, inside, 0)
                 distances.append(np.array(total_variation(sampler, dense)))
                 outside.append(np.array(1 - inside.sum(-1)))
             distances, outside = np.concatenate(distances), np.concatenate(outside)
-            rows.append((probes, temperature, distances.mean(), np.quantile(distances, 0.95), outside.mean()))
+            p95 = np.quantile(distances, 0.95)
+            rows.append((probes, temperature, distances.mean(), p95, outside.mean()))
     return rows
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="mlx-lm model folder (converted or not)")
-    parser.add_argument("--n-probes", type=int, nargs="+", help="default: the folder's, or n_clusters / 16")
+    parser.add_argument(
+        "--n-probes", type=int, nargs="+", help="default: the folder's, or n_clusters / 16"
+    )
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     parser.add_argument("--cluster-size", type=int, default=16)
     parser.add_argument("--centroid-bits", type=int, default=4)
@@ -76,8 +80,10 @@ def main():
     model, tokenizer = mlx_lm.load(args.model)
     weight = head_rows(head_module(model))
     calibration_text = (PACKAGE_DATA / "calibration.txt").read_text()
-    calibration = calibration_hidden_states(model, tokenizer, calibration_text, args.calibration_tokens)
     held_out_text = Path(args.held_out_text).read_text()
+    calibration = calibration_hidden_states(
+        model, tokenizer, calibration_text, args.calibration_tokens
+    )
     held_out = calibration_hidden_states(model, tokenizer, held_out_text, args.held_out_tokens)
 
     if "flashhead" in json.loads((Path(args.model) / "config.json").read_text()):
@@ -95,7 +101,10 @@ def main():
         head, calibration, held_out, args.n_probes or [head.n_probes], args.temperatures
     ):
         scored = (head.n_clusters + probes * head.cluster_size) / head.vocab_size
-        print(f"{probes:8d}  {scored:6.1%}  {temperature:4.2f}  {tv_mean:.4f}   {tv_p95:.4f}   {outside:.4f}")
+        print(
+            f"{probes:8d}  {scored:6.1%}  {temperature:4.2f}  "
+            f"{tv_mean:.4f}   {tv_p95:.4f}   {outside:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import make_clusters, make_tiny_model
-from flashhead_mlx.assets import ASSETS_FILE, head_fingerprint, load_assets, make_assets, save_assets
+from flashhead_mlx.assets import (
+    ASSETS_FILE,
+    head_fingerprint,
+    load_assets,
+    make_assets,
+    save_assets,
+)
 from flashhead_mlx.model_head import head_module, head_rows
 
 N_PROBES = 5
@@ -19,7 +25,8 @@ def convert_in_place(folder, centroid_bits=4):
     model, _ = mlx_lm.load(str(folder))
     clusters = make_clusters(np.array(head_rows(head_module(model))))
     mass_bias = mx.arange(clusters["centroids"].shape[0], dtype=mx.float32)
-    save_assets(folder, clusters, N_PROBES, centroid_bits, mass_bias, head_module=head_module(model))
+    module = head_module(model)
+    save_assets(folder, clusters, N_PROBES, centroid_bits, mass_bias, head_module=module)
     return model, clusters, mass_bias
 
 

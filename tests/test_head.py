@@ -21,12 +21,12 @@ def clusters(weight):
     return make_clusters(weight, CLUSTER)
 
 
-def make_head(weight, clusters, quantized=False, n_probes=8, **kwargs):
-    assets = make_assets(clusters, n_probes, **{k: kwargs.pop(k) for k in list(kwargs) if k.startswith("centroid")})
+def make_head(weight, clusters, quantized=False, n_probes=8, centroid_bits=4, softcap=None):
+    assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
     if not quantized:
-        return FlashHead(assets, mx.array(weight), **kwargs), weight
+        return FlashHead(assets, mx.array(weight), softcap=softcap), weight
     packed, scales, biases = mx.quantize(mx.array(weight), 32, 4)
-    head = FlashHead(assets, packed, scales, biases, group_size=32, bits=4, **kwargs)
+    head = FlashHead(assets, packed, scales, biases, group_size=32, bits=4, softcap=softcap)
     return head, np.array(mx.dequantize(packed, scales, biases, 32, 4))
 
 
@@ -137,7 +137,8 @@ def test_softcap(weight, clusters):
     head, rows = make_head(weight, clusters, softcap=3.0)
     h = hidden(weight, 2)
     capped = np.tanh(h @ rows.T / 3.0) * 3.0
-    np.testing.assert_allclose(np.array(head.dense_logits(mx.array(h))), capped, rtol=1e-5, atol=1e-5)
+    dense = np.array(head.dense_logits(mx.array(h)))
+    np.testing.assert_allclose(dense, capped, rtol=1e-5, atol=1e-5)
     step = np.array(head(mx.array(h[:, None])))[:, 0]
     finite = np.isfinite(step)
     assert finite.any() and np.all(np.isneginf(step[~finite]))

@@ -25,6 +25,10 @@ MODELS = {
 }
 
 
+def assert_close(actual, expected):
+    np.testing.assert_allclose(np.array(actual), np.array(expected), rtol=1e-4, atol=1e-4)
+
+
 def clusters_of(model):
     return make_clusters(np.array(head_rows(head_module(model))))
 
@@ -44,7 +48,7 @@ def pair(request, tmp_path_factory):
 
 def test_prefill_logits_are_dense(pair):
     _, dense, model, _ = pair
-    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
+    assert_close(model(TOKENS), dense(TOKENS))
 
 
 def test_hidden_states_are_unchanged(pair):
@@ -72,7 +76,7 @@ def test_all_probes_is_dense(pair):
     folder = pair[0]
     dense, model, _ = patched(folder, n_probes=flash_head(pair[2]).n_clusters)
     batch = TOKENS.reshape(-1, 1)
-    np.testing.assert_allclose(np.array(model(batch)), np.array(dense(batch)), rtol=1e-4, atol=1e-4)
+    assert_close(model(batch), dense(batch))
     sampler = make_sampler(temp=0.0)
     dense_text = mlx_lm.generate(dense, pair[3], "It is a truth", max_tokens=8, sampler=sampler)
     text = mlx_lm.generate(model, pair[3], "It is a truth", max_tokens=8, sampler=sampler)
@@ -81,7 +85,8 @@ def test_all_probes_is_dense(pair):
 
 def test_generate_runs(pair):
     _, _, model, tokenizer = pair
-    text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=make_sampler(temp=1.0))
+    sampler = make_sampler(temp=1.0)
+    text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=sampler)
     assert isinstance(text, str)
 
 
@@ -102,7 +107,8 @@ def test_full_vocabulary_sampling_in_generate(pair):
         assert 0 < extra.size <= head.cluster_size
         slots = np.flatnonzero(np.isin(order, extra))
         assert len(set(slots // head.cluster_size)) == 1  # one drawn, non-probed cluster
-    text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=make_sampler(temp=0.7))
+    sampler = make_sampler(temp=0.7)
+    text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=5, sampler=sampler)
     assert isinstance(text, str)
 
 
@@ -114,10 +120,8 @@ def test_no_second_copy_of_the_head(pair):
 
     head = flash_head(model)
     padding = (head.order.size - head.vocab_size) * head.weight.nbytes // head.order.size
-    extras = sum(
-        getattr(head, name).nbytes
-        for name in ("order", "inverse", "centroids", "centroid_scales", "centroid_biases", "cluster_bias")
-    )
+    small = ("order", "inverse", "centroids", "centroid_scales", "centroid_biases", "cluster_bias")
+    extras = sum(getattr(head, name).nbytes for name in small)
     assert nbytes(model) - nbytes(dense) <= padding * 2 + extras
 
 
@@ -127,7 +131,7 @@ def test_load_converted_folder(tmp_path):
     save_assets(folder, clusters_of(dense), N_PROBES, head_module=head_module(dense))
     model, _ = load(str(folder), n_probes=3)
     assert flash_head(model).n_probes == 3
-    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
+    assert_close(model(TOKENS), dense(TOKENS))
     assert np.isfinite(np.array(model(TOKENS[:, :1]))).sum() <= 3 * 16
 
 

@@ -32,7 +32,8 @@ def clusters(weight):
 @pytest.fixture(scope="module")
 def hidden(weight):
     rng = np.random.default_rng(1)
-    return mx.array(weight[rng.integers(0, VOCAB, 64)] * 1.5 + rng.normal(0, 0.5, (64, DIMS)), mx.float32)
+    picks = weight[rng.integers(0, VOCAB, 64)]
+    return mx.array(1.5 * picks + rng.normal(0, 0.5, picks.shape), mx.float32)
 
 
 def make_head(weight, clusters, n_probes, mass_bias):
@@ -48,7 +49,8 @@ def test_all_probes_is_the_dense_softmax(weight, clusters, hidden, temperature):
     n_clusters = clusters["centroids"].shape[0]
     head = make_head(weight, clusters, n_clusters, mx.zeros((3, n_clusters)))
     exact = sampler_distribution(head, hidden, temperature)
-    np.testing.assert_allclose(np.array(exact), np.array(dense_softmax(weight, hidden, temperature)), rtol=1e-4, atol=1e-7)
+    dense = np.array(dense_softmax(weight, hidden, temperature))
+    np.testing.assert_allclose(np.array(exact), dense, rtol=1e-4, atol=1e-7)
 
 
 def test_every_token_can_be_drawn(weight, clusters, hidden):
@@ -76,8 +78,9 @@ def test_draws_follow_the_exact_distribution(weight, clusters, hidden, temperatu
     h = 0.3 * hidden[:2]
     exact = np.array(sampler_distribution(head, h, temperature))
     candidates = np.array(head.candidates(h)[0])
+    order = clusters["order"]
     cluster_of = np.empty(VOCAB, int)
-    cluster_of[clusters["order"][clusters["order"] >= 0]] = np.flatnonzero(clusters["order"] >= 0) // 16
+    cluster_of[order[order >= 0]] = np.flatnonzero(order >= 0) // 16
     draws = 40000
     tokens = np.array(sample(head, mx.repeat(h, draws, axis=0), temperature, key=mx.random.key(3)))
     for row in range(2):
@@ -105,7 +108,8 @@ def test_one_position_fit_is_exact(weight, clusters, hidden):
     assert head.mass_bias.shape == (2, clusters["centroids"].shape[0])
     for temperature in (0.7, 1.0):
         exact = np.array(sampler_distribution(head, h, temperature))
-        np.testing.assert_allclose(exact, np.array(dense_softmax(weight, h, temperature)), rtol=1e-3, atol=1e-7)
+        dense = np.array(dense_softmax(weight, h, temperature))
+        np.testing.assert_allclose(exact, dense, rtol=1e-3, atol=1e-7)
     exact = sampler_distribution(head, h, 0.5)
     assert total_variation(exact, dense_softmax(weight, h, 0.5)).item() > 1e-4
 
@@ -113,8 +117,7 @@ def test_one_position_fit_is_exact(weight, clusters, hidden):
 def test_fit_matches_a_numpy_reference(weight, clusters, hidden):
     head = make_head(weight, clusters, 3, None)
     mass_bias = np.array(fit_mass_bias(head, hidden, chunk_size=16))
-    logits = hidden_np = np.array(hidden)
-    logits = (hidden_np @ weight.T).astype(np.float64)
+    logits = (np.array(hidden) @ weight.T).astype(np.float64)
     order = clusters["order"].reshape(-1, 16)
     scores = np.array(head.cluster_scores(hidden)).astype(np.float64)
     probes = np.argsort(-scores, axis=1)[:, :3]

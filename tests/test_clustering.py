@@ -1,0 +1,154 @@
+"""Balanced clustering, probe fitting and containment, checked against brute force."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import AUSTEN_DIR
+from flashhead_mlx.clustering import balanced_assign, cluster_head, default_n_probes
+from flashhead_mlx.containment import containment, token_clusters
+
+
+def clustered_data(vocab_size: int, dim: int = 32, n_hidden: int = 512, seed: int = 0):
+    """Head rows drawn around a few directions (so clusters exist) and hidden states."""
+    rng = np.random.default_rng(seed)
+    modes = rng.normal(size=(vocab_size // 8 + 1, dim))
+    rows = modes[rng.integers(0, modes.shape[0], vocab_size)] + 0.3 * rng.normal(size=(vocab_size, dim))
+    hidden = rng.normal(size=(n_hidden, dim)) * np.linspace(2.0, 0.2, dim)
+    return mx.array(rows.astype(np.float32)), mx.array(hidden.astype(np.float32))
+
+
+@pytest.mark.parametrize("vocab_size, cluster_size", [(1000, 16), (1024, 16), (777, 32), (10, 16)])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_exact_sizes_and_padding(vocab_size, cluster_size, calibrated):
+    weight, hidden = clustered_data(vocab_size)
+    clusters = cluster_head(weight, cluster_size, hidden_states=hidden if calibrated else None)
+    order = np.array(clusters["order"])
+    n_clusters = -(-vocab_size // cluster_size)
+    assert order.dtype == np.int32 and order.shape == (n_clusters * cluster_size,)
+    assert np.array_equal(np.sort(order[order >= 0]), np.arange(vocab_size))
+    n_padding = int((order < 0).sum())
+    assert n_padding == n_clusters * cluster_size - vocab_size
+    assert (n_padding > 0) == (vocab_size % cluster_size != 0)
+    # Padding slots never take a whole cluster.
+    assert (order.reshape(n_clusters, cluster_size) >= 0).any(axis=1).all()
+    for key in ("centroids", "spherical_centroids"):
+        assert clusters[key].shape == (n_clusters, weight.shape[1]) and clusters[key].dtype == mx.float32
+    assert clusters["cluster_bias"].shape == (n_clusters,)
+    norms = np.linalg.norm(np.array(clusters["spherical_centroids"]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_deterministic_for_a_seed():
+    weight, hidden = clustered_data(600)
+    first = cluster_head(weight, 16, hidden_states=hidden, seed=3)
+    again = cluster_head(weight, 16, hidden_states=hidden, seed=3)
+    other = cluster_head(weight, 16, hidden_states=hidden, seed=4)
+    for key in ("order", "centroids", "cluster_bias"):
+        assert mx.array_equal(first[key], again[key])
+    assert not mx.array_equal(first["order"], other["order"])
+
+
+def test_recovers_planted_clusters():
+    """Rows planted as 64 tight groups of 16 come back (nearly all) as those groups."""
+    rng = np.random.default_rng(1)
+    group = rng.permutation(np.repeat(np.arange(64), 16))
+    rows = rng.normal(size=(64, 32))[group] + 0.05 * rng.normal(size=(1024, 32))
+    order = np.array(cluster_head(mx.array(rows.astype(np.float32)), 16)["order"]).reshape(64, 16)
+    pure = (group[order] == group[order[:, :1]]).all(axis=1)
+    assert pure.mean() >= 0.9
+
+
+def test_balanced_assign_respects_capacity_and_prefers_the_best():
+    rng = np.random.default_rng(0)
+    n, n_clusters = 400, 25
+    scores = rng.normal(size=(n, n_clusters)).astype(np.float32)
+    candidates = np.broadcast_to(np.arange(n_clusters), scores.shape)
+    capacity = np.full(n_clusters, 16)
+    labels = balanced_assign(scores, candidates, capacity)
+    assert (np.bincount(labels, minlength=n_clusters) == capacity).all()
+    chosen = scores[np.arange(n), labels].sum()
+    # Much better than a random balanced assignment, and no better than the unconstrained best.
+    random_labels = rng.permutation(np.repeat(np.arange(n_clusters), 16))
+    assert scores[np.arange(n), random_labels].sum() < 0.5 * chosen <= 0.5 * scores.max(axis=1).sum()
+
+
+def brute_force_containment(weight, hidden, order, centroids, bias, n_probes):
+    """Dense argmax, then whether its cluster is among the n_probes best by a plain loop."""
+    weight, hidden, order = np.array(weight), np.array(hidden), np.array(order)
+    centroids, bias = np.array(centroids), np.array(bias)
+    cluster_size = order.size // centroids.shape[0]
+    hits = 0
+    for h in hidden:
+        target = int(np.argmax(weight @ h))
+        slot = int(np.flatnonzero(order == target)[0])
+        probed = np.argsort(-(centroids @ h + bias), kind="stable")[:n_probes]
+        hits += slot // cluster_size in probed
+    return hits / hidden.shape[0]
+
+
+def test_containment_matches_brute_force():
+    weight, hidden = clustered_data(1000, n_hidden=300, seed=2)
+    clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
+    held_out = hidden[200:]
+    targets = mx.argmax(held_out @ weight.T, axis=1)
+    rows = containment(held_out, targets, clusters, [1, 4, 16, 63], quantized=False)
+    for row in rows:
+        expected = brute_force_containment(
+            weight, held_out, clusters["order"], clusters["centroids"], clusters["cluster_bias"], row["n_probes"]
+        )
+        assert row["containment"] == pytest.approx(expected)
+        assert row["scored_fraction"] == pytest.approx((63 + row["n_probes"] * 16) / 1000)
+    assert rows[-1]["containment"] == 1.0
+    # The fitted probes retrieve far better than chance (4 of 63 clusters probed).
+    assert rows[1]["containment"] > 0.6
+
+
+def test_quantized_probes_close_to_float():
+    weight, hidden = clustered_data(1000, dim=64, n_hidden=400, seed=3)
+    clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
+    targets = mx.argmax(hidden[200:] @ weight.T, axis=1)
+    exact, quantized = (containment(hidden[200:], targets, clusters, [8], quantized=q)[0] for q in (False, True))
+    assert abs(exact["containment"] - quantized["containment"]) < 0.05
+
+
+def test_token_clusters_rejects_incomplete_order():
+    with pytest.raises(ValueError, match="exactly once"):
+        token_clusters(mx.array([0, 1, 1, -1], dtype=mx.int32), 2)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="hidden_states"):
+        cluster_head(mx.zeros((100, 8)), 16, hidden_states=mx.zeros((10, 9)))
+    with pytest.raises(ValueError, match="cluster_size"):
+        cluster_head(mx.zeros((100, 8)), 0)
+
+
+def test_default_n_probes_scores_about_ten_percent():
+    for vocab_size, cluster_size in [(262144, 16), (49152, 16), (151936, 32)]:
+        n_clusters = -(-vocab_size // cluster_size)
+        p = default_n_probes(n_clusters, cluster_size, vocab_size)
+        assert 0.09 < (n_clusters + p * cluster_size) / vocab_size <= 0.10
+    assert default_n_probes(63, 16, 1000) >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_containment_on_held_out_text(smollm2_dir):
+    """Calibrate on the first part of Pride and Prejudice, measure on its last part: the
+    probed clusters hold the dense argmax almost always at 10% of the vocabulary scored."""
+    from mlx_lm import load
+
+    from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax
+    from flashhead_mlx.model_head import head_module, head_rows
+
+    text = (AUSTEN_DIR / "calibration.txt").read_text()
+    model, tokenizer = load(str(smollm2_dir))
+    weight = head_rows(head_module(model))
+    hidden = calibration_hidden_states(model, tokenizer, text[:400_000], n_tokens=2048, seq_len=256)
+    held_out = calibration_hidden_states(model, tokenizer, text[500_000:], n_tokens=1024, seq_len=256)
+    clusters = cluster_head(weight, 16, hidden_states=hidden)
+    n_clusters = clusters["centroids"].shape[0]
+    p = default_n_probes(n_clusters, 16, weight.shape[0])
+    row = containment(held_out, dense_argmax(weight, held_out), clusters, [p])[0]
+    assert row["scored_fraction"] <= 0.10
+    assert row["containment"] >= 0.97
