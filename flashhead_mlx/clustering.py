@@ -18,8 +18,8 @@ from tqdm import tqdm
 def _deferred_acceptance(
     scores: np.ndarray, candidates: np.ndarray, capacity: np.ndarray
 ) -> np.ndarray:
-    """Points propose to their candidates from the best down; a full cluster keeps the
-    proposers that would lose the most by moving on. Points rejected everywhere get -1."""
+    """Points propose to their candidates (columns sorted best first) in turn; a full cluster
+    keeps the proposers that would lose the most by moving on. Points rejected everywhere get -1."""
     n, n_candidates = scores.shape
     regret = np.empty_like(scores)
     regret[:, :-1] = scores[:, :-1] - scores[:, 1:]
@@ -44,7 +44,9 @@ def _deferred_acceptance(
     return labels
 
 
-def _best_two(scores: np.ndarray, candidates: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _best_two(
+    scores: np.ndarray, candidates: np.ndarray, prices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Each point's best priced candidate and its margin over the second best."""
     value = scores - prices[candidates]
     rows = np.arange(value.shape[0])
@@ -54,7 +56,9 @@ def _best_two(scores: np.ndarray, candidates: np.ndarray, prices: np.ndarray) ->
     return candidates[rows, best], top - value.max(axis=1)
 
 
-def _keep_most_attached(cluster: np.ndarray, margin: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+def _keep_most_attached(
+    cluster: np.ndarray, margin: np.ndarray, capacity: np.ndarray
+) -> np.ndarray:
     """Mask of the claimants each cluster keeps: up to its capacity, largest margin first."""
     order = np.lexsort((-margin, cluster))
     sorted_cluster = cluster[order]
@@ -189,7 +193,7 @@ def _kmeans_in_groups(
     picks = np.argsort(rng.random((n_groups, width)) + ~real, axis=1)[:, :n_local]
     centroids = x[mx.array(np.take_along_axis(index, picks, axis=1)[local_valid].astype(np.int32))]
     labels = np.full(x.shape[0], -1)
-    for _ in range(n_iters):
+    for iteration in range(n_iters):
         c_pad = mx.concatenate([centroids, mx.zeros((1, x.shape[1]), dtype=x.dtype)])
         bias = mx.concatenate([-0.5 * (centroids * centroids).sum(-1), mx.array([-1e30])])
         leaf = mx.array(leaf_index.astype(np.int32))
@@ -198,12 +202,18 @@ def _kmeans_in_groups(
         candidates = np.take_along_axis(leaf_index[:, None, :], local, axis=2)
         previous, labels = labels, np.empty_like(labels)
         labels[members] = _assign(
-            x, members, centroids, vals[real], candidates[real], np.append(capacity, 0), n_candidates
+            x,
+            members,
+            centroids,
+            vals[real],
+            candidates[real],
+            np.append(capacity, 0),
+            n_candidates,
         )
         centroids = _centroids(x, labels, capacity.size)
         bar.update()
         if np.array_equal(labels, previous):
-            bar.update(n_iters - 1 - _)
+            bar.update(n_iters - 1 - iteration)
             break
     return labels
 
@@ -221,7 +231,9 @@ def data_aware_rows(weight: mx.array, hidden_states: mx.array) -> mx.array:
     return weight @ mx.array(root.astype(np.float32))
 
 
-def balanced_clusters(x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8) -> np.ndarray:
+def balanced_clusters(
+    x: mx.array, cluster_size: int, seed: int = 0, n_iters: int = 8
+) -> np.ndarray:
     """Cluster id of every row of ``x`` ``[V, d]``, with exactly ``cluster_size`` rows per
     cluster except the last, which is short by its ``n_clusters * cluster_size - V`` padding
     slots. Two levels of balanced k-means: about ``sqrt(n_clusters)`` groups, then each
@@ -236,7 +248,9 @@ def balanced_clusters(x: mx.array, cluster_size: int, seed: int = 0, n_iters: in
     group_capacity = np.add.reduceat(capacity, leaf_start[:-1])
     with tqdm(total=2 * n_iters, desc="Clustering head") as bar:
         top = np.array([0, n_groups])
-        group = _kmeans_in_groups(x, np.zeros(vocab_size, dtype=np.int64), top, group_capacity, n_iters, rng, bar)
+        group = _kmeans_in_groups(
+            x, np.zeros(vocab_size, dtype=np.int64), top, group_capacity, n_iters, rng, bar
+        )
         return _kmeans_in_groups(x, group, leaf_start, capacity, n_iters, rng, bar)
 
 
@@ -280,7 +294,9 @@ def fit_probes(
     n_clusters = order.size // cluster_size
     rows = cluster_rows(weight, order)
     padding = mx.array(np.where(order >= 0, 0.0, -np.inf).astype(np.float32))
-    h = mx.concatenate([hidden_states.astype(mx.float32), mx.ones((hidden_states.shape[0], 1))], axis=1)
+    h = mx.concatenate(
+        [hidden_states.astype(mx.float32), mx.ones((hidden_states.shape[0], 1))], axis=1
+    )
     moments = mx.zeros((h.shape[1], n_clusters))
     for i in tqdm(range(0, h.shape[0], chunk_size), desc="Fitting probes"):
         logits = h[i : i + chunk_size, :-1] @ rows.T + padding
@@ -288,11 +304,15 @@ def fit_probes(
         moments = moments + h[i : i + chunk_size].T @ best
         mx.eval(moments)
     gram = np.array(h.T @ h, dtype=np.float64)
-    prior = np.concatenate([np.array(mean_rows(weight, order, cluster_size)).T, np.zeros((1, n_clusters))])
+    prior = np.concatenate(
+        [np.array(mean_rows(weight, order, cluster_size)).T, np.zeros((1, n_clusters))]
+    )
     penalty = np.ones(gram.shape[0])
     penalty[-1] = 0.0  # the bias is not pulled toward anything
     penalty *= ridge * np.trace(gram) / gram.shape[0]
-    theta = np.linalg.solve(gram + np.diag(penalty), np.array(moments, dtype=np.float64) + penalty[:, None] * prior)
+    theta = np.linalg.solve(
+        gram + np.diag(penalty), np.array(moments, dtype=np.float64) + penalty[:, None] * prior
+    )
     theta = mx.array(theta.astype(np.float32))
     return theta[:-1].T, theta[-1]
 
@@ -320,16 +340,21 @@ def cluster_head(
         ``order``: int32 ``[n_clusters * cluster_size]`` token of each slot, cluster k owning
         slots ``k * cluster_size .. (k + 1) * cluster_size - 1``; padding slots are -1.
         ``centroids``: float32 ``[n_clusters, d]`` stage-1 probe vectors.
-        ``cluster_bias``: float32 ``[n_clusters]``; stage-1 score = h @ centroids.T + cluster_bias.
-        ``spherical_centroids``: float32 ``[n_clusters, d]`` unit-norm mean direction of each cluster.
+        ``cluster_bias``: float32 ``[n_clusters]``; the stage-1 score is
+        ``h @ centroids.T + cluster_bias``.
+        ``spherical_centroids``: float32 ``[n_clusters, d]`` unit-norm mean direction of each
+        cluster (the plain FlashHead probes, kept for reference).
     """
     if weight.ndim != 2 or weight.shape[0] < 1:
         raise ValueError(f"weight must be a [V, d] matrix of head rows, got shape {weight.shape}")
     if cluster_size < 1:
         raise ValueError(f"cluster_size must be a positive integer, got {cluster_size}")
-    if hidden_states is not None and (hidden_states.ndim != 2 or hidden_states.shape[1] != weight.shape[1]):
+    if hidden_states is not None and (
+        hidden_states.ndim != 2 or hidden_states.shape[1] != weight.shape[1]
+    ):
         raise ValueError(
-            f"hidden_states must be [N, {weight.shape[1]}] to match the head, got {hidden_states.shape}"
+            f"hidden_states must be [N, {weight.shape[1]}] to match the head, "
+            f"got {hidden_states.shape}"
         )
     weight = weight.astype(mx.float32)
     x = weight if hidden_states is None else data_aware_rows(weight, hidden_states)
@@ -343,7 +368,8 @@ def cluster_head(
         "order": mx.array(order),
         "centroids": centroids,
         "cluster_bias": bias,
-        "spherical_centroids": means / mx.maximum(mx.linalg.norm(means, axis=1, keepdims=True), 1e-12),
+        "spherical_centroids": means
+        / mx.maximum(mx.linalg.norm(means, axis=1, keepdims=True), 1e-12),
     }
 
 

@@ -4,27 +4,35 @@ import mlx.core as mx
 import numpy as np
 
 
-def probe_vectors(centroids: mx.array, quantized: bool, group_size: int = 64, bits: int = 4) -> mx.array:
+def probe_vectors(
+    centroids: mx.array, quantized: bool, group_size: int = 64, bits: int = 4
+) -> mx.array:
     """The probe vectors stage 1 scores against: as given, or after the 4-bit round trip
     (``mx.quantize``, ``group_size`` 64) that storing them in the head applies."""
     if not quantized:
         return centroids
-    return mx.dequantize(*mx.quantize(centroids, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+    return mx.dequantize(
+        *mx.quantize(centroids, group_size=group_size, bits=bits), group_size=group_size, bits=bits
+    )
 
 
 def token_clusters(order: mx.array, cluster_size: int) -> mx.array:
     """Cluster id ``[V]`` of every token, from the slot order of ``cluster_head``."""
     order = np.asarray(order)
     slots = np.flatnonzero(order >= 0)
-    clusters = np.full(slots.size, -1, dtype=np.int32)
-    clusters[order[slots]] = slots // cluster_size
-    if (clusters < 0).any():
+    if not np.array_equal(np.sort(order[slots]), np.arange(slots.size)):
         raise ValueError("order must hold every token id 0..V-1 exactly once")
+    clusters = np.empty(slots.size, dtype=np.int32)
+    clusters[order[slots]] = slots // cluster_size
     return mx.array(clusters)
 
 
 def target_ranks(
-    hidden_states: mx.array, targets: mx.array, clusters: dict, quantized: bool = True, chunk_size: int = 1024
+    hidden_states: mx.array,
+    targets: mx.array,
+    clusters: dict,
+    quantized: bool = True,
+    chunk_size: int = 1024,
 ) -> np.ndarray:
     """Rank ``[N]`` of the cluster holding each target token among all clusters, by the
     stage-1 score ``h @ centroids.T + cluster_bias`` (0 = best). The target is retrieved with

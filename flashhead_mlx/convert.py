@@ -62,9 +62,10 @@ def add_flashhead(
     """Cluster the head of the mlx-lm model at ``path`` and write its FlashHead assets there."""
     from mlx_lm import load
 
-    from .assets import save_assets
+    from .assets import make_assets, save_assets
     from .calibration import calibration_hidden_states
     from .clustering import cluster_head, default_n_probes
+    from .head import FlashHead
     from .sampling import fit_mass_bias
 
     model, tokenizer = load(str(path))
@@ -86,12 +87,15 @@ def add_flashhead(
     start = time.perf_counter()
     clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
     clustering_seconds = time.perf_counter() - start
-    n_clusters = clusters["centroids"].shape[0]
+    del weight
+    n_clusters = clusters["cluster_bias"].shape[0]
     if n_probes is None:
         n_probes = default_n_probes(n_clusters, cluster_size, vocab_size)
     if not 1 <= n_probes <= n_clusters:
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
-    mass_bias = fit_mass_bias(weight, clusters, hidden)
+    assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
+    print("[INFO] Fitting the sampling mass estimates")
+    mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden)
     save_assets(
         path,
         clusters,

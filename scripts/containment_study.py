@@ -26,13 +26,15 @@ from flashhead_mlx.clustering import (
     slot_order,
 )
 from flashhead_mlx.containment import target_ranks
+from flashhead_mlx.convert import CALIBRATION_TEXT
 from flashhead_mlx.model_head import head_module, head_rows
 
-CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "flashhead_mlx" / "data" / "calibration.txt"
 VARIANTS = ("plain", "mean", "data-aware-gap", "default")
 
 
-def gap_bias(weight: mx.array, order, cluster_size: int, hidden_states: mx.array, means: mx.array) -> mx.array:
+def gap_bias(
+    weight: mx.array, order, cluster_size: int, hidden_states: mx.array, means: mx.array
+) -> mx.array:
     """Mean over ``hidden_states`` of (largest logit in the cluster - mean logit in the cluster)."""
     rows = cluster_rows(weight, order)
     padding = mx.array((order < 0) * -1e30, dtype=mx.float32)
@@ -64,10 +66,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="mlx-lm model folder")
     parser.add_argument("--eval-text", nargs="+", required=True, help="held-out text files")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["plain", "data-aware-gap", "default"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=["plain", "data-aware-gap", "default"]
+    )
     parser.add_argument("--cluster-size", type=int, nargs="+", default=[16])
     parser.add_argument("--calibration-tokens", type=int, default=16384)
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="positions per evaluation text")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=16384, help="positions per evaluation text"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -77,8 +83,13 @@ def main():
     model, tokenizer = load(args.model)
     weight = head_rows(head_module(model))
     vocab_size = weight.shape[0]
-    hidden = calibration_hidden_states(model, tokenizer, CALIBRATION_TEXT.read_text(), args.calibration_tokens)
-    evals = [calibration_hidden_states(model, tokenizer, Path(p).read_text(), args.eval_tokens) for p in args.eval_text]
+    hidden = calibration_hidden_states(
+        model, tokenizer, CALIBRATION_TEXT.read_text(), args.calibration_tokens
+    )
+    evals = [
+        calibration_hidden_states(model, tokenizer, Path(p).read_text(), args.eval_tokens)
+        for p in args.eval_text
+    ]
     eval_hidden = mx.concatenate(evals)
     targets = dense_argmax(weight, eval_hidden)
     print(f"| variant | s | clusters | 4-bit | c/64 | c/32 | c/16 | <=10% | <=15% | clustering s |")
@@ -100,15 +111,13 @@ def main():
             for quantized in (False, True):
                 ranks = target_ranks(eval_hidden, targets, clusters, quantized)
                 cells = [
-                    f"{100 * (ranks < p).mean():.2f} ({100 * (n_clusters + p * cluster_size) / vocab_size:.1f}%)"
+                    f"{100 * (ranks < p).mean():.2f} "
+                    f"({100 * (n_clusters + p * cluster_size) / vocab_size:.1f}%)"
                     for p in budgets.values()
                 ]
-                print(
-                    f"| {variant} | {cluster_size} | {clusters['centroids'].shape[0]} | {'yes' if quantized else 'no'} | "
-                    + " | ".join(cells)
-                    + f" | {seconds:.0f} |",
-                    flush=True,
-                )
+                bits = "yes" if quantized else "no"
+                row = [variant, str(cluster_size), str(n_clusters), bits, *cells, f"{seconds:.0f}"]
+                print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

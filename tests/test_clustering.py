@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import AUSTEN_DIR
+from conftest import AUSTEN_DIR, TINY_TEXT
+from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax, text_windows
 from flashhead_mlx.clustering import balanced_assign, cluster_head, default_n_probes
 from flashhead_mlx.containment import containment, token_clusters
 
@@ -13,7 +14,9 @@ def clustered_data(vocab_size: int, dim: int = 32, n_hidden: int = 512, seed: in
     """Head rows drawn around a few directions (so clusters exist) and hidden states."""
     rng = np.random.default_rng(seed)
     modes = rng.normal(size=(vocab_size // 8 + 1, dim))
-    rows = modes[rng.integers(0, modes.shape[0], vocab_size)] + 0.3 * rng.normal(size=(vocab_size, dim))
+    rows = modes[rng.integers(0, modes.shape[0], vocab_size)] + 0.3 * rng.normal(
+        size=(vocab_size, dim)
+    )
     hidden = rng.normal(size=(n_hidden, dim)) * np.linspace(2.0, 0.2, dim)
     return mx.array(rows.astype(np.float32)), mx.array(hidden.astype(np.float32))
 
@@ -33,7 +36,10 @@ def test_exact_sizes_and_padding(vocab_size, cluster_size, calibrated):
     # Padding slots never take a whole cluster.
     assert (order.reshape(n_clusters, cluster_size) >= 0).any(axis=1).all()
     for key in ("centroids", "spherical_centroids"):
-        assert clusters[key].shape == (n_clusters, weight.shape[1]) and clusters[key].dtype == mx.float32
+        assert (
+            clusters[key].shape == (n_clusters, weight.shape[1])
+            and clusters[key].dtype == mx.float32
+        )
     assert clusters["cluster_bias"].shape == (n_clusters,)
     norms = np.linalg.norm(np.array(clusters["spherical_centroids"]), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
@@ -70,7 +76,9 @@ def test_balanced_assign_respects_capacity_and_prefers_the_best():
     chosen = scores[np.arange(n), labels].sum()
     # Much better than a random balanced assignment, and no better than the unconstrained best.
     random_labels = rng.permutation(np.repeat(np.arange(n_clusters), 16))
-    assert scores[np.arange(n), random_labels].sum() < 0.5 * chosen <= 0.5 * scores.max(axis=1).sum()
+    assert (
+        scores[np.arange(n), random_labels].sum() < 0.5 * chosen <= 0.5 * scores.max(axis=1).sum()
+    )
 
 
 def brute_force_containment(weight, hidden, order, centroids, bias, n_probes):
@@ -95,7 +103,12 @@ def test_containment_matches_brute_force():
     rows = containment(held_out, targets, clusters, [1, 4, 16, 63], quantized=False)
     for row in rows:
         expected = brute_force_containment(
-            weight, held_out, clusters["order"], clusters["centroids"], clusters["cluster_bias"], row["n_probes"]
+            weight,
+            held_out,
+            clusters["order"],
+            clusters["centroids"],
+            clusters["cluster_bias"],
+            row["n_probes"],
         )
         assert row["containment"] == pytest.approx(expected)
         assert row["scored_fraction"] == pytest.approx((63 + row["n_probes"] * 16) / 1000)
@@ -108,13 +121,17 @@ def test_quantized_probes_close_to_float():
     weight, hidden = clustered_data(1000, dim=64, n_hidden=400, seed=3)
     clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
     targets = mx.argmax(hidden[200:] @ weight.T, axis=1)
-    exact, quantized = (containment(hidden[200:], targets, clusters, [8], quantized=q)[0] for q in (False, True))
+    exact, quantized = (
+        containment(hidden[200:], targets, clusters, [8], quantized=q)[0] for q in (False, True)
+    )
     assert abs(exact["containment"] - quantized["containment"]) < 0.05
 
 
 def test_token_clusters_rejects_incomplete_order():
     with pytest.raises(ValueError, match="exactly once"):
         token_clusters(mx.array([0, 1, 1, -1], dtype=mx.int32), 2)
+    with pytest.raises(ValueError, match="exactly once"):
+        token_clusters(mx.array([0, 5, 1, -1], dtype=mx.int32), 2)
 
 
 def test_bad_input_raises():
@@ -132,20 +149,47 @@ def test_default_n_probes_scores_about_ten_percent():
     assert default_n_probes(63, 16, 1000) >= 1
 
 
+def test_calibration_hidden_states_are_the_heads_input(tiny_llama):
+    from mlx_lm import load
+
+    from flashhead_mlx.model_head import head_module, head_rows
+
+    model, tokenizer = load(str(tiny_llama))
+    hidden = calibration_hidden_states(
+        model, tokenizer, TINY_TEXT, n_tokens=200, seq_len=64, batch_size=2
+    )
+    assert hidden.shape == (200, 64) and hidden.dtype == mx.float32
+    windows = text_windows(tokenizer, TINY_TEXT, n_tokens=200, seq_len=64)
+    assert windows.shape[0] == 4
+    # The logits of the first window, from the full model, match the head applied to the states.
+    n_prefix = windows.shape[1] - 64
+    logits = model(windows[:1])[0, n_prefix:]
+    weight = head_rows(head_module(model))
+    np.testing.assert_allclose(
+        np.array(hidden[:64] @ weight.T), np.array(logits), rtol=1e-4, atol=1e-4
+    )
+    assert mx.array_equal(
+        dense_argmax(weight, hidden, chunk_size=7), mx.argmax(hidden @ weight.T, axis=1)
+    )
+    with pytest.raises(ValueError, match="seq_len"):
+        calibration_hidden_states(model, tokenizer, "too short", seq_len=64)
+
+
 @pytest.mark.slow
 def test_smollm2_containment_on_held_out_text(smollm2_dir):
     """Calibrate on the first part of Pride and Prejudice, measure on its last part: the
     probed clusters hold the dense argmax almost always at 10% of the vocabulary scored."""
     from mlx_lm import load
 
-    from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax
     from flashhead_mlx.model_head import head_module, head_rows
 
     text = (AUSTEN_DIR / "calibration.txt").read_text()
     model, tokenizer = load(str(smollm2_dir))
     weight = head_rows(head_module(model))
     hidden = calibration_hidden_states(model, tokenizer, text[:400_000], n_tokens=2048, seq_len=256)
-    held_out = calibration_hidden_states(model, tokenizer, text[500_000:], n_tokens=1024, seq_len=256)
+    held_out = calibration_hidden_states(
+        model, tokenizer, text[500_000:], n_tokens=1024, seq_len=256
+    )
     clusters = cluster_head(weight, 16, hidden_states=hidden)
     n_clusters = clusters["centroids"].shape[0]
     p = default_n_probes(n_clusters, 16, weight.shape[0])
