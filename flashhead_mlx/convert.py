@@ -16,6 +16,8 @@ import mlx.core as mx
 from .model_head import head_module, head_rows
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+# Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
+MASS_FIT_POSITIONS = 2048
 
 
 def _prepare_mlx_model(
@@ -95,7 +97,7 @@ def add_flashhead(
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
     assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
     print("[INFO] Fitting the sampling mass estimates")
-    mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden)
+    mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden[:: max(1, hidden.shape[0] // MASS_FIT_POSITIONS)])
     save_assets(
         path,
         clusters,

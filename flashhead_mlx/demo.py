@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx"
-DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+DEFAULT_PROMPT = "The lighthouse keeper had lived alone on the island for thirty years, until one morning"
 
 
 def default_model() -> str:

@@ -149,10 +149,14 @@ class FlashHead(nn.Module):
             scores = self.cluster_scores(h)
         return mx.argpartition(-scores, kth=self.n_probes - 1, axis=-1)[..., : self.n_probes]
 
-    def _score_clusters(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
-        """Slots and exact logits ``[M, K * s]`` of ``clusters`` ``[M, K]`` for ``h`` ``[M, d]``."""
-        s = self.cluster_size
-        x = h[:, None, None, :]
+    def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
+        """Token ids and exact logits ``[..., K * s]`` of the rows of ``clusters`` ``[..., K]``.
+
+        Padding slots have token id -1 and logit ``-inf``.
+        """
+        lead, s = h.shape[:-1], self.cluster_size
+        x = h.reshape(-1, 1, 1, h.shape[-1])
+        clusters = clusters.reshape(-1, clusters.shape[-1]).astype(mx.uint32)
         if "scales" in self:
             logits = mx.gather_qmm(
                 x,
@@ -169,21 +173,9 @@ class FlashHead(nn.Module):
             rows = self.weight.reshape(self.n_clusters, s, -1).swapaxes(-1, -2)
             logits = mx.gather_mm(x, rows, rhs_indices=clusters)
         slots = clusters[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)
-        slots = slots.flatten(-2)
-        logits = self._softcap(logits.flatten(-3))
-        return slots, mx.where(self.order[slots] >= 0, logits, -mx.inf)
-
-    def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
-        """Token ids and exact logits of the rows of ``clusters`` ``[..., K]``: ``[..., K * s]``.
-
-        Padding slots have token id -1 and logit ``-inf``.
-        """
-        lead = h.shape[:-1]
-        slots, logits = self._score_clusters(
-            h.reshape(-1, h.shape[-1]), clusters.reshape(-1, clusters.shape[-1]).astype(mx.uint32)
-        )
-        shape = (*lead, slots.shape[-1])
-        return self.order[slots].reshape(shape), logits.reshape(shape)
+        tokens = self.order[slots].reshape(*lead, -1)
+        logits = self._softcap(logits).reshape(*lead, -1)
+        return tokens, mx.where(tokens >= 0, logits, -mx.inf)
 
     def candidates(self, h: mx.array) -> Tuple[mx.array, mx.array]:
         """Token ids and exact logits of the probed clusters' rows ``[..., n_probes * s]``."""

@@ -1,0 +1,21 @@
+"""The demo command: converts, caches, and generates with both heads."""
+
+import mlx_lm
+
+from flashhead_mlx import demo as demo_module
+
+
+def test_demo_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_module, "CACHE_DIR", tmp_path)
+    result = demo_module.demo(model=str(tiny_llama), prompt="It is a truth", max_tokens=8)
+    printed = capsys.readouterr().out
+    model, tokenizer = mlx_lm.load(str(tiny_llama))
+    dense_text = mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=8)
+    assert dense_text in printed
+    assert result["dense_tps"] > 0 and result["flash_tps"] > 0
+    assert "FlashHead / dense decode speed" in printed
+    folder = demo_module.converted_folder(str(tiny_llama))
+    assert (folder / "flashhead.safetensors").is_file()
+    stamp = (folder / "flashhead.safetensors").stat().st_mtime
+    demo_module.demo(model=str(tiny_llama), prompt="It is a truth", max_tokens=2)
+    assert (folder / "flashhead.safetensors").stat().st_mtime == stamp, "the cached conversion is reused"
