@@ -97,7 +97,8 @@ def add_flashhead(
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
     assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
     print("[INFO] Fitting the sampling mass estimates")
-    mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden[:: max(1, hidden.shape[0] // MASS_FIT_POSITIONS)])
+    stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
+    mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden[::stride])
     save_assets(
         path,
         clusters,
