@@ -29,7 +29,15 @@ def reexec_with_openblas(argv: List[str]) -> None:
     """Re-execute ``argv`` with the system OpenBLAS preloaded, unless it already is."""
     library = system_openblas()
     preloaded = os.environ.get("LD_PRELOAD", "")
-    if library is None or library in preloaded:
+    if library is None:
+        if sys.platform.startswith("linux") and os.environ.get("FLASHHEAD_OPENBLAS") != "0":
+            print(
+                "[WARN] MLX's Linux CPU wheel uses a slow reference BLAS: "
+                "`apt-get install libopenblas0-pthread` makes float32 matmuls ~30x faster.",
+                file=sys.stderr,
+            )
+        return
+    if library in preloaded:
         return
     env = dict(os.environ, LD_PRELOAD=f"{library}:{preloaded}".rstrip(":"))
     sys.stdout.flush()
