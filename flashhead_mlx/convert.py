@@ -34,12 +34,13 @@ def _prepare_mlx_model(
     from mlx_lm.convert import convert as mlx_lm_convert
 
     source = model
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
+    if looks_like_path and not Path(model).expanduser().exists():
+        raise ValueError(f"{model} does not exist (a local folder, a .gguf file or a hub repo id)")
     if model.endswith(".gguf"):
         from .gguf import import_gguf
 
-        if not Path(model).is_file():
-            raise ValueError(f"GGUF file {model} does not exist")
-        source = str(import_gguf(model, mlx_path.parent / "gguf", dtype=dtype or "float32"))
+        source = str(import_gguf(Path(model).expanduser(), mlx_path.parent / "gguf", dtype=dtype or "float32"))
     mlx_lm_convert(
         source,
         mlx_path=str(mlx_path),

@@ -90,6 +90,8 @@ def test_cli_convert_and_bad_input(tiny_llama, tmp_path):
     assert json.loads((out / "config.json").read_text())["flashhead"]["n_probes"] == 5
     missing = run_cli("convert", "--model", str(tmp_path / "missing.gguf"), "--output", str(tmp_path / "x"))
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+    no_folder = run_cli("convert", "--model", str(tmp_path / "no" / "folder"), "--output", str(tmp_path / "z"))
+    assert no_folder.returncode != 0 and "does not exist" in no_folder.stderr
     too_many = run_cli("convert", "--model", str(tiny_llama), "--output", str(tmp_path / "y"),
                        "--calibration-tokens", "256", "--n-probes", "100000")
     assert too_many.returncode != 0 and "--n-probes" in too_many.stderr
