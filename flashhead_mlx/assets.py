@@ -19,6 +19,8 @@ from .model_head import head_module as find_head_module
 
 FORMAT_VERSION = 1
 ASSETS_FILE = "flashhead.safetensors"
+# The model file that lets plain mlx-lm load a converted folder (trust_remote_code=True).
+MODEL_FILE = "flashhead_model.py"
 CENTROID_BITS = (2, 3, 4, 5, 6, 8)
 
 

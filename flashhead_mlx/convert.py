@@ -5,6 +5,7 @@ The output is a normal mlx-lm folder, weights in their original order, plus
 """
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -13,6 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .assets import ASSETS_FILE, MODEL_FILE
 from .model_head import head_module, head_rows
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -41,6 +43,8 @@ def _prepare_mlx_model(
         from .gguf import import_gguf
 
         source = str(import_gguf(Path(model).expanduser(), mlx_path.parent / "gguf", dtype=dtype or "float32"))
+    elif looks_like_path and (Path(model).expanduser() / MODEL_FILE).is_file():
+        source = str(_dense_copy(Path(model).expanduser(), mlx_path.parent / "dense"))
     mlx_lm_convert(
         source,
         mlx_path=str(mlx_path),
@@ -53,8 +57,23 @@ def _prepare_mlx_model(
     )
 
 
-def add_flashhead(
-    path: Path,
+def _dense_copy(folder: Path, out: Path) -> Path:
+    """A FlashHead folder as a plain mlx-lm folder (links to its files, config without the
+    FlashHead entries), to convert again."""
+    out.mkdir()
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in (ASSETS_FILE, MODEL_FILE, "config.json"):
+            (out / path.name).symlink_to(path.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("flashhead", None)
+    config.pop("model_file", None)
+    (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    return out
+
+
+def cluster_model(
+    model,
+    tokenizer,
     cluster_size: int = 16,
     n_clusters: Optional[int] = None,
     n_probes: Optional[int] = None,
@@ -62,16 +81,15 @@ def add_flashhead(
     seed: int = 0,
     calibration_tokens: int = 16384,
 ) -> dict:
-    """Cluster the head of the mlx-lm model at ``path`` and write its FlashHead assets there."""
-    from mlx_lm import load
-
-    from .assets import make_assets, save_assets
+    """Cluster the head of a loaded mlx-lm model: the arguments of
+    :func:`flashhead_mlx.assets.save_assets` (``clusters``, ``n_probes``, ``centroid_bits``,
+    ``mass_bias``)."""
+    from .assets import make_assets
     from .calibration import calibration_hidden_states
     from .clustering import cluster_head, default_n_probes
     from .head import FlashHead
     from .sampling import fit_mass_bias
 
-    model, tokenizer = load(str(path))
     head = head_module(model)
     weight = head_rows(head)
     vocab_size = weight.shape[0]
@@ -100,20 +118,34 @@ def add_flashhead(
     print("[INFO] Fitting the sampling mass estimates")
     stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
     mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden[::stride])
-    save_assets(
-        path,
-        clusters,
-        n_probes=n_probes,
-        centroid_bits=centroid_bits,
-        mass_bias=mass_bias,
-        head_module=head,
-    )
     scored = (n_clusters + n_probes * cluster_size) / vocab_size
     print(
         f"[INFO] FlashHead: {n_clusters} clusters of {cluster_size}, {n_probes} probes "
         f"({100 * scored:.1f}% of the vocabulary scored), clustered in {clustering_seconds:.1f} s"
     )
-    return {"n_clusters": n_clusters, "n_probes": n_probes, "clustering_seconds": clustering_seconds}
+    return {
+        "clusters": clusters,
+        "n_probes": n_probes,
+        "centroid_bits": centroid_bits,
+        "mass_bias": mass_bias,
+    }
+
+
+def add_flashhead(path: Path, **options) -> None:
+    """Cluster the head of the mlx-lm model at ``path`` and make it a FlashHead folder: the
+    assets, and the model file that lets plain mlx-lm load it with ``trust_remote_code``.
+    ``options`` are those of :func:`cluster_model`."""
+    from mlx_lm import load
+
+    from .assets import save_assets
+
+    model, tokenizer = load(str(path))
+    save_assets(path, **cluster_model(model, tokenizer, **options), head_module=head_module(model))
+    shutil.copyfile(Path(__file__).with_name(MODEL_FILE), path / MODEL_FILE)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_file"] = MODEL_FILE
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 def convert(

@@ -48,24 +48,22 @@ def demo(
     force: bool = False,
 ) -> dict:
     """Run the demo and return what it printed as numbers."""
-    from mlx_lm import load
-
-    from .assets import load_assets
     from .convert import convert
-    from .patch import apply_flashhead
+    from .loading import load
+    from .patch import patch
 
     source = model or default_model()
     folder = converted_folder(source)
     if force or not folder.exists():
         print(f"[INFO] Converting {source} (cached at {folder})")
         convert(source, str(folder), dtype="float32", force=force)
-    mlx_model, tokenizer = load(str(folder))
+    mlx_model, tokenizer = load(str(folder), flashhead=False)
     if tokenizer.chat_template is not None:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
     dense_text, dense_tokens, dense_tps = generate_text(mlx_model, tokenizer, prompt, max_tokens)
-    apply_flashhead(mlx_model, load_assets(folder, mlx_model), n_probes=n_probes)
+    patch(mlx_model, folder, n_probes=n_probes)
     flash_text, flash_tokens, flash_tps = generate_text(mlx_model, tokenizer, prompt, max_tokens)
     agree = next(
         (i for i, (a, b) in enumerate(zip(dense_tokens, flash_tokens)) if a != b),

@@ -1,6 +1,10 @@
-"""Install a FlashHead on an mlx-lm model, and load a converted FlashHead folder."""
+"""Install a FlashHead on an mlx-lm model, remove it, and load FlashHead models like mlx-lm."""
 
-from typing import Optional
+import os
+import warnings
+import weakref
+from pathlib import Path
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,7 +14,17 @@ from .head import FlashHead
 from .model_head import head_module, is_tied, language_model
 
 # mlx-lm model files whose forward pass ends in ``embed_tokens.as_linear`` or ``lm_head``.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma2")
+# Architectures that apply a final logit softcap after the head, and the attribute holding it.
+SOFTCAP_ATTRIBUTES = {"gemma2": "final_logit_softcapping"}
+
+# Assets of the heads that :func:`unpatch` removed, by id of their model, for :func:`patch`.
+_removed: dict = {}
+
+
+def disabled() -> bool:
+    """Whether ``FLASHHEAD_DISABLE`` turns FlashHead off everywhere (for debugging)."""
+    return os.environ.get("FLASHHEAD_DISABLE", "") not in ("", "0")
 
 
 class FlashEmbedding(nn.Module):
@@ -30,26 +44,35 @@ class FlashEmbedding(nn.Module):
         return self.head(h)
 
 
+class SoftcappedModel:
+    """Mixed into a softcapping model's class while a FlashHead is installed: the head applies
+    the softcap itself (``-inf`` must stay ``-inf``), so the model's own is skipped."""
+
+    def __call__(self, inputs: mx.array, cache=None):
+        return self.model.embed_tokens.as_linear(self.model(inputs, cache))
+
+
 def architecture(model: nn.Module) -> str:
     """The mlx-lm model file of the language model (``"llama"``, ``"gemma3_text"``, ...)."""
     return type(language_model(model)).__module__.rsplit(".", 1)[-1]
 
 
 def flash_head(model: nn.Module) -> FlashHead:
-    """The FlashHead installed on ``model`` by :func:`apply_flashhead`."""
+    """The FlashHead installed on ``model`` by :func:`patch` or :func:`load`."""
     module = head_module(model)
     head = module.head if isinstance(module, FlashEmbedding) else module
     if not isinstance(head, FlashHead):
-        raise ValueError("the model has no FlashHead: call apply_flashhead or load first")
+        raise ValueError("the model has no FlashHead: call flashhead_mlx.patch or load first")
     return head
 
 
-def apply_flashhead(
-    model: nn.Module,
-    assets: dict,
-    n_probes: Optional[int] = None,
-    sampling_temperature: Optional[float] = None,
-) -> nn.Module:
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` has a FlashHead installed."""
+    module = head_module(model)
+    return isinstance(module, (FlashHead, FlashEmbedding))
+
+
+def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = None) -> nn.Module:
     """Replace the head of an mlx-lm ``model`` by a FlashHead built from ``assets``, in place.
 
     The head's rows are reordered into cluster order and the original rows are released: a tied
@@ -60,8 +83,6 @@ def apply_flashhead(
         model (nn.Module): a model loaded with ``mlx_lm.load``.
         assets (dict): from :func:`flashhead_mlx.assets.load_assets` or ``make_assets``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
-        sampling_temperature (float, optional): sample the full vocabulary at this temperature
-            (pass the same temperature to mlx-lm's sampler). Default: ``None``.
     """
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -69,41 +90,100 @@ def apply_flashhead(
             f"FlashHead does not support the {arch!r} architecture "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    if is_patched(model):
+        raise ValueError("the model already has a FlashHead: call flashhead_mlx.unpatch first")
     lm = language_model(model)
-    head = FlashHead.from_module(
-        head_module(model), assets, n_probes=n_probes, sampling_temperature=sampling_temperature
-    )
+    softcap = getattr(lm, SOFTCAP_ATTRIBUTES[arch]) if arch in SOFTCAP_ATTRIBUTES else None
+    head = FlashHead.from_module(head_module(model), assets, n_probes=n_probes, softcap=softcap)
     mx.eval(head.parameters())
     if is_tied(model):
         lm.model.embed_tokens = FlashEmbedding(head)
     else:
         lm.lm_head = head
+    if softcap is not None:
+        original = type(lm)
+        namespace = {"__module__": original.__module__}
+        lm.__class__ = type(original.__name__, (SoftcappedModel, original), namespace)
     return model
 
 
-def load(
-    path_or_hf_repo: str,
+def head_assets(head: FlashHead) -> dict:
+    """The assets a FlashHead was built from (in the form :func:`apply_flashhead` takes)."""
+    names = ("order", "centroids", "centroid_scales", "centroid_biases", "cluster_bias")
+    assets = {name: getattr(head, name) for name in names if name in head}
+    if head.mass_bias is not None:
+        assets["mass_bias"] = head.mass_bias
+    assets.update(
+        cluster_size=head.cluster_size,
+        n_probes=head.n_probes,
+        centroid_bits=head.centroid_bits,
+        centroid_group_size=head.centroid_group_size,
+    )
+    return assets
+
+
+def _dense_module(head: FlashHead, tied: bool) -> nn.Module:
+    """The head as mlx-lm builds it (token order): ``nn.Embedding``/``nn.Linear`` or quantized."""
+    if "scales" in head:
+        quantization = dict(group_size=head.group_size, bits=head.bits, mode=head.mode)
+        if tied:
+            module = nn.QuantizedEmbedding(1, 128, **quantization)
+        else:
+            module = nn.QuantizedLinear(128, 1, bias=False, **quantization)
+        if tied:
+            module.num_embeddings = head.vocab_size
+            module.dims = head.weight.shape[1] * 32 // head.bits
+        module.scales = mx.take(head.scales, head.inverse, axis=0)
+        if head.biases is not None:
+            module.biases = mx.take(head.biases, head.inverse, axis=0)
+    else:
+        module = nn.Embedding(1, 1) if tied else nn.Linear(1, 1, bias=False)
+    module.weight = mx.take(head.weight, head.inverse, axis=0)
+    return module
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the dense head back on a FlashHead ``model`` (rows back in token order), in place.
+
+    :func:`patch` without assets installs the same FlashHead again. Returns ``model``.
+    """
+    head = flash_head(model)
+    lm = language_model(model)
+    tied = isinstance(head_module(model), FlashEmbedding)
+    dense = _dense_module(head, tied)
+    mx.eval(dense.parameters())
+    if tied:
+        lm.model.embed_tokens = dense
+    else:
+        lm.lm_head = dense
+    if isinstance(lm, SoftcappedModel):
+        lm.__class__ = type(lm).__mro__[2]
+    if id(model) not in _removed:
+        weakref.finalize(model, _removed.pop, id(model), None)
+    _removed[id(model)] = head_assets(head)
+    return model
+
+
+def patch(
+    model: nn.Module,
+    assets: Union[dict, str, Path, None] = None,
     n_probes: Optional[int] = None,
-    sampling_temperature: Optional[float] = None,
-    **kwargs,
-):
-    """``mlx_lm.load`` a converted FlashHead folder and install its FlashHead.
+) -> nn.Module:
+    """Install a FlashHead on an mlx-lm ``model``, in place, and return it.
 
     Args:
-        path_or_hf_repo (str): a local folder or a Hugging Face repository.
-        n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
-        sampling_temperature (float, optional): sample the full vocabulary at this temperature
-            (pass the same temperature to mlx-lm's sampler). Default: ``None``.
-        **kwargs: passed to ``mlx_lm.load`` (``tokenizer_config``, ``lazy``, ...).
-
-    Returns:
-        What ``mlx_lm.load`` returns: ``(model, tokenizer)``, plus the config when asked.
+        model (nn.Module): a model loaded with ``mlx_lm.load`` (or unpatched by :func:`unpatch`).
+        assets (dict or path, optional): the clusters: a converted FlashHead folder, or assets
+            from :func:`flashhead_mlx.assets.load_assets`. Default: those :func:`unpatch` removed.
+        n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
     """
-    from mlx_lm import load as mlx_lm_load
-    from mlx_lm.utils import _download
-
-    folder = _download(path_or_hf_repo, revision=kwargs.get("revision"))
-    loaded = mlx_lm_load(str(folder), **{k: v for k, v in kwargs.items() if k != "revision"})
-    assets = load_assets(folder, loaded[0])
-    apply_flashhead(loaded[0], assets, n_probes, sampling_temperature)
-    return loaded
+    if disabled():
+        warnings.warn("FLASHHEAD_DISABLE is set: the model keeps its dense head")
+        return model
+    if assets is None:
+        if id(model) not in _removed:
+            raise ValueError("pass the assets (or a converted folder) to patch this model")
+        assets = _removed[id(model)]
+    elif not isinstance(assets, dict):
+        assets = load_assets(assets, model)
+    return apply_flashhead(model, assets, n_probes)

@@ -18,13 +18,13 @@ import mlx.core as mx
 FIT_TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0)
 
 
-def mass_offsets(mass_bias: mx.array, temperature: float) -> mx.array:
-    """``a_k(T) = sum_j mass_bias[j, k] / T**j`` ``[n_clusters]``."""
-    powers = mx.array([temperature**-j for j in range(mass_bias.shape[0])], mx.float32)
-    return powers @ mass_bias
+def mass_offsets(mass_bias: mx.array, temperature) -> mx.array:
+    """``a_k(T) = sum_j mass_bias[j, k] / T**j`` ``[..., n_clusters]`` (``T`` a float or an
+    array ``[M, 1]``)."""
+    return sum(mass_bias[j] * temperature**-j for j in range(mass_bias.shape[0]))
 
 
-def _tail_log_probs(head, scores: mx.array, probes: mx.array, temperature: float) -> mx.array:
+def _tail_log_probs(head, scores: mx.array, probes: mx.array, temperature) -> mx.array:
     """``log q_k``: how likely each non-probed cluster is to be drawn; ``-inf`` at the probes."""
     if head.mass_bias is None:
         raise ValueError(
@@ -37,16 +37,24 @@ def _tail_log_probs(head, scores: mx.array, probes: mx.array, temperature: float
     return log_mass - mx.where(mx.isinf(total), 0.0, total)  # all -inf when every cluster is probed
 
 
+def _greedy_rows(temperature) -> Tuple[mx.array, mx.array]:
+    """Which rows are greedy (temperature ``<= 0``), and the temperatures with those set to 1."""
+    greedy = mx.array(temperature) <= 0
+    return greedy, mx.where(greedy, 1.0, temperature)
+
+
 def sampling_logits(
-    head, h: mx.array, temperature: float, key: Optional[mx.array] = None
+    head, h: mx.array, temperature, key: Optional[mx.array] = None
 ) -> Tuple[mx.array, mx.array]:
     """Token ids and logits ``[M, (n_probes + 1) * cluster_size]`` of one draw's categorical.
 
     The candidates, then the tokens of one non-probed cluster ``k`` drawn with probability
-    ``q_k``; the logits are already divided by ``temperature``. Sampling ``softmax(logits)``
-    draws from the full-vocabulary sampler.
+    ``q_k``; the logits are already divided by ``temperature`` (a float, or an array ``[M, 1]``
+    of per-row temperatures where ``0`` marks a greedy row: its drawn cluster gets ``-inf``).
+    Sampling ``softmax(logits)`` draws from the full-vocabulary sampler.
     """
     h = h.reshape(-1, h.shape[-1])
+    greedy, temperature = _greedy_rows(temperature)
     scores = head.cluster_scores(h)
     probes = head.probe(h, scores)
     tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
@@ -57,7 +65,8 @@ def sampling_logits(
     n_candidates = head.n_probes * head.cluster_size
     drawn_log_prob = mx.take_along_axis(tail_log_probs, drawn, axis=-1)
     # With every cluster probed there is no tail: its weight is zero, never exp(+inf).
-    tail = mx.where(mx.isinf(drawn_log_prob), -mx.inf, logits[:, n_candidates:] - drawn_log_prob)
+    no_tail = mx.isinf(drawn_log_prob) | greedy
+    tail = mx.where(no_tail, -mx.inf, logits[:, n_candidates:] - drawn_log_prob)
     return tokens, mx.concatenate([logits[:, :n_candidates], tail], axis=-1)
 
 
@@ -70,14 +79,15 @@ def sample(head, h: mx.array, temperature: float, key: Optional[mx.array] = None
 
 
 def full_vocabulary_logits(
-    head, h: mx.array, temperature: float, key: Optional[mx.array] = None
+    head, h: mx.array, temperature, key: Optional[mx.array] = None
 ) -> mx.array:
     """Logits ``[..., V]`` that mlx-lm's sampler at ``temperature`` turns into one sampler draw.
 
     ``-inf`` outside the candidates and the drawn cluster; a new cluster is drawn at every call.
+    ``temperature`` is a float or per-row ``[M, 1]`` (``0``: greedy, candidates only).
     """
     tokens, logits = sampling_logits(head, h, temperature, key)
-    full = head.scatter(tokens, logits * temperature)
+    full = head.scatter(tokens, logits * _greedy_rows(temperature)[1])
     return full.reshape(*h.shape[:-1], head.vocab_size)
 
 

@@ -14,7 +14,7 @@ CHILD = """
 import json, sys
 import mlx.core as mx
 from mlx_lm import load as dense_load
-from flashhead_mlx.patch import load as flash_load
+from flashhead_mlx import load as flash_load
 
 model, _ = (flash_load if sys.argv[2] == "flashhead" else dense_load)(sys.argv[1])
 mx.eval(model(mx.array([[1, 2, 3]])), model(mx.array([[4]])))

@@ -65,6 +65,7 @@ def make_tiny_model(
     """Write a tiny random mlx-lm model folder (float32) that ``mlx_lm.load`` reads.
 
     ``config_overrides`` replace entries of the default ``config.json``."""
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     config = {
@@ -81,20 +82,26 @@ def make_tiny_model(
         "tie_word_embeddings": tied,
         "max_position_embeddings": 512,
     }
-    if model_type == "gemma3_text":
-        config.update(
-            query_pre_attn_scalar=hidden_size // 4,
-            sliding_window=64,
-            sliding_window_pattern=2,
-        )
+    if model_type in ("gemma3_text", "gemma3", "gemma2"):
+        config.update(query_pre_attn_scalar=hidden_size // 4, sliding_window=64)
+    if model_type in ("gemma3_text", "gemma3"):
+        config.update(sliding_window_pattern=2)
     config.update(config_overrides)
+    wrapped = model_type == "gemma3"  # the multimodal wrapper around a gemma3_text model
+    if wrapped:
+        config["model_type"] = "gemma3_text"
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     mx.random.seed(seed)
     model, config = load_model(path, lazy=False, strict=False)
     if quantize:
         model, config = quantize_model(model, config, group_size=32, bits=4)
-    save_model(path, model, donate_model=False)
+    if wrapped:
+        weights = {f"language_model.{k}": v for k, v in tree_flatten(model.parameters())}
+        mx.save_safetensors(str(path / "model.safetensors"), weights)
+        config = {"model_type": "gemma3", "vocab_size": vocab_size, "text_config": config}
+    else:
+        save_model(path, model, donate_model=False)
     save_config(config, path / "config.json")
     make_tokenizer(path, vocab_size)
     return path

@@ -16,7 +16,7 @@ from conftest import gguf_path
 from flashhead_mlx import clustering
 from flashhead_mlx.convert import convert
 from flashhead_mlx.model_head import final_hidden_states
-from flashhead_mlx.patch import load
+from flashhead_mlx import decoding, load
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 
@@ -31,22 +31,25 @@ def converted(tmp_path_factory, tiny_llama) -> Path:
     return convert(str(tiny_llama), str(out), calibration_tokens=256)
 
 
-def test_output_is_a_dense_mlx_lm_folder(converted, tiny_llama):
+def test_output_is_an_mlx_lm_folder_with_flashhead_assets(converted, tiny_llama):
     source, _ = mlx_lm.load(str(tiny_llama))
-    plain, _ = mlx_lm.load(str(converted))
+    plain, _ = load(str(converted), flashhead=False)
     np.testing.assert_allclose(np.array(plain(TOKENS)), np.array(source(TOKENS)), rtol=1e-5, atol=1e-5)
-    section = json.loads((converted / "config.json").read_text())["flashhead"]
+    config = json.loads((converted / "config.json").read_text())
+    section = config["flashhead"]
     assert section["cluster_size"] == 16
     assert section["n_clusters"] == -(-1000 // 16)
     assert 1 <= section["n_probes"] <= section["n_clusters"]
     assert (converted / "flashhead.safetensors").is_file()
+    assert (converted / config["model_file"]).is_file()
 
 
 def test_flashhead_load_matches_dense(converted):
-    dense, _ = mlx_lm.load(str(converted))
+    dense, _ = load(str(converted), flashhead=False)
     model, _ = load(str(converted))
     np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
-    step = np.array(model(TOKENS[:, :1]))[0, 0]
+    with decoding():
+        step = np.array(model(TOKENS[:, :1]))[0, 0]
     reference = np.array(dense(TOKENS[:, :1]))[0, 0]
     finite = np.isfinite(step)
     assert 0 < finite.sum() < step.size
@@ -118,7 +121,7 @@ def test_convert_smollm2_gguf(tmp_path):
     out = tmp_path / "smollm2-flashhead"
     result = run_cli("convert", "--model", str(source), "--output", str(out), "--calibration-tokens", "2048")
     assert result.returncode == 0, result.stderr
-    dense, tokenizer = mlx_lm.load(str(out))
+    dense, tokenizer = load(str(out), flashhead=False)
     model, _ = load(str(out))
     prompt = mx.array([tokenizer.encode("Emma Woodhouse, handsome, clever, and rich, with a comfortable home")])
     tokens = mx.array([[*prompt[0].tolist(), *mx.argmax(dense(prompt)[0], axis=-1).tolist()]])
@@ -127,7 +130,8 @@ def test_convert_smollm2_gguf(tmp_path):
     hidden = final_hidden_states(model, tokens)
     contained = 0
     for position in range(tokens.shape[1]):
-        step = np.array(head(hidden[:, position : position + 1]))[0, 0]
+        with decoding():
+            step = np.array(head(hidden[:, position : position + 1]))[0, 0]
         if np.isfinite(step[dense_argmax[position]]):
             contained += 1
             assert int(np.argmax(step)) == dense_argmax[position]

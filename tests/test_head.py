@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_clusters
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx.decode import decoding
 from flashhead_mlx.head import FlashHead
 
 VOCAB, DIMS, CLUSTER = 1000, 64, 16  # 63 clusters, 8 padding slots
@@ -53,11 +54,20 @@ def hidden(weight, n, seed=1):
     return (2 * picks + rng.normal(0, 1, picks.shape)).astype(np.float32)
 
 
+def decode_step(head, h) -> np.ndarray:
+    """The head's logits for ``h`` in a decode step."""
+    with decoding():
+        return np.array(head(mx.array(h)))
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_prefill_is_exact_dense(weight, clusters, quantized):
     head, rows = make_head(weight, clusters, quantized)
     h = hidden(weight, 2 * 5).reshape(2, 5, DIMS)
     np.testing.assert_allclose(np.array(head(mx.array(h))), h @ rows.T, rtol=1e-4, atol=1e-4)
+    # Outside a decode step even a single position is exact.
+    single = mx.array(h[:, :1])
+    np.testing.assert_allclose(np.array(head(single)), h[:, :1] @ rows.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -65,7 +75,7 @@ def test_prefill_is_exact_dense(weight, clusters, quantized):
 def test_decode_logits_are_dense_at_candidates(weight, clusters, quantized, centroid_bits):
     head, rows = make_head(weight, clusters, quantized, centroid_bits=centroid_bits)
     h = hidden(weight, 6).reshape(6, 1, DIMS)
-    logits = np.array(head(mx.array(h)))[:, 0]
+    logits = decode_step(head, h)[:, 0]
     tokens, dense = reference_candidates(head, rows, h[:, 0])
     for row, expected, ref in zip(logits, tokens, dense):
         finite = set(np.flatnonzero(np.isfinite(row)))
@@ -79,7 +89,7 @@ def test_decode_logits_are_dense_at_candidates(weight, clusters, quantized, cent
 def test_all_probes_is_dense(weight, clusters, quantized):
     head, rows = make_head(weight, clusters, quantized, n_probes=clusters["centroids"].shape[0])
     h = hidden(weight, 3).reshape(3, 1, DIMS)
-    np.testing.assert_allclose(np.array(head(mx.array(h))), h @ rows.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(decode_step(head, h), h @ rows.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -112,14 +122,14 @@ def test_ties_go_to_the_lowest_token_id(weight, clusters):
     tied[700] = tied[3] = 5 * tied[3]
     head, _ = make_head(tied, clusters, n_probes=clusters["centroids"].shape[0])
     assert int(head.greedy(mx.array(tied[3:4]))[0]) == 3
-    assert int(np.argmax(np.array(head(mx.array(tied[None, 3:4])))[0, 0])) == 3
+    assert int(np.argmax(decode_step(head, tied[None, 3:4])[0, 0])) == 3
 
 
 def test_batch_rows_get_their_own_probes(weight, clusters):
     head, _ = make_head(weight, clusters, n_probes=4)
     h = mx.array(hidden(weight, 5)).reshape(5, 1, DIMS)
-    batched = np.array(head(h))
-    single = np.concatenate([np.array(head(h[i : i + 1])) for i in range(5)])
+    batched = decode_step(head, h)
+    single = np.concatenate([decode_step(head, h[i : i + 1]) for i in range(5)])
     np.testing.assert_array_equal(batched, single)
     finite = np.isfinite(batched[:, 0])
     assert len({tuple(np.flatnonzero(f)) for f in finite}) > 1
@@ -139,7 +149,7 @@ def test_softcap(weight, clusters):
     capped = np.tanh(h @ rows.T / 3.0) * 3.0
     dense = np.array(head.dense_logits(mx.array(h)))
     np.testing.assert_allclose(dense, capped, rtol=1e-5, atol=1e-5)
-    step = np.array(head(mx.array(h[:, None])))[:, 0]
+    step = decode_step(head, h[:, None])[:, 0]
     finite = np.isfinite(step)
     assert finite.any() and np.all(np.isneginf(step[~finite]))
     np.testing.assert_allclose(step[finite], capped[finite], rtol=1e-5, atol=1e-5)

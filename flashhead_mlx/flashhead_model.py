@@ -1,0 +1,143 @@
+"""FlashHead model file: lets plain mlx-lm load this folder with ``trust_remote_code=True``.
+
+mlx-lm runs this file (config.json names it in ``model_file``) to build the model. The model is
+the folder's own mlx-lm architecture (``model_type``); once its weights are loaded, its dense head
+is replaced by a FlashHead built from ``flashhead.safetensors``. With ``flashhead_mlx`` installed
+that is the library's FlashHead (exact dense logits outside mlx-lm's decode loops); without it, a
+small pure-MLX FlashHead below (greedy candidates at single-position calls, dense otherwise).
+``FLASHHEAD_DISABLE=1`` keeps the dense head. Written by ``flashhead-mlx convert``; do not edit.
+"""
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import _get_classes
+
+FOLDER = Path(__file__).resolve().parent
+
+
+class ModelArgs:
+    """The whole config; the architecture's own arguments are made by :func:`Model`."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        return cls(config)
+
+
+class FlashHeadLoading:
+    """Mixed into the architecture's model class: installs the FlashHead after loading."""
+
+    def load_weights(self, *args, **kwargs):
+        result = super().load_weights(*args, **kwargs)
+        if os.environ.get("FLASHHEAD_DISABLE", "") in ("", "0"):
+            install(self)
+        return result
+
+
+def Model(args: ModelArgs) -> nn.Module:
+    """The folder's mlx-lm architecture, which installs a FlashHead once its weights load."""
+    config = {k: v for k, v in args.config.items() if k != "model_file"}
+    model_class, args_class = _get_classes(config)
+    namespace = {"__module__": model_class.__module__}
+    loading_class = type(model_class.__name__, (FlashHeadLoading, model_class), namespace)
+    return loading_class(args_class.from_dict(config))
+
+
+def install(model: nn.Module) -> None:
+    """Install the FlashHead of this folder on ``model``."""
+    try:
+        from flashhead_mlx.patch import patch
+    except ImportError:
+        install_fallback(model)
+    else:
+        patch(model, FOLDER)
+
+
+class FallbackHead(nn.Module):
+    """A pure-MLX FlashHead over the model's own head module (rows left in token order)."""
+
+    def __init__(self, module: nn.Module, arrays: dict, section: dict):
+        super().__init__()
+        self.module = module
+        self.tokens = arrays["order"].reshape(section["n_clusters"], section["cluster_size"])
+        self.centroids = arrays["centroids"]
+        self.centroid_bits = section["centroid_bits"]
+        self.centroid_group_size = section["centroid_group_size"]
+        if self.centroid_bits is not None:
+            self.centroid_scales = arrays["centroid_scales"]
+            self.centroid_biases = arrays["centroid_biases"]
+        self.cluster_bias = arrays["cluster_bias"]
+        self.n_probes = section["n_probes"]
+        self.freeze()
+
+    def dense(self, h: mx.array) -> mx.array:
+        module = self.module
+        return module.as_linear(h) if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) else module(h)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        if h.shape[-2] != 1:
+            return self.dense(h)
+        x = h.astype(mx.float32)
+        if self.centroid_bits is None:
+            scores = x @ self.centroids.T
+        else:
+            scores = mx.quantized_matmul(
+                x, self.centroids, self.centroid_scales, self.centroid_biases,
+                group_size=self.centroid_group_size, bits=self.centroid_bits,
+            )
+        scores = scores + self.cluster_bias
+        probes = mx.argpartition(-scores, self.n_probes - 1, axis=-1)[..., : self.n_probes]
+        tokens = self.tokens[probes].reshape(*h.shape[:-1], -1)
+        ids = mx.maximum(tokens, 0)
+        module = self.module
+        if "scales" in module:
+            rows = mx.dequantize(
+                module.weight[ids], module.scales[ids], module.get("biases")[ids] if "biases" in module else None,
+                group_size=module.group_size, bits=module.bits, mode=module.mode,
+            )
+        else:
+            rows = module.weight[ids]
+        logits = (rows @ h[..., None]).squeeze(-1)
+        logits = mx.where(tokens >= 0, logits, -mx.inf)
+        vocab_size = module.weight.shape[0]
+        full = mx.full((*tokens.shape[:-1], vocab_size + 1), -mx.inf, logits.dtype)
+        slots = mx.where(tokens >= 0, tokens, vocab_size)
+        return mx.put_along_axis(full, slots, logits, axis=-1)[..., :vocab_size]
+
+
+class FallbackEmbedding(nn.Module):
+    """A tied embedding whose ``as_linear`` is a :class:`FallbackHead`."""
+
+    def __init__(self, head: FallbackHead):
+        super().__init__()
+        self.head = head
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.head.module(tokens)
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        return self.head(h)
+
+
+def install_fallback(model: nn.Module) -> None:
+    """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed)."""
+    config = json.loads((FOLDER / "config.json").read_text())
+    lm = getattr(model, "language_model", model)
+    if config.get("final_logit_softcapping") or "lm_head" not in lm and not hasattr(lm.model, "embed_tokens"):
+        warnings.warn("this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept")
+        return
+    arrays = mx.load(str(FOLDER / "flashhead.safetensors"))
+    tied = "lm_head" not in lm
+    module = lm.model.embed_tokens if tied else lm.lm_head
+    head = FallbackHead(module, arrays, config["flashhead"])
+    if tied:
+        lm.model.embed_tokens = FallbackEmbedding(head)
+    else:
+        lm.lm_head = head

@@ -1,0 +1,106 @@
+"""``load``: mlx-lm's loader, with a FlashHead installed when the folder has one."""
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .assets import ASSETS_FILE, MODEL_FILE, head_fingerprint, load_assets
+from .model_head import head_module
+from .patch import apply_flashhead, disabled
+
+CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "clusters"
+LOAD_OPTIONS = ("convert", "n_probes")
+
+
+def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
+    """The local folder of a model, downloaded with its FlashHead assets when on the hub."""
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, _download
+
+    return _download(
+        path_or_hf_repo, revision=revision, allow_patterns=[*DEFAULT_ALLOW_PATTERNS, ASSETS_FILE]
+    )
+
+
+def cached_assets(model, tokenizer, cache_dir: Path = CACHE_DIR) -> dict:
+    """The FlashHead assets of ``model``'s head, clustered once and cached by its fingerprint."""
+    from .convert import cluster_model
+    from .assets import save_assets
+
+    folder = cache_dir / head_fingerprint(head_module(model)).replace("sha256:", "")
+    if not (folder / ASSETS_FILE).is_file():
+        start = time.perf_counter()
+        result = cluster_model(model, tokenizer)
+        stage = folder.with_name(folder.name + ".partial")
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "config.json").write_text("{}")
+        save_assets(stage, **result, head_module=head_module(model))
+        stage.rename(folder)
+        warnings.warn(
+            f"FlashHead: clustered the head in {time.perf_counter() - start:.0f} s (cached in "
+            f"{folder}); convert the model once with `flashhead-mlx convert` to skip this"
+        )
+    return load_assets(folder, model)
+
+
+def load(
+    path_or_hf_repo: str,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    *,
+    flashhead: Union[bool, dict] = True,
+    n_probes: Optional[int] = None,
+):
+    """``mlx_lm.load``, with a FlashHead installed when the folder has FlashHead assets.
+
+    Takes ``mlx_lm.load``'s arguments and returns what it returns (``(model, tokenizer)``, plus
+    the config with ``return_config=True``), usable with ``mlx_lm.generate``, ``stream_generate``,
+    ``batch_generate``, ``generate_step``, and mlx-lm's samplers and logits processors.
+
+    Args:
+        flashhead (bool or dict): ``False`` loads the dense head. A dict sets options:
+            ``{"convert": True}`` clusters a folder without assets on the fly (cached under
+            ``~/.cache/flashhead-mlx/clusters``), ``{"n_probes": 256}`` overrides the probes.
+            Default: ``True`` (FlashHead when the folder has assets, dense otherwise).
+        n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
+    """
+    from mlx_lm.utils import load as mlx_lm_load
+
+    options = flashhead if isinstance(flashhead, dict) else {}
+    unknown = set(options) - set(LOAD_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown flashhead options {sorted(unknown)}; choose from {LOAD_OPTIONS}")
+    enabled = flashhead is not False and not disabled()
+    n_probes = options.get("n_probes", n_probes)
+
+    folder = download(path_or_hf_repo, revision=revision)
+    model_config = dict(model_config or {})
+    if json.loads((folder / "config.json").read_text()).get("model_file") == MODEL_FILE:
+        # Our own model file: the library does what it would, without running the folder's code.
+        model_config["model_file"] = None
+    model, tokenizer, config = mlx_lm_load(
+        str(folder),
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        lazy=lazy,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
+    if enabled:
+        if "flashhead" in config:
+            apply_flashhead(model, load_assets(folder, model), n_probes)
+        elif options.get("convert"):
+            apply_flashhead(model, cached_assets(model, tokenizer), n_probes)
+        else:
+            warnings.warn(
+                f"{path_or_hf_repo} has no FlashHead assets: loaded with its dense head "
+                "(convert it with `flashhead-mlx convert`, or pass flashhead={'convert': True})"
+            )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
