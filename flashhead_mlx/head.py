@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .decode import DecodeContext, decode_context, temperature_array
+from .kernels import centroid_topk, cluster_argmax, cluster_scores, slot_tokens, top_clusters
 from .sampling import full_vocabulary_logits
 
 
@@ -32,9 +34,6 @@ class FlashHead(nn.Module):
         mode (str): quantization mode of ``weight``. Default: ``"affine"``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
         softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
-        sampling_temperature (float, optional): when set, decode steps return the logits of one
-            full-vocabulary sampler draw (:mod:`flashhead_mlx.sampling`), to be sampled at this
-            same temperature. Default: ``None`` (the candidates' logits only).
     """
 
     def __init__(
@@ -48,7 +47,6 @@ class FlashHead(nn.Module):
         mode: str = "affine",
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
-        sampling_temperature: Optional[float] = None,
     ):
         super().__init__()
         order = assets["order"].astype(mx.int32)
@@ -88,7 +86,6 @@ class FlashHead(nn.Module):
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
         self.softcap = softcap
-        self.sampling_temperature = sampling_temperature
         self.freeze()
 
     @classmethod
@@ -98,7 +95,6 @@ class FlashHead(nn.Module):
         assets: dict,
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
-        sampling_temperature: Optional[float] = None,
     ) -> "FlashHead":
         """Build from the model's ``lm_head`` or tied ``embed_tokens`` (float or quantized)."""
         quantized = "scales" in module
@@ -112,7 +108,6 @@ class FlashHead(nn.Module):
             mode=getattr(module, "mode", "affine"),
             n_probes=n_probes,
             softcap=softcap,
-            sampling_temperature=sampling_temperature,
         )
 
     def _extra_repr(self) -> str:
@@ -127,65 +122,64 @@ class FlashHead(nn.Module):
             return logits
         return mx.tanh(logits / self.softcap) * self.softcap
 
+    # The two stages are the kernels' (flashhead_mlx.kernels: Metal when available, else their
+    # pure-MLX path), so every caller gets the same scores, probes and logits.
+
+    def _centroids(self) -> tuple:
+        """The centroids as the stage-1 kernel takes them: centroids, scales, biases, bias."""
+        scales, biases = self.get("centroid_scales"), self.get("centroid_biases")
+        return self.centroids, scales, biases, self.cluster_bias
+
     def cluster_scores(self, h: mx.array) -> mx.array:
-        """Stage-1 scores ``[..., n_clusters]``: ``h`` against the centroids, plus bias."""
-        if self.centroid_bits is None:
-            scores = h @ self.centroids.T
-        else:
-            scores = mx.quantized_matmul(
-                h,
-                self.centroids,
-                self.centroid_scales,
-                self.centroid_biases,
-                transpose=True,
-                group_size=self.centroid_group_size,
-                bits=self.centroid_bits,
-            )
-        return scores + self.cluster_bias
+        """Stage-1 scores ``[..., n_clusters]`` (float32): ``h`` against the centroids, plus
+        bias."""
+        return cluster_scores(h, *self._centroids(), self.centroid_group_size, self.centroid_bits)
 
     def probe(self, h: mx.array, scores: Optional[mx.array] = None) -> mx.array:
-        """The ``n_probes`` best clusters ``[..., n_probes]`` (uint32, in no particular order)."""
-        if scores is None:
-            scores = self.cluster_scores(h)
-        return mx.argpartition(-scores, kth=self.n_probes - 1, axis=-1)[..., : self.n_probes]
+        """The ``n_probes`` best clusters ``[..., n_probes]`` (uint32, ascending; ties to the
+        lowest cluster id): by the stage-1 kernel, or from ``scores`` (:meth:`cluster_scores`)
+        when given."""
+        if scores is not None:
+            return top_clusters(scores, self.n_probes)[0]
+        ids, _ = centroid_topk(
+            h, *self._centroids(), self.n_probes, self.centroid_group_size, self.centroid_bits
+        )
+        return ids
+
+    def _cluster_argmax(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
+        """The stage-2 kernel on the rows of ``clusters``: the greedy token and the logits."""
+        return cluster_argmax(
+            h,
+            clusters,
+            self.weight,
+            self.get("scales"),
+            self.get("biases"),
+            self.order,
+            self.cluster_size,
+            self.group_size,
+            self.bits,
+            self.softcap,
+            self.mode,
+        )
 
     def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
-        """Token ids and exact logits ``[..., K * s]`` of the rows of ``clusters`` ``[..., K]``.
+        """Token ids and exact logits ``[..., K * s]`` (float32) of the rows of ``clusters``
+        ``[..., K]``.
 
         Padding slots have token id -1 and logit ``-inf``.
         """
-        lead, s = h.shape[:-1], self.cluster_size
-        x = h.reshape(-1, 1, 1, h.shape[-1])
-        clusters = clusters.reshape(-1, clusters.shape[-1]).astype(mx.uint32)
-        if "scales" in self:
-            logits = mx.gather_qmm(
-                x,
-                self.weight.reshape(self.n_clusters, s, -1),
-                self.scales.reshape(self.n_clusters, s, -1),
-                None if self.biases is None else self.biases.reshape(self.n_clusters, s, -1),
-                rhs_indices=clusters,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-        else:
-            rows = self.weight.reshape(self.n_clusters, s, -1).swapaxes(-1, -2)
-            logits = mx.gather_mm(x, rows, rhs_indices=clusters)
-        slots = clusters[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)
-        tokens = self.order[slots].reshape(*lead, -1)
-        logits = self._softcap(logits).reshape(*lead, -1)
-        return tokens, mx.where(tokens >= 0, logits, -mx.inf)
+        _, logits = self._cluster_argmax(h, clusters)
+        return slot_tokens(clusters, self.order, self.cluster_size), logits
 
     def candidates(self, h: mx.array) -> Tuple[mx.array, mx.array]:
         """Token ids and exact logits of the probed clusters' rows ``[..., n_probes * s]``."""
         return self.cluster_logits(h, self.probe(h))
 
     def greedy(self, h: mx.array) -> mx.array:
-        """The highest-scoring candidate token ``[...]``; ties go to the lowest token id."""
-        tokens, logits = self.candidates(h)
-        best = logits.max(axis=-1, keepdims=True)
-        return mx.where(logits == best, tokens, self.vocab_size).min(axis=-1)
+        """The highest-scoring candidate token ``[...]`` (int32); ties go to the lowest token
+        id, and padding never wins."""
+        token, _ = self._cluster_argmax(h, self.probe(h))
+        return token
 
     def slot_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
@@ -232,16 +226,51 @@ class FlashHead(nn.Module):
             mode=self.mode,
         )
 
+    def token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
+        """The exact logits ``[..., K]`` of the tokens ``[K]``."""
+        slots = self.inverse[tokens]
+        if "scales" in self:
+            logits = mx.quantized_matmul(
+                h,
+                self.weight[slots],
+                self.scales[slots],
+                None if self.biases is None else self.biases[slots],
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+        else:
+            logits = h @ self.weight[slots].T
+        return self._softcap(logits.astype(mx.float32))
+
+    def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
+        """Logits ``[..., V]`` of a decode step: exact at the candidates and at the context's
+        extra tokens, ``-inf`` elsewhere; with sampling temperatures, one full-vocabulary
+        sampler draw's logits (:func:`flashhead_mlx.sampling.full_vocabulary_logits`)."""
+        temperatures = context.temperatures
+        if temperatures is None or not any(temperatures):
+            logits = self.sparse_logits(h)
+        else:
+            rows = h.reshape(-1, h.shape[-1]).shape[0]
+            if len(temperatures) > 1 and h.ndim > 2:
+                # Rows of a batch: each position of row b samples at temperature b.
+                temperatures = tuple(t for t in temperatures for _ in range(h.shape[-2]))
+            logits = full_vocabulary_logits(self, h, temperature_array(temperatures, rows))
+        if context.extra_tokens:
+            extra = mx.array(context.extra_tokens, mx.int32)
+            index = mx.broadcast_to(extra, (*logits.shape[:-1], extra.size))
+            logits = mx.put_along_axis(logits, index, self.token_logits(h, extra), axis=-1)
+        return logits
+
     def __call__(self, h: mx.array) -> mx.array:
         """Logits ``[..., L, V]`` for hidden states ``[..., L, d]``.
 
-        A decode step (``L == 1``) gets :meth:`sparse_logits` (or, with ``sampling_temperature``
-        set, one full-vocabulary sampler draw's logits), a drop-in for mlx-lm's samplers and
-        logits processors; longer inputs (prefill, perplexity, verification) get the exact
-        :meth:`dense_logits`.
+        Inside mlx-lm's decode loops (:func:`flashhead_mlx.decode.decoding`) the sparse
+        :meth:`decode_logits`, a drop-in for mlx-lm's samplers and logits processors; everywhere
+        else (perplexity, evaluation, any forward pass) the exact :meth:`dense_logits`.
         """
-        if h.shape[-2] != 1:
+        context = decode_context()
+        if context is None:
             return self.dense_logits(h)
-        if self.sampling_temperature is None:
-            return self.sparse_logits(h)
-        return full_vocabulary_logits(self, h, self.sampling_temperature)
+        return self.decode_logits(h, context)

@@ -7,12 +7,26 @@ import pytest
 
 from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
 from flashhead_mlx.testing.metal_emulator import emulate
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 QUANTIZED = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
 FORMATS = [(None, None)] + QUANTIZED
+
+
+def grid(shapes):
+    """(seed, dtype, bits, group_size, shape): every dtype and format with every shape
+    (B, d, ...) of shapes whose d is a multiple of the group size."""
+    cases = [(dtype, bits, group_size, shape) for dtype in DTYPES for bits, group_size in FORMATS
+             for shape in shapes if group_size is None or shape[1] % group_size == 0]
+    return [
+        pytest.param(seed, dtype, bits, group_size, shape,
+                     id=f"{dtype}-{bits}-{group_size}-" + "x".join(map(str, shape)))
+        for seed, (dtype, bits, group_size, shape) in enumerate(cases)
+    ]
 
 
 def both_paths(fn, *args, shuffle=False, seed=0, **kwargs):
@@ -94,17 +108,14 @@ def centroid_case(seed, B, d, n_clusters, dtype, bits, group_size):
 
 # (B, d, n_clusters, n_probes): n_probes mostly not a multiple of 32, and all clusters once.
 TOPK_SHAPES = [(1, 64, 130, 7), (3, 576, 200, 37), (8, 640, 97, 33), (5, 640, 64, 64),
-               (2, 64, 300, 1)]
+               (2, 64, 300, 1), (2, 896, 150, 19), (1, 2048, 70, 9)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_centroid_topk_matches_reference(dtype, bits, group_size):
-    k = FORMATS.index((bits, group_size)) + 7 * DTYPES.index(dtype)
-    shapes = [s for s in TOPK_SHAPES if group_size is None or s[1] % group_size == 0]
-    B, d, n_clusters, n_probes = shapes[k % len(shapes)]
-    h, centroids, scales, biases, cluster_bias = centroid_case(k, B, d, n_clusters, dtype, bits,
-                                                               group_size)
+@pytest.mark.parametrize("seed,dtype,bits,group_size,shape", grid(TOPK_SHAPES))
+def test_centroid_topk_matches_reference(seed, dtype, bits, group_size, shape):
+    B, d, n_clusters, n_probes = shape
+    h, centroids, scales, biases, cluster_bias = centroid_case(seed, B, d, n_clusters, dtype,
+                                                               bits, group_size)
     args = (h, centroids, scales, biases, cluster_bias, n_probes, group_size or 64, bits)
     metal, reference = both_paths(centroid_topk, *args)
     rows, magnitude = rows64(centroids, scales, biases, group_size, bits)
@@ -221,17 +232,15 @@ def check_argmax(token, logits, exact, bound, tokens):
 # (B, d, vocab_size, cluster_size, n_probes): vocabularies with padding, n_probes not a
 # multiple of 8 or 32 (one threadgroup scores 8 probes).
 ARGMAX_SHAPES = [(1, 64, 1000, 16, 5), (4, 576, 700, 32, 13), (8, 640, 1500, 16, 37),
-                 (2, 640, 900, 32, 21), (6, 64, 2000, 16, 40), (3, 576, 600, 16, 1)]
+                 (2, 640, 900, 32, 21), (6, 64, 2000, 16, 40), (3, 576, 600, 16, 1),
+                 (2, 896, 500, 32, 7), (1, 2048, 300, 16, 11)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_cluster_argmax_matches_reference(dtype, bits, group_size):
-    k = FORMATS.index((bits, group_size)) + 7 * DTYPES.index(dtype)
-    shapes = [s for s in ARGMAX_SHAPES if group_size is None or s[1] % group_size == 0]
-    B, d, vocab_size, cluster_size, n_probes = shapes[k % len(shapes)]
-    softcap = 30.0 if k % 2 else None
-    case = head_case(k, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
+@pytest.mark.parametrize("seed,dtype,bits,group_size,shape", grid(ARGMAX_SHAPES))
+def test_cluster_argmax_matches_reference(seed, dtype, bits, group_size, shape):
+    B, d, vocab_size, cluster_size, n_probes = shape
+    softcap = 30.0 if seed % 2 else None
+    case = head_case(seed, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
     args = (*case, cluster_size, group_size, bits, softcap)
     metal, reference = both_paths(cluster_argmax, *args)
     exact, bound, tokens = reference_logits(*args)
@@ -322,9 +331,11 @@ def test_kernels_choose_their_path(monkeypatch):
     monkeypatch.setenv("FLASHHEAD_KERNELS", "metal")
     with pytest.raises(AssertionError, match="was made"):
         cluster_argmax(*args)
-    # Formats the kernels do not cover (3-bit rows) take the pure-MLX path.
+    # Formats the kernels do not cover (3-bit rows, other modes) take the pure-MLX path.
     rows, scales, biases = mx.quantize(case[2], group_size=32, bits=3)
     cluster_argmax(case[0], case[1], rows, scales, biases, case[5], 16, 32, 3)
+    rows, scales = mx.quantize(case[2], group_size=32, bits=4, mode="mxfp4")
+    cluster_argmax(case[0], case[1], rows, scales, None, case[5], 16, 32, 4, mode="mxfp4")
     monkeypatch.setenv("FLASHHEAD_KERNELS", "cuda")
     with pytest.raises(ValueError, match="FLASHHEAD_KERNELS"):
         cluster_argmax(*args)
@@ -338,6 +349,60 @@ def test_leading_dimensions_are_kept():
         flat_ids, _ = centroid_topk(h, *args)
     assert ids.shape == scores.shape == (2, 3, 5)
     np.testing.assert_array_equal(np.array(ids).reshape(6, 5), np.array(flat_ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashHead runs the kernels
+
+
+# (dtype, bits, group_size, centroid_bits, cluster_size, softcap)
+HEADS = [(mx.float32, None, None, 4, 16, None), (mx.bfloat16, None, None, None, 32, 30.0),
+         (mx.float16, 4, 64, 8, 16, 30.0), (mx.bfloat16, 8, 32, 4, 32, None)]
+
+
+@pytest.mark.parametrize("dtype,bits,group_size,centroid_bits,cluster_size,softcap", HEADS)
+def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, centroid_bits,
+                                                       cluster_size, softcap):
+    rng = np.random.default_rng(cluster_size)
+    weight = rng.normal(size=(900, 64)).astype(np.float32)
+    assets = make_assets(make_clusters(weight, cluster_size), 7, centroid_bits=centroid_bits)
+    rows = mx.array(weight).astype(dtype)
+    if bits is None:
+        head = FlashHead(assets, rows, softcap=softcap)
+    else:
+        packed, scales, biases = mx.quantize(rows, group_size=group_size, bits=bits)
+        head = FlashHead(assets, packed, scales, biases, group_size, bits, softcap=softcap)
+    # Near some head rows, so that the best candidates stand out; leading dimensions [2, 3].
+    h = 2 * weight[rng.integers(0, 900, 6)] + rng.normal(size=(6, 64))
+    h = mx.array(h.astype(np.float32)).astype(dtype).reshape(2, 3, 64)
+
+    def run():
+        return [np.array(a) for a in (head.greedy(h), *head.candidates(h), head.probe(h),
+                                      head.probe(h, head.cluster_scores(h)))]
+
+    made = []
+    with emulate(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHHEAD_KERNELS", "metal")
+        factory = mx.fast.metal_kernel
+        mp.setattr(mx.fast, "metal_kernel", lambda **kw: made.append(kw["name"]) or factory(**kw))
+        metal = run()
+    assert sorted(set(made)) == ["centroid_topk", "cluster_argmax"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHHEAD_KERNELS", "mlx")
+        reference = run()
+
+    for greedy, tokens, logits, probes, scored_probes in (metal, reference):
+        assert greedy.shape == (2, 3) and greedy.dtype == np.int32
+        assert tokens.shape == logits.shape == (2, 3, 7 * cluster_size)
+        assert logits.dtype == np.float32 and probes.shape == (2, 3, 7)
+        # The kernel's probes are the ones ranked from cluster_scores: one ranking.
+        np.testing.assert_array_equal(probes, scored_probes)
+        best = logits == logits.max(axis=-1, keepdims=True)
+        np.testing.assert_array_equal(greedy, np.where(best, tokens, 1 << 30).min(axis=-1))
+    for a, b in zip(metal[:2] + metal[3:], reference[:2] + reference[3:]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.isinf(metal[2]), np.isinf(reference[2]))
+    np.testing.assert_allclose(metal[2], reference[2], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def centroid_topk(
 
 
 def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits) -> mx.array:
-    """Every cluster's score ``[B, n_clusters]`` in float32."""
+    """Every cluster's score ``[..., n_clusters]`` in float32, as :func:`centroid_topk` scores
+    them (the arguments are its own)."""
     f32 = mx.float32
     if bits is None:
         scores = h.astype(f32) @ centroids.astype(f32).T
@@ -69,15 +70,21 @@ def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
     return scores + cluster_bias.astype(f32)
 
 
-def _centroid_topk_mlx(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):
-    scores = cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
+def top_clusters(scores: mx.array, n_probes: int) -> Tuple[mx.array, mx.array]:
+    """The ``n_probes`` best of ``scores`` ``[..., n_clusters]`` as :func:`centroid_topk` ranks
+    them: their ids ``[..., n_probes]`` (uint32, ascending; ties to the lowest id) and scores."""
     n = scores.shape[-1]
     # (key, inverted id) as one uint64: the largest n_probes are the best, ties to the lowest id.
     ids = mx.arange(n, dtype=mx.uint64)
     ranked = (order_key(scores).astype(mx.uint64) << 32) | (0xFFFFFFFF - ids)
-    best = mx.argpartition(ranked, kth=n - n_probes, axis=-1)[:, n - n_probes :]
+    best = mx.argpartition(ranked, kth=n - n_probes, axis=-1)[..., n - n_probes :]
     best = mx.sort(best, axis=-1)
     return best.astype(mx.uint32), mx.take_along_axis(scores, best, axis=-1)
+
+
+def _centroid_topk_mlx(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):
+    scores = cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
+    return top_clusters(scores, n_probes)
 
 
 def _centroid_topk_metal(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):

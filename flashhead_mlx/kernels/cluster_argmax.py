@@ -23,6 +23,7 @@ def cluster_argmax(
     group_size: Optional[int] = None,
     bits: Optional[int] = None,
     softcap: Optional[float] = None,
+    mode: str = "affine",
 ) -> Tuple[mx.array, mx.array]:
     """Score the rows of the probed clusters and pick the best token.
 
@@ -37,6 +38,8 @@ def cluster_argmax(
         cluster_size (int): rows per cluster.
         group_size, bits (int, optional): quantization of packed rows. Default: ``None``.
         softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+        mode (str): quantization mode of packed rows; the kernel takes ``"affine"`` rows, the
+            others (``"mxfp4"``, ...) take the pure-MLX path. Default: ``"affine"``.
 
     Returns:
         The token with the highest logit ``[...]`` (int32, ties to the lowest token id) and the
@@ -47,29 +50,44 @@ def cluster_argmax(
     h = h.reshape(-1, h.shape[-1])
     probes = probes.reshape(h.shape[0], -1).astype(mx.uint32)
     args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, softcap)
-    if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):
+    kernel_format = mode == "affine" and bits in KERNEL_BITS
+    if use_metal() and kernel_format and (bits is not None or h.shape[-1] % 4 == 0):
         tokens, logits = _cluster_argmax_metal(*args)
     else:
-        tokens, logits = _cluster_argmax_mlx(*args)
+        tokens, logits = _cluster_argmax_mlx(*args, mode)
     return tokens.reshape(lead), logits.reshape(*lead, -1)
 
 
+def slot_tokens(probes: mx.array, order: mx.array, cluster_size: int) -> mx.array:
+    """The token ids ``[..., n_probes * cluster_size]`` of the slots of clusters ``probes``
+    ``[..., n_probes]`` (-1 at padding), in the order of :func:`cluster_argmax`'s logits."""
+    slots = probes[..., None].astype(mx.int32) * cluster_size
+    slots = slots + mx.arange(cluster_size, dtype=mx.int32)
+    return order[slots.reshape(*probes.shape[:-1], -1)]
+
+
 def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
-                        softcap):
-    s = cluster_size
-    n_clusters = order.size // s
-    rows = mx.take(weight.reshape(n_clusters, s, -1), probes, axis=0)
+                        softcap, mode):
+    n_clusters = order.size // cluster_size
+
+    def by_cluster(a):  # [n_clusters, cluster_size, ...]: a probe picks one cluster's rows
+        return None if a is None else a.reshape(n_clusters, cluster_size, -1)
+
+    x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, n_probes] probes
     if bits is not None:
-        scales, biases = (
-            mx.take(a.reshape(n_clusters, s, -1), probes, axis=0).astype(mx.float32)
-            for a in (scales, biases)
-        )
-        rows = mx.dequantize(rows, scales, biases, group_size=group_size, bits=bits)
-    logits = (rows.astype(mx.float32) @ h.astype(mx.float32)[:, None, :, None]).flatten(1)
+        logits = mx.gather_qmm(x, by_cluster(weight), by_cluster(scales), by_cluster(biases),
+                               rhs_indices=probes, transpose=True, group_size=group_size,
+                               bits=bits, mode=mode)
+    elif weight.dtype == mx.float32:
+        logits = mx.gather_mm(x, by_cluster(weight).swapaxes(-1, -2), rhs_indices=probes)
+    else:
+        # gather_mm would cast the whole head to float32: cast the probed rows only.
+        rows = mx.take(by_cluster(weight), probes, axis=0).astype(mx.float32)
+        logits = rows @ x.swapaxes(-1, -2)
+    logits = logits.reshape(probes.shape[0], -1)
     if softcap is not None:
         logits = mx.tanh(logits / softcap) * softcap
-    slots = (probes[..., None].astype(mx.int32) * s + mx.arange(s, dtype=mx.int32)).flatten(1)
-    tokens = order[slots]
+    tokens = slot_tokens(probes, order, cluster_size)
     logits = mx.where(tokens >= 0, logits, -mx.inf)
     keys = mx.where(tokens >= 0, order_key(logits), 0)
     best = mx.where(keys == keys.max(axis=-1, keepdims=True), tokens, mx.iinfo(mx.int32).max)
