@@ -23,12 +23,13 @@ def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     )
 
 
-def cached_assets(model, tokenizer, cache_dir: Path = CACHE_DIR) -> dict:
-    """The FlashHead assets of ``model``'s head, clustered once and cached by its fingerprint."""
-    from .convert import cluster_model
+def cached_assets(model, tokenizer, cache_dir: Optional[Path] = None) -> dict:
+    """The FlashHead assets of ``model``'s head, clustered once and cached by its fingerprint
+    (under ``cache_dir``, default ``~/.cache/flashhead-mlx/clusters``)."""
     from .assets import save_assets
+    from .convert import cluster_model
 
-    folder = cache_dir / head_fingerprint(head_module(model)).replace("sha256:", "")
+    folder = (cache_dir or CACHE_DIR) / head_fingerprint(head_module(model)).replace("sha256:", "")
     if not (folder / ASSETS_FILE).is_file():
         start = time.perf_counter()
         result = cluster_model(model, tokenizer)
