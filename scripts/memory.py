@@ -13,11 +13,12 @@ import sys
 CHILD = """
 import json, sys
 import mlx.core as mx
-from mlx_lm import load as dense_load
-from flashhead_mlx import load as flash_load
+from flashhead_mlx import decoding, load
 
-model, _ = (flash_load if sys.argv[2] == "flashhead" else dense_load)(sys.argv[1])
-mx.eval(model(mx.array([[1, 2, 3]])), model(mx.array([[4]])))
+model, _ = load(sys.argv[1], flashhead=sys.argv[2] == "flashhead")
+with decoding():
+    step = model(mx.array([[4]]))
+mx.eval(model(mx.array([[1, 2, 3]])), step)
 rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
 print(json.dumps({"active_mb": mx.get_active_memory() / 2**20, "rss_mb": rss / 1024}))
 """
