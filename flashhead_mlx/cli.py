@@ -8,6 +8,8 @@ from .blas import reexec_with_openblas
 SUBCOMMANDS = {
     "convert": "Cluster a model's head and write a FlashHead model folder.",
     "demo": "Convert a model and generate with the dense head and with FlashHead.",
+    "generate": "Generate text like mlx_lm.generate, with the model's FlashHead.",
+    "server": "Serve a model like mlx_lm.server, with its FlashHead.",
 }
 
 

@@ -1,0 +1,97 @@
+"""``flashhead-mlx server``: mlx-lm's HTTP server with a FlashHead model, over a real socket."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+from conftest import make_tiny_model
+from flashhead_mlx import load
+from flashhead_mlx.convert import convert
+
+PROMPT = "It is a truth"
+STARTUP_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A tiny untied model (its greedy text depends on the probes) as a FlashHead folder."""
+    folder = tmp_path_factory.mktemp("server")
+    source = make_tiny_model(folder / "untied", tied=False)
+    return convert(str(source), str(folder / "untied-flashhead"), calibration_tokens=256)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(converted, tmp_path_factory):
+    """A running ``flashhead-mlx server`` on ``converted``: its base URL and log file."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flashhead_mlx.cli", "server", "--model", str(converted),
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert process.poll() is None, f"the server exited:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                late = time.monotonic() > deadline
+                assert not late, f"no answer in {STARTUP_SECONDS} s:\n{log.read_text()}"
+                time.sleep(0.5)
+        yield url, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_completion_comes_from_the_flashhead(server, converted):
+    url, log = server
+    reply = post(f"{url}/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    text = reply["choices"][0]["text"]
+    assert text
+    assert reply["usage"]["completion_tokens"] == 8
+    model, tokenizer = load(str(converted))
+    assert text == mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=8)
+    assert "Head: FlashHead (n_probes=" in log.read_text()
+
+
+def test_help_lists_both_flag_sets():
+    result = subprocess.run(
+        [sys.executable, "-m", "flashhead_mlx.server", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--port", "--draft-model", "--max-tokens", "--no-flashhead", "--n-probes",
+                 "--flashhead-draft"):
+        assert flag in result.stdout
