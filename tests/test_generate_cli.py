@@ -111,3 +111,13 @@ def test_help_and_bad_flags(converted):
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
     too_many = run_generate(converted, "--n-probes", "100000")
     assert too_many.returncode == 1 and "n_probes must be in" in too_many.stderr
+
+
+def test_python_api_example_runs(converted):
+    example = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--model", str(converted), "--max-tokens", "6"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "greedy text identical to dense:" in result.stdout
