@@ -3,6 +3,8 @@
 import mlx.core as mx
 import numpy as np
 
+from .clustering import scored_fraction
+
 
 def probe_vectors(
     centroids: mx.array, quantized: bool, group_size: int = 64, bits: int = 4
@@ -75,7 +77,7 @@ def containment(
     return [
         {
             "n_probes": p,
-            "scored_fraction": (n_clusters + p * (n_slots // n_clusters)) / vocab_size,
+            "scored_fraction": scored_fraction(n_clusters, n_slots // n_clusters, p, vocab_size),
             "containment": float(np.mean(ranks < p)),
         }
         for p in n_probes

@@ -1,7 +1,8 @@
 """Convert a model (hub repo, mlx-lm folder or GGUF file) into a FlashHead model folder.
 
-The output is a normal mlx-lm folder, weights in their original order, plus
-``flashhead.safetensors`` and a ``flashhead`` section in ``config.json``.
+The output is an mlx-lm folder, weights in their original order, plus ``flashhead.safetensors``,
+a ``flashhead`` section in ``config.json`` and the model file that lets plain mlx-lm load it
+(``trust_remote_code=True``).
 """
 
 import argparse
@@ -11,8 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
-
-import mlx.core as mx
 
 from .assets import ASSETS_FILE, MODEL_FILE
 from .model_head import head_module, head_rows
@@ -86,7 +85,7 @@ def cluster_model(
     ``mass_bias``)."""
     from .assets import make_assets
     from .calibration import calibration_hidden_states
-    from .clustering import cluster_head, default_n_probes
+    from .clustering import cluster_head, default_n_probes, scored_fraction
     from .head import FlashHead
     from .sampling import fit_mass_bias
 
@@ -118,7 +117,7 @@ def cluster_model(
     print("[INFO] Fitting the sampling mass estimates")
     stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
     mass_bias = fit_mass_bias(FlashHead.from_module(head, assets), hidden[::stride])
-    scored = (n_clusters + n_probes * cluster_size) / vocab_size
+    scored = scored_fraction(n_clusters, cluster_size, n_probes, vocab_size)
     print(
         f"[INFO] FlashHead: {n_clusters} clusters of {cluster_size}, {n_probes} probes "
         f"({100 * scored:.1f}% of the vocabulary scored), clustered in {clustering_seconds:.1f} s"

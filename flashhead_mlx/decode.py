@@ -33,6 +33,15 @@ class DecodeContext:
     extra_tokens: tuple = ()
 
 
+def make_context(
+    temperatures: Optional[Sequence[float]] = None, extra_tokens: Iterable[int] = ()
+) -> DecodeContext:
+    """A :class:`DecodeContext` with its fields normalised (float temperatures, sorted ids)."""
+    if temperatures is not None:
+        temperatures = tuple(float(t) for t in temperatures)
+    return DecodeContext(temperatures, tuple(sorted(set(extra_tokens))))
+
+
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("flashhead_decode", default=None)
 
 
@@ -45,9 +54,7 @@ def decoding(temperatures: Optional[Sequence[float]] = None, extra_tokens: Itera
             single one for all rows; ``0`` is greedy. Default: ``None`` (candidates only).
         extra_tokens (iterable of int): token ids whose exact logits are always returned.
     """
-    if temperatures is not None:
-        temperatures = tuple(float(t) for t in temperatures)
-    token = _CONTEXT.set(DecodeContext(temperatures, tuple(sorted(set(extra_tokens)))))
+    token = _CONTEXT.set(make_context(temperatures, extra_tokens))
     try:
         yield
     finally:
@@ -84,21 +91,21 @@ def _biased_tokens(processors) -> list:
     return [t for indices in found if indices is not None for t in indices.tolist()]
 
 
-def _context_of(samplers: list, processors: list) -> dict:
-    """Arguments of :func:`decoding` for rows with these samplers and processor lists."""
+def _context_of(samplers: list, processors: list) -> DecodeContext:
+    """The decode context of rows with these samplers and processor lists."""
     temperatures = [_temperature(s) for s in samplers]
-    return {
-        "temperatures": None if None in temperatures else temperatures,
-        "extra_tokens": [t for row in processors for t in _biased_tokens(row)],
-    }
+    return make_context(
+        None if None in temperatures else temperatures,
+        [t for row in processors for t in _biased_tokens(row)],
+    )
 
 
-def _loop_context(local: dict) -> dict:
+def _loop_context(local: dict) -> DecodeContext:
     """Decode settings of a ``generate_step`` or ``speculative_generate_step`` frame."""
     return _context_of([local.get("sampler")], [local.get("logits_processors")])
 
 
-def _batch_context(local: dict) -> dict:
+def _batch_context(local: dict) -> DecodeContext:
     """Decode settings of a ``GenerationBatch._step`` frame: one sampler per row."""
     batch = local["self"]
     n = len(batch.uids)
@@ -117,7 +124,7 @@ def _decode_frames(generate) -> dict:
         generate.generate_step.__code__: _loop_context,
         generate.speculative_generate_step.__code__: _loop_context,
         generate.GenerationBatch._step.__code__: _batch_context,
-        generate.PromptProcessingBatch.prompt.__code__: lambda local: {},
+        generate.PromptProcessingBatch.prompt.__code__: lambda local: make_context(),
     }
 
 
@@ -132,12 +139,7 @@ def _mlx_lm_context(frame, depth: int = 16) -> Optional[DecodeContext]:
             return None
         reader = readers.get(frame.f_code)
         if reader is not None:
-            context = reader(frame.f_locals)
-            temperatures = context.get("temperatures")
-            return DecodeContext(
-                None if temperatures is None else tuple(temperatures),
-                tuple(sorted(set(context.get("extra_tokens", ())))),
-            )
+            return reader(frame.f_locals)
         frame = frame.f_back
     return None
 

@@ -79,7 +79,8 @@ class FallbackHead(nn.Module):
 
     def dense(self, h: mx.array) -> mx.array:
         module = self.module
-        return module.as_linear(h) if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) else module(h)
+        tied = isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
+        return module.as_linear(h) if tied else module(h)
 
     def __call__(self, h: mx.array) -> mx.array:
         if h.shape[-2] != 1:
@@ -98,8 +99,9 @@ class FallbackHead(nn.Module):
         ids = mx.maximum(tokens, 0)
         module = self.module
         if "scales" in module:
+            biases = module["biases"][ids] if "biases" in module else None
             rows = mx.dequantize(
-                module.weight[ids], module.scales[ids], module.get("biases")[ids] if "biases" in module else None,
+                module.weight[ids], module.scales[ids], biases,
                 group_size=module.group_size, bits=module.bits, mode=module.mode,
             )
         else:
@@ -130,8 +132,11 @@ def install_fallback(model: nn.Module) -> None:
     """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed)."""
     config = json.loads((FOLDER / "config.json").read_text())
     lm = getattr(model, "language_model", model)
-    if config.get("final_logit_softcapping") or "lm_head" not in lm and not hasattr(lm.model, "embed_tokens"):
-        warnings.warn("this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept")
+    no_head = "lm_head" not in lm and not hasattr(lm.model, "embed_tokens")
+    if config.get("final_logit_softcapping") or no_head:
+        warnings.warn(
+            "this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept"
+        )
         return
     arrays = mx.load(str(FOLDER / "flashhead.safetensors"))
     tied = "lm_head" not in lm

@@ -12,6 +12,7 @@ import logging
 from types import ModuleType
 from typing import Dict, Iterator, Optional
 
+from .clustering import scored_fraction
 from .patch import disabled, flash_head, is_patched
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
@@ -45,7 +46,7 @@ def describe_head(model, requested: bool = True) -> str:
     of the vocabulary scored)`` or ``dense``; ``requested``: whether a FlashHead was asked for."""
     if is_patched(model):
         head = flash_head(model)
-        scored = (head.n_clusters + head.n_probes * head.cluster_size) / head.vocab_size
+        scored = scored_fraction(head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size)
         return (
             f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
             f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored)"

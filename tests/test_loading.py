@@ -14,7 +14,6 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model
 from flashhead_mlx import decoding, flash_head, load
 from flashhead_mlx import loading
 from flashhead_mlx.assets import ASSETS_FILE, MODEL_FILE
