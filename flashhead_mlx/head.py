@@ -199,8 +199,12 @@ class FlashHead(nn.Module):
         return mx.where(self.order >= 0, self._softcap(logits), -mx.inf)
 
     def dense_logits(self, h: mx.array) -> mx.array:
-        """The exact logits of every token ``[..., V]``, in vocabulary order."""
-        return mx.take(self.slot_logits(h), self.inverse, axis=-1)
+        """The exact logits of every token ``[..., V]``, in vocabulary order.
+
+        The rows are put back in token order first (one gather of the head), so the matrix
+        product is the dense head's own and its logits equal the dense ones bit for bit.
+        """
+        return self._softcap(self._row_logits(h, self.inverse))
 
     def scatter(self, tokens: mx.array, logits: mx.array) -> mx.array:
         """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens."""
@@ -226,23 +230,24 @@ class FlashHead(nn.Module):
             mode=self.mode,
         )
 
+    def _row_logits(self, h: mx.array, slots: mx.array) -> mx.array:
+        """``h`` against the rows of ``slots`` ``[K]``: logits ``[..., K]`` in the head's dtype."""
+        if "scales" not in self:
+            return h @ mx.take(self.weight, slots, axis=0).T
+        return mx.quantized_matmul(
+            h,
+            mx.take(self.weight, slots, axis=0),
+            mx.take(self.scales, slots, axis=0),
+            None if self.biases is None else mx.take(self.biases, slots, axis=0),
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
     def token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
-        """The exact logits ``[..., K]`` of the tokens ``[K]``."""
-        slots = self.inverse[tokens]
-        if "scales" in self:
-            logits = mx.quantized_matmul(
-                h,
-                self.weight[slots],
-                self.scales[slots],
-                None if self.biases is None else self.biases[slots],
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-        else:
-            logits = h @ self.weight[slots].T
-        return self._softcap(logits.astype(mx.float32))
+        """The exact logits ``[..., K]`` (float32) of the tokens ``[K]``."""
+        return self._softcap(self._row_logits(h, self.inverse[tokens]).astype(mx.float32))
 
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
         """Logits ``[..., V]`` of a decode step: exact at the candidates and at the context's

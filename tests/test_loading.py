@@ -47,7 +47,7 @@ def test_load_returns_what_mlx_lm_load_returns(converted, dense):
     model, tokenizer, config = load(str(converted), return_config=True)
     assert is_patched(model) and not is_patched(dense)
     assert config["flashhead"]["n_probes"] == flash_head(model).n_probes
-    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
     assert_decode_step_matches_dense(model, dense)
     assert isinstance(mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=4), str)
 
@@ -76,7 +76,7 @@ def test_plain_mlx_lm_needs_trust_remote_code(converted, dense):
         mlx_lm.load(str(converted))
     model, _ = mlx_lm.load(str(converted), trust_remote_code=True)
     assert isinstance(model.model.embed_tokens, FlashEmbedding)
-    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
     assert_decode_step_matches_dense(model, dense)
 
 

@@ -45,9 +45,7 @@ def tokens_of(model, tokenizer, prompt, max_tokens=8, **kwargs):
 def test_perplexity_is_dense(pair):
     dense, model, tokenizer = pair
     data = mx.array(tokenizer.encode(" ".join(PROMPTS * 8))[:130]).reshape(2, 65)
-    assert float(eval_ppl(model, data, batch_size=2)[0]) == pytest.approx(
-        float(eval_ppl(dense, data, batch_size=2)[0]), rel=1e-5
-    )
+    assert float(eval_ppl(model, data, batch_size=2)[0]) == float(eval_ppl(dense, data, batch_size=2)[0])
 
 
 def test_greedy_tokens_are_the_argmax_of_the_candidates(pair):
