@@ -10,6 +10,8 @@ SUBCOMMANDS = {
     "demo": "Convert a model and generate with the dense head and with FlashHead.",
     "generate": "Generate text like mlx_lm.generate, with the model's FlashHead.",
     "server": "Serve a model like mlx_lm.server, with its FlashHead.",
+    "upload": "Upload a FlashHead model folder to the Hugging Face Hub.",
+    "import-assets": "Make an mlx-lm folder a FlashHead folder from a vLLM FlashHead clustering.",
 }
 
 
@@ -17,7 +19,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print("usage: flashhead-mlx <subcommand> [--help] [options]\n\nsubcommands:")
         for name, help_text in SUBCOMMANDS.items():
-            print(f"  {name:10s} {help_text}")
+            print(f"  {name:14s} {help_text}")
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     if sys.argv[1] == "--version":
         from . import __version__
@@ -27,9 +29,10 @@ def main() -> None:
     subcommand = sys.argv[1]
     if subcommand not in SUBCOMMANDS:
         sys.exit(f"flashhead-mlx: unknown subcommand {subcommand!r}; choose from {list(SUBCOMMANDS)}")
-    reexec_with_openblas(["-m", f"flashhead_mlx.{subcommand}", *sys.argv[2:]])
+    module = f"flashhead_mlx.{subcommand.replace('-', '_')}"  # import-assets: import_assets.py
+    reexec_with_openblas(["-m", module, *sys.argv[2:]])
     sys.argv = [f"flashhead-mlx {subcommand}", *sys.argv[2:]]
-    importlib.import_module(f"flashhead_mlx.{subcommand}").main()
+    importlib.import_module(module).main()
 
 
 if __name__ == "__main__":

@@ -359,6 +359,19 @@ def cluster_head(
     weight = weight.astype(mx.float32)
     x = weight if hidden_states is None else data_aware_rows(weight, hidden_states)
     order = slot_order(balanced_clusters(x, cluster_size, seed), cluster_size)
+    return clusters_from_order(weight, order, cluster_size, hidden_states, ridge)
+
+
+def clusters_from_order(
+    weight: mx.array,
+    order: np.ndarray,
+    cluster_size: int,
+    hidden_states: mx.array | None = None,
+    ridge: float = 1e-3,
+) -> dict:
+    """The stage-1 probes of given clusters: :func:`cluster_head`'s result for the slot
+    ``order`` (from :func:`slot_order`), probes fitted when ``hidden_states`` are given."""
+    weight = weight.astype(mx.float32)
     means = mean_rows(weight, order, cluster_size)
     if hidden_states is None:
         centroids, bias = means, mx.zeros((means.shape[0],), dtype=mx.float32)

@@ -7,14 +7,21 @@ a ``flashhead`` section in ``config.json`` and the model file that lets plain ml
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+import numpy as np
+
+from . import __version__
 from .assets import ASSETS_FILE, MODEL_FILE
+from .model_card import CARD_FILE
 from .model_head import head_module, head_rows
+from .upload import UploadError, add_upload_arguments, check_token, upload
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 # Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
@@ -35,7 +42,7 @@ def _prepare_mlx_model(
     from mlx_lm.convert import convert as mlx_lm_convert
 
     source = model
-    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1
+    looks_like_path = is_local(model)
     if looks_like_path and not Path(model).expanduser().exists():
         raise ValueError(f"{model} does not exist (a local folder, a .gguf file or a hub repo id)")
     if model.endswith(".gguf"):
@@ -54,6 +61,20 @@ def _prepare_mlx_model(
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
+    card = Path(model).expanduser() / CARD_FILE
+    if looks_like_path and card.is_file():
+        # mlx-lm writes a blank card for a local source: keep the source's own (license, ...).
+        shutil.copyfile(card, mlx_path / CARD_FILE)
+
+
+def is_local(model: str) -> bool:
+    """Whether ``model`` names a local path rather than a hub repo id (``org/name``)."""
+    return model.startswith(("/", ".", "~")) or model.count("/") != 1
+
+
+def source_name(model: str) -> str:
+    """How a model folder names its source: a hub repo id as is, a local path by its name."""
+    return Path(model.rstrip("/")).name if is_local(model) else model
 
 
 def _dense_copy(folder: Path, out: Path) -> Path:
@@ -70,6 +91,16 @@ def _dense_copy(folder: Path, out: Path) -> Path:
     return out
 
 
+def calibration_states(model, tokenizer, calibration_tokens: int) -> mx.array:
+    """Final hidden states of ``calibration_tokens`` tokens of the shipped calibration text."""
+    from .calibration import calibration_hidden_states
+
+    print(f"[INFO] Calibrating on {calibration_tokens} tokens of {CALIBRATION_TEXT.name}")
+    return calibration_hidden_states(
+        model, tokenizer, CALIBRATION_TEXT.read_text(), n_tokens=calibration_tokens
+    )
+
+
 def cluster_model(
     model,
     tokenizer,
@@ -83,14 +114,9 @@ def cluster_model(
     """Cluster the head of a loaded mlx-lm model: the arguments of
     :func:`flashhead_mlx.assets.save_assets` (``clusters``, ``n_probes``, ``centroid_bits``,
     ``mass_bias``)."""
-    from .assets import make_assets
-    from .calibration import calibration_hidden_states
-    from .clustering import cluster_head, default_n_probes, scored_fraction
-    from .head import FlashHead
-    from .sampling import fit_mass_bias
+    from .clustering import cluster_head
 
-    head = head_module(model)
-    weight = head_rows(head)
+    weight = head_rows(head_module(model))
     vocab_size = weight.shape[0]
     if n_clusters is not None:
         if n_clusters <= 0:
@@ -99,16 +125,35 @@ def cluster_model(
     if not 1 <= cluster_size <= vocab_size:
         raise ValueError(f"--cluster-size must be in [1, {vocab_size}], got {cluster_size}")
 
-    print(f"[INFO] Calibrating on {calibration_tokens} tokens of {CALIBRATION_TEXT.name}")
-    hidden = calibration_hidden_states(
-        model, tokenizer, CALIBRATION_TEXT.read_text(), n_tokens=calibration_tokens
-    )
+    hidden = calibration_states(model, tokenizer, calibration_tokens)
     print(f"[INFO] Clustering {vocab_size} rows into clusters of {cluster_size}")
     start = time.perf_counter()
     clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
-    clustering_seconds = time.perf_counter() - start
+    note = f"clustered in {time.perf_counter() - start:.1f} s"
     del weight
+    return finish_assets(model, clusters, hidden, n_probes, centroid_bits, note)
+
+
+def finish_assets(
+    model,
+    clusters: dict,
+    hidden: mx.array,
+    n_probes: Optional[int],
+    centroid_bits: Optional[int],
+    note: str = "",
+) -> dict:
+    """The arguments of :func:`flashhead_mlx.assets.save_assets` for ``clusters`` (from
+    ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head: the default
+    ``n_probes`` when ``None``, and the sampling mass offsets fitted on ``hidden``."""
+    from .assets import make_assets
+    from .clustering import default_n_probes, scored_fraction
+    from .head import FlashHead
+    from .sampling import fit_mass_bias
+
+    head = head_module(model)
     n_clusters = clusters["cluster_bias"].shape[0]
+    cluster_size = clusters["order"].size // n_clusters
+    vocab_size = int((np.asarray(clusters["order"]) >= 0).sum())
     if n_probes is None:
         n_probes = default_n_probes(n_clusters, cluster_size, vocab_size)
     if not 1 <= n_probes <= n_clusters:
@@ -120,7 +165,7 @@ def cluster_model(
     scored = scored_fraction(n_clusters, cluster_size, n_probes, vocab_size)
     print(
         f"[INFO] FlashHead: {n_clusters} clusters of {cluster_size}, {n_probes} probes "
-        f"({100 * scored:.1f}% of the vocabulary scored), clustered in {clustering_seconds:.1f} s"
+        f"({100 * scored:.1f}% of the vocabulary scored){', ' + note if note else ''}"
     )
     return {
         "clusters": clusters,
@@ -130,21 +175,56 @@ def cluster_model(
     }
 
 
-def add_flashhead(path: Path, **options) -> None:
-    """Cluster the head of the mlx-lm model at ``path`` and make it a FlashHead folder: the
-    assets, and the model file that lets plain mlx-lm load it with ``trust_remote_code``.
-    ``options`` are those of :func:`cluster_model`."""
+def install_flashhead(
+    path: Path,
+    result: dict,
+    model,
+    provenance: dict,
+    card: Optional[dict] = None,
+) -> None:
+    """Make the mlx-lm folder at ``path`` a FlashHead folder: the assets (``result``, from
+    :func:`finish_assets`) of ``model``'s head, the model file that lets plain mlx-lm load it
+    with ``trust_remote_code``, ``config.json``'s ``model_file`` and ``provenance`` (added to
+    its ``flashhead`` section), and the model card (``card``: keyword arguments of
+    :func:`flashhead_mlx.model_card.render_folder_card`).
+
+    Each file is written in a hidden stage folder inside ``path`` and renamed into place,
+    ``config.json`` last, so an interruption never leaves a config naming missing assets.
+    """
+    from .assets import save_assets
+    from .model_card import render_folder_card
+
+    stage = Path(tempfile.mkdtemp(prefix=".flashhead-", dir=path))
+    try:
+        shutil.copyfile(path / "config.json", stage / "config.json")
+        save_assets(stage, **result, head_module=head_module(model))
+        config = json.loads((stage / "config.json").read_text())
+        config["model_file"] = MODEL_FILE
+        config["flashhead"].update(provenance, flashhead_mlx_version=__version__)
+        (stage / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+        shutil.copyfile(Path(__file__).with_name(MODEL_FILE), stage / MODEL_FILE)
+        (stage / CARD_FILE).write_text(render_folder_card(path, config, **(card or {})))
+        for name in (ASSETS_FILE, MODEL_FILE, CARD_FILE, "config.json"):
+            os.replace(stage / name, path / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def add_flashhead(
+    path: Path,
+    source: Optional[str] = None,
+    card: Optional[dict] = None,
+    **options,
+) -> None:
+    """Cluster the head of the mlx-lm model at ``path`` and make it a FlashHead folder
+    (:func:`install_flashhead`). ``source`` is what it was converted from (recorded in
+    ``config.json`` and the model card), ``card`` the options of the card, ``options`` those of
+    :func:`cluster_model`."""
     from mlx_lm import load
 
-    from .assets import save_assets
-
     model, tokenizer = load(str(path))
-    save_assets(path, **cluster_model(model, tokenizer, **options), head_module=head_module(model))
-    shutil.copyfile(Path(__file__).with_name(MODEL_FILE), path / MODEL_FILE)
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text())
-    config["model_file"] = MODEL_FILE
-    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    result = cluster_model(model, tokenizer, **options)
+    install_flashhead(path, result, model, {"source": source_name(source or str(path))}, card)
 
 
 def convert(
@@ -163,11 +243,16 @@ def convert(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     force: bool = False,
+    upload_repo: Optional[str] = None,
+    eval_json: Optional[str] = None,
+    bench_json: Optional[str] = None,
 ) -> Path:
-    """Convert ``model`` into a FlashHead folder at ``output``, atomically.
+    """Convert ``model`` into a FlashHead folder at ``output``, atomically, and upload it to
+    the hub repo ``upload_repo`` when given (:func:`flashhead_mlx.upload.upload`).
 
     Everything is written to a temporary folder beside ``output`` and renamed into place at the
-    end, so an interrupted conversion leaves nothing that looks finished.
+    end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
+    ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
     """
     output_path = Path(output).expanduser().resolve()
     if output_path.exists() and not force:
@@ -181,6 +266,8 @@ def convert(
         )
         add_flashhead(
             mlx_path,
+            source=model,
+            card={"model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json},
             cluster_size=cluster_size,
             n_clusters=n_clusters,
             n_probes=n_probes,
@@ -194,7 +281,40 @@ def convert(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     print(f"[INFO] Wrote {output_path}")
+    if upload_repo is not None:
+        upload(output_path, upload_repo)
     return output_path
+
+
+def _centroid_bits(text: str) -> Optional[int]:
+    """``--centroid-bits``: 4 or 8, or 0 for unquantized centroids (``None``)."""
+    if text not in ("4", "8", "0"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 4, 8, 0)")
+    return int(text) or None
+
+
+def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--n-probes``, ``--centroid-bits`` and ``--calibration-tokens`` (shared with
+    ``import-assets``)."""
+    parser.add_argument(
+        "--n-probes",
+        type=int,
+        default=None,
+        help="Clusters scored exactly per token (default: about 10%% of the vocabulary scored).",
+    )
+    parser.add_argument(
+        "--centroid-bits",
+        type=_centroid_bits,
+        default=4,
+        metavar="{4,8,0}",
+        help="Bits of the stage-1 centroids (0: unquantized).",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=16384,
+        help="Tokens of calibration text run through the model.",
+    )
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -216,26 +336,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="Number of clusters (sets the cluster size to ceil(vocab_size / n_clusters)).",
     )
-    parser.add_argument(
-        "--n-probes",
-        type=int,
-        default=None,
-        help="Clusters scored exactly per token (default: about 10%% of the vocabulary scored).",
-    )
-    parser.add_argument(
-        "--centroid-bits",
-        type=int,
-        default=4,
-        choices=[4, 8, 0],
-        help="Bits of the stage-1 centroids (0: unquantized).",
-    )
+    add_assets_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="Clustering seed.")
-    parser.add_argument(
-        "--calibration-tokens",
-        type=int,
-        default=16384,
-        help="Tokens of calibration text run through the model.",
-    )
     parser.add_argument(
         "--dtype",
         choices=["float16", "bfloat16", "float32"],
@@ -252,16 +354,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="Overwrite --output if it exists."
     )
+    add_upload_arguments(parser, required=False)
     return parser
 
 
 def main() -> None:
     args = setup_arg_parser().parse_args()
-    kwargs = vars(args)
-    kwargs["centroid_bits"] = kwargs["centroid_bits"] or None
     try:
-        convert(**kwargs)
-    except ValueError as error:
+        if args.upload_repo is not None:
+            check_token()  # before the conversion, not after it
+        convert(**vars(args))
+    except (ValueError, UploadError) as error:
         raise SystemExit(f"flashhead-mlx convert: error: {error}")
 
 
