@@ -8,6 +8,7 @@ a fingerprint of the head's weights, so assets never silently produce wrong toke
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -130,6 +131,31 @@ def save_assets(
         "head_fingerprint": head_fingerprint(head_module),
     }
     config_path.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def set_n_probes(folder, n_probes: int, mass_bias: mx.array) -> None:
+    """Store a new default ``n_probes`` in a converted ``folder``, with the sampling mass offsets
+    fitted for it (they depend on which clusters are probed).
+
+    Each file is written beside itself and renamed into place (``flashhead.safetensors`` first),
+    so an interruption leaves every file whole.
+    """
+    folder = Path(folder)
+    config_path, assets_path = folder / "config.json", folder / ASSETS_FILE
+    config = json.loads(config_path.read_text())
+    n_clusters = config["flashhead"]["n_clusters"]
+    if not 1 <= n_probes <= n_clusters:
+        raise ValueError(f"n_probes must be in [1, {n_clusters}], got {n_probes}")
+    if mass_bias.ndim != 2 or mass_bias.shape[1] != n_clusters:
+        raise ValueError(f"mass_bias must be [terms, {n_clusters}], got {tuple(mass_bias.shape)}")
+    arrays = {**mx.load(str(assets_path)), "mass_bias": mass_bias.astype(mx.float32)}
+    staged = assets_path.with_name(f".{ASSETS_FILE}.partial.safetensors")
+    mx.save_safetensors(str(staged), arrays, metadata={"format": "mlx"})
+    os.replace(staged, assets_path)
+    config["flashhead"]["n_probes"] = n_probes
+    staged = config_path.with_name(".config.json.partial")
+    staged.write_text(json.dumps(config, indent=4) + "\n")
+    os.replace(staged, config_path)
 
 
 def _check_shape(name: str, array: mx.array, expected: tuple) -> None:

@@ -12,7 +12,12 @@ SUBCOMMANDS = {
     "server": "Serve a model like mlx_lm.server, with its FlashHead.",
     "upload": "Upload a FlashHead model folder to the Hugging Face Hub.",
     "import-assets": "Make an mlx-lm folder a FlashHead folder from a vLLM FlashHead clustering.",
+    "eval": "Measure a FlashHead against its dense head on a text.",
+    "tune": "Store the smallest n_probes that meets a containment target on a text.",
+    "bench": "Time the dense head and the FlashHead side by side.",
 }
+# Subcommands whose module is named otherwise (``eval`` is a builtin; mlx_lm has ``evaluate``).
+MODULES = {"eval": "evaluate"}
 
 
 def main() -> None:
@@ -29,7 +34,8 @@ def main() -> None:
     subcommand = sys.argv[1]
     if subcommand not in SUBCOMMANDS:
         sys.exit(f"flashhead-mlx: unknown subcommand {subcommand!r}; choose from {list(SUBCOMMANDS)}")
-    module = f"flashhead_mlx.{subcommand.replace('-', '_')}"  # import-assets: import_assets.py
+    # "import-assets" is import_assets.py; MODULES names the others that differ.
+    module = f"flashhead_mlx.{MODULES.get(subcommand, subcommand.replace('-', '_'))}"
     reexec_with_openblas(["-m", module, *sys.argv[2:]])
     sys.argv = [f"flashhead-mlx {subcommand}", *sys.argv[2:]]
     importlib.import_module(module).main()

@@ -389,9 +389,3 @@ def clusters_from_order(
 def scored_fraction(n_clusters: int, cluster_size: int, n_probes: int, vocab_size: int) -> float:
     """Rows scored per token over the vocabulary: ``(n_clusters + n_probes * cluster_size) / V``."""
     return (n_clusters + n_probes * cluster_size) / vocab_size
-
-
-def default_n_probes(n_clusters: int, cluster_size: int, vocab_size: int) -> int:
-    """Probes that make about 10% of the vocabulary scored per token
-    (``n_clusters + n_probes * cluster_size`` rows), at least 1 and at most ``n_clusters``."""
-    return int(min(n_clusters, max(1, (vocab_size // 10 - n_clusters) // cluster_size)))

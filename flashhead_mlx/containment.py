@@ -29,6 +29,17 @@ def token_clusters(order: mx.array, cluster_size: int) -> mx.array:
     return mx.array(clusters)
 
 
+def cluster_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank ``[..., n_clusters]`` of every cluster by its stage-1 score (0 = best), ties to the
+    lowest cluster id as the head's probes break them: with ``n_probes`` probes, exactly the
+    clusters of rank below ``n_probes`` are probed."""
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    positions = np.broadcast_to(np.arange(scores.shape[-1]), order.shape)
+    np.put_along_axis(ranks, order, positions, axis=-1)
+    return ranks
+
+
 def target_ranks(
     hidden_states: mx.array,
     targets: mx.array,
@@ -36,19 +47,18 @@ def target_ranks(
     quantized: bool = True,
     chunk_size: int = 1024,
 ) -> np.ndarray:
-    """Rank ``[N]`` of the cluster holding each target token among all clusters, by the
-    stage-1 score ``h @ centroids.T + cluster_bias`` (0 = best). The target is retrieved with
-    ``n_probes`` probes exactly when its rank is below ``n_probes``."""
+    """Rank ``[N]`` (:func:`cluster_ranks`) of the cluster holding each target token, by the
+    stage-1 score ``h @ centroids.T + cluster_bias``. The target is retrieved with ``n_probes``
+    probes exactly when its rank is below ``n_probes``."""
     n_clusters = clusters["centroids"].shape[0]
-    owner = token_clusters(clusters["order"], clusters["order"].size // n_clusters)[targets]
+    owner = np.array(token_clusters(clusters["order"], clusters["order"].size // n_clusters))
+    owner = owner[np.asarray(targets)]
     probes = probe_vectors(clusters["centroids"], quantized)
     ranks = []
     for i in range(0, hidden_states.shape[0], chunk_size):
         scores = hidden_states[i : i + chunk_size] @ probes.T + clusters["cluster_bias"]
-        own = mx.take_along_axis(scores, owner[i : i + chunk_size, None], axis=1)
-        rank = (scores > own).sum(axis=1)
-        mx.eval(rank)
-        ranks.append(np.array(rank))
+        rows = np.arange(scores.shape[0])
+        ranks.append(cluster_ranks(np.array(scores))[rows, owner[i : i + chunk_size]])
     return np.concatenate(ranks)
 
 

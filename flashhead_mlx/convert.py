@@ -110,10 +110,11 @@ def cluster_model(
     centroid_bits: Optional[int] = 4,
     seed: int = 0,
     calibration_tokens: int = 16384,
+    calibration_text: Optional[str] = None,
 ) -> dict:
     """Cluster the head of a loaded mlx-lm model: the arguments of
     :func:`flashhead_mlx.assets.save_assets` (``clusters``, ``n_probes``, ``centroid_bits``,
-    ``mass_bias``)."""
+    ``mass_bias``). ``n_probes`` defaults to the tuned one (:func:`finish_assets`)."""
     from .clustering import cluster_head
 
     weight = head_rows(head_module(model))
@@ -131,31 +132,39 @@ def cluster_model(
     clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
     note = f"clustered in {time.perf_counter() - start:.1f} s"
     del weight
-    return finish_assets(model, clusters, hidden, n_probes, centroid_bits, note)
+    return finish_assets(
+        model, tokenizer, clusters, hidden, n_probes, centroid_bits, note, calibration_text
+    )
 
 
 def finish_assets(
     model,
+    tokenizer,
     clusters: dict,
     hidden: mx.array,
     n_probes: Optional[int],
     centroid_bits: Optional[int],
     note: str = "",
+    calibration_text: Optional[str] = None,
 ) -> dict:
     """The arguments of :func:`flashhead_mlx.assets.save_assets` for ``clusters`` (from
-    ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head: the default
-    ``n_probes`` when ``None``, and the sampling mass offsets fitted on ``hidden``."""
+    ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head, with the
+    sampling mass offsets fitted on ``hidden``. ``n_probes`` defaults to the fewest probes with
+    99.9% top-1 containment on ``calibration_text`` (a file; default: the built-in tuning text,
+    :func:`flashhead_mlx.tune.tuned_n_probes`)."""
     from .assets import make_assets
-    from .clustering import default_n_probes, scored_fraction
+    from .clustering import scored_fraction
     from .head import FlashHead
     from .sampling import fit_mass_bias
+    from .tune import tuned_n_probes
 
     head = head_module(model)
     n_clusters = clusters["cluster_bias"].shape[0]
     cluster_size = clusters["order"].size // n_clusters
     vocab_size = int((np.asarray(clusters["order"]) >= 0).sum())
     if n_probes is None:
-        n_probes = default_n_probes(n_clusters, cluster_size, vocab_size)
+        quantized = centroid_bits is not None
+        n_probes = tuned_n_probes(model, tokenizer, clusters, quantized, calibration_text)
     if not 1 <= n_probes <= n_clusters:
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
     assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
@@ -243,6 +252,7 @@ def convert(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     force: bool = False,
+    calibration_text: Optional[str] = None,
     upload_repo: Optional[str] = None,
     eval_json: Optional[str] = None,
     bench_json: Optional[str] = None,
@@ -253,7 +263,13 @@ def convert(
     Everything is written to a temporary folder beside ``output`` and renamed into place at the
     end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
     ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
+    Without ``n_probes``, the fewest probes with 99.9% top-1 containment on ``calibration_text``
+    (a file; default: the built-in tuning text) are chosen (:func:`flashhead_mlx.tune.tuned_n_probes`).
     """
+    if calibration_text is not None and n_probes is not None:
+        raise ValueError("--calibration-text tunes n_probes: give it or --n-probes, not both")
+    if calibration_text is not None and not Path(calibration_text).is_file():
+        raise ValueError(f"--calibration-text {calibration_text} is not a file")
     output_path = Path(output).expanduser().resolve()
     if output_path.exists() and not force:
         raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
@@ -274,6 +290,7 @@ def convert(
             centroid_bits=centroid_bits,
             seed=seed,
             calibration_tokens=calibration_tokens,
+            calibration_text=calibration_text,
         )
         if output_path.exists():
             output_path.rename(stage / "previous")
@@ -300,7 +317,10 @@ def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-probes",
         type=int,
         default=None,
-        help="Clusters scored exactly per token (default: about 10%% of the vocabulary scored).",
+        help=(
+            "Clusters scored exactly per token (default: the fewest with 99.9%% top-1 "
+            "containment on the tuning text, --calibration-text)."
+        ),
     )
     parser.add_argument(
         "--centroid-bits",
@@ -353,6 +373,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--force", action="store_true", help="Overwrite --output if it exists."
+    )
+    parser.add_argument(
+        "--calibration-text",
+        default=None,
+        help="Text file the default n_probes is tuned on (default: a built-in Austen excerpt).",
     )
     add_upload_arguments(parser, required=False)
     return parser

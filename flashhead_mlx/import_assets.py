@@ -147,7 +147,9 @@ def import_assets(
     hidden = calibration_states(mlx_model, tokenizer, calibration_tokens)
     clusters = clusters_from_order(weight, order, cluster_size, hidden)
     del weight
-    result = finish_assets(mlx_model, clusters, hidden, n_probes, centroid_bits, "clusters imported")
+    result = finish_assets(
+        mlx_model, tokenizer, clusters, hidden, n_probes, centroid_bits, "clusters imported"
+    )
     base_model = read_card(folder)[0].get("base_model")
     source = base_model if isinstance(base_model, str) else source_name(str(folder))
     install_flashhead(folder, result, mlx_model, {"source": source, "imported_from": imported_from})

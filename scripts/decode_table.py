@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -28,12 +27,19 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm import batch_generate, stream_generate
 from mlx_lm.perplexity import eval_ppl
-from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.sample_utils import make_sampler
 
 from flashhead_mlx import flash_head, load
+from flashhead_mlx.bench import decode_speed
 from flashhead_mlx.blas import blas_name
+from flashhead_mlx.evaluate import sampling_distances
 from flashhead_mlx.model_head import final_hidden_states
-from flashhead_mlx.sampling import _tail_log_probs, sampler_distribution
+from flashhead_mlx.sampling import sampler_distribution, total_variation
+from flashhead_mlx.sampling_distance import (
+    enumerated_distribution,
+    expected_distribution,
+    sampler_draws,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
@@ -149,137 +155,6 @@ def greedy_agreement(dense, flash, tokenizer, prompts, max_tokens: int, batch_si
 # --- 2. sampling distance -----------------------------------------------------------------------
 
 
-def dense_distribution(logits: mx.array, temperature: float, top_p) -> mx.array:
-    """mlx-lm's sampler distribution ``[N, V]``: log-probs, ``apply_top_p``, ``softmax(x / T)``."""
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    if top_p is not None:
-        logprobs = apply_top_p(logprobs, top_p)
-    return mx.softmax(logprobs * (1.0 / temperature), axis=-1)
-
-
-def sampler_draws(head, h: mx.array, temperature: float) -> list:
-    """For each hidden state ``[N, d]``: the candidates' token ids and exact logits, and for every
-    non-probed cluster ``k`` that can be drawn, its token ids ``[K, s]``, its logits shifted by
-    ``-T log q_k`` (as a draw of it hands them to mlx-lm's sampler) and ``q_k``."""
-    scores = head.cluster_scores(h)
-    probes = head.probe(h, scores)
-    log_q = _tail_log_probs(head, scores, probes, temperature)
-    every_cluster = mx.broadcast_to(mx.arange(head.n_clusters), (h.shape[0], head.n_clusters))
-    tokens, logits = head.cluster_logits(h, every_cluster)
-    mx.eval(log_q, tokens, logits, probes)
-    shape = (h.shape[0], head.n_clusters, head.cluster_size)
-    tokens, logits = np.array(tokens).reshape(shape), np.array(logits, np.float64).reshape(shape)
-    log_q = np.array(log_q, np.float64)
-    draws = []
-    for row, probed in enumerate(np.array(probes)):
-        tail = np.isfinite(log_q[row])
-        shifted = logits[row, tail] - temperature * log_q[row, tail, None]
-        draws.append(
-            (
-                tokens[row, probed].ravel(),
-                logits[row, probed].ravel(),
-                tokens[row, tail],
-                shifted,
-                np.exp(log_q[row, tail]),
-            )
-        )
-    return draws
-
-
-def top_p_thresholds(kept: np.ndarray, tail: np.ndarray, top_p: float) -> np.ndarray:
-    """For each drawn cluster ``k``, the smallest weight ``apply_top_p`` keeps ``[K]``.
-
-    ``kept``: the candidates' weights ``exp(z - c)``, descending ``[n]``; ``tail``: each cluster's
-    weights ``exp(z - T log q_k - c)`` ``[K, s]``. mlx-lm keeps, in descending order, every token
-    whose preceding mass is below ``top_p`` times the total: found here by merging the ``s`` tail
-    tokens into the sorted candidates instead of sorting ``n + s`` values per cluster.
-    """
-    n, n_clusters = kept.size, tail.shape[0]
-    tail = -np.sort(-tail, axis=1)
-    ascending = kept[::-1]
-    kept_cum = np.concatenate([[0.0], np.cumsum(kept)])
-    tail_cum = np.concatenate([np.zeros((n_clusters, 1)), np.cumsum(tail, axis=1)], axis=1)
-    limit = top_p * (kept_cum[-1] + tail_cum[:, -1])
-
-    # Candidates at or above each tail token (a candidate goes first on a tie).
-    above = n - np.searchsorted(ascending, tail, side="left")
-    # Tail token i is preceded by the tail tokens before it and the candidates above it.
-    n_tail = (tail_cum[:, :-1] + kept_cum[above] < limit[:, None]).sum(axis=1)
-    # Candidate j below exactly m tail tokens (j in [lo_m, hi_m)) is preceded by
-    # kept_cum[j] + tail_cum[m]: the last such j under the limit, for each m.
-    lo = np.concatenate([np.zeros((n_clusters, 1), np.int64), above], axis=1)
-    hi = np.concatenate([above, np.full((n_clusters, 1), n)], axis=1)
-    last = np.searchsorted(kept_cum[:-1], limit[:, None] - tail_cum, side="left") - 1
-    last = np.minimum(last, hi - 1)
-    last = np.where(last >= lo, last, -1).max(axis=1)
-
-    kept_threshold = np.where(last >= 0, kept[np.maximum(last, 0)], np.inf)
-    rows = np.arange(n_clusters)
-    tail_threshold = np.where(n_tail > 0, tail[rows, np.maximum(n_tail - 1, 0)], np.inf)
-    return np.minimum(kept_threshold, tail_threshold)
-
-
-def expected_distribution(draw, temperature: float, top_p, vocab_size: int) -> np.ndarray:
-    """``sum_k q_k * p_k`` ``[V]``: the distribution of mlx-lm's sampler over FlashHead's draws.
-
-    ``p_k`` is the sampler's distribution (``apply_top_p`` on the log-probs, then ``softmax(x /
-    T)``) over the candidates and the shifted tokens of cluster ``k``; ``draw`` is one row of
-    :func:`sampler_draws` (the ``q_k`` may be any weights). Exact, in float64.
-    """
-    cand_tokens, cand_logits, tail_tokens, tail_logits, weights = draw
-    order = np.argsort(-cand_logits, kind="stable")
-    cand_tokens, cand_logits = cand_tokens[order], cand_logits[order]
-    reference = max(cand_logits.max(), tail_logits.max())
-    kept, tail = np.exp(cand_logits - reference), np.exp(tail_logits - reference)
-    if top_p is None:
-        thresholds = np.zeros(len(weights))
-    else:
-        thresholds = top_p_thresholds(kept, tail, top_p)
-
-    kept_t = np.exp((cand_logits - reference) / temperature)
-    tail_t = np.exp((tail_logits - reference) / temperature)
-    tail_t = np.where(tail >= thresholds[:, None], tail_t, 0.0)
-    n_kept = kept.size - np.searchsorted(kept[::-1], thresholds, side="left")
-    mass = np.concatenate([[0.0], np.cumsum(kept_t)])[n_kept] + tail_t.sum(axis=1)
-    scale = weights / mass
-    # Candidate j gets kept_t[j] * (sum of scale_k over the clusters whose threshold is <= its
-    # weight).
-    by_threshold = np.argsort(thresholds)
-    scale_cum = np.concatenate([[0.0], np.cumsum(scale[by_threshold])])
-    reach = np.searchsorted(thresholds[by_threshold], kept, side="right")
-
-    probs = np.zeros(vocab_size)
-    real = cand_tokens >= 0
-    probs[cand_tokens[real]] = (kept_t * scale_cum[reach])[real]
-    real = tail_tokens >= 0
-    probs[tail_tokens[real]] = (tail_t * scale[:, None])[real]
-    return probs
-
-
-def enumerated_distribution(draw, temperature: float, top_p, vocab_size: int, chunk=128):
-    """:func:`expected_distribution` the literal way: mlx-lm's ``apply_top_p`` and softmax on
-    each cluster's ``[candidates + its tokens]`` logits, weighted by ``q_k`` (for checks)."""
-    cand_tokens, cand_logits, tail_tokens, tail_logits, weights = draw
-    n = cand_logits.size
-    cand_sum, probs = np.zeros(n), np.zeros(vocab_size)
-    for start in range(0, len(weights), chunk):
-        shifted = tail_logits[start : start + chunk]
-        cand = np.broadcast_to(cand_logits, (shifted.shape[0], n))
-        logits = mx.array(np.concatenate([cand, shifted], axis=1), mx.float32)
-        p = np.array(dense_distribution(logits, temperature, top_p), np.float64)
-        p *= weights[start : start + chunk, None]
-        cand_sum += p[:, :n].sum(axis=0)
-        tokens = tail_tokens[start : start + chunk]
-        probs[tokens[tokens >= 0]] = p[:, n:][tokens >= 0]
-    probs[cand_tokens[cand_tokens >= 0]] = cand_sum[cand_tokens >= 0]
-    return probs
-
-
-def total_variation(p: np.ndarray, q: np.ndarray) -> float:
-    """``0.5 * sum |p - q|``."""
-    return 0.5 * float(np.abs(p - q).sum())
-
-
 def check_enumeration(head, hidden: mx.array, n_clusters: int = 256) -> dict:
     """Check :func:`expected_distribution` on a few hidden states: without top-p against
     ``sampler_distribution``; with top-p against :func:`enumerated_distribution` on the
@@ -293,7 +168,7 @@ def check_enumeration(head, hidden: mx.array, n_clusters: int = 256) -> dict:
                 exact = np.array(sampler_distribution(head, hidden[row], temperature), np.float64)
                 fast = expected_distribution(draw, temperature, None, head.vocab_size)
                 worst["vs_sampler_distribution"] = max(
-                    worst["vs_sampler_distribution"], total_variation(fast, exact)
+                    worst["vs_sampler_distribution"], float(total_variation(fast, exact))
                 )
             likely = np.argsort(-draw[4])[:n_clusters]
             others = rng.permutation(np.setdiff1d(np.arange(len(draw[4])), likely))[:n_clusters]
@@ -301,7 +176,7 @@ def check_enumeration(head, hidden: mx.array, n_clusters: int = 256) -> dict:
             part = (*draw[:2], *(a[subset] for a in draw[2:]))
             fast = expected_distribution(part, temperature, top_p, head.vocab_size)
             literal = enumerated_distribution(part, temperature, top_p, head.vocab_size)
-            worst["vs_apply_top_p"] = max(worst["vs_apply_top_p"], total_variation(fast, literal))
+            worst["vs_apply_top_p"] = max(worst["vs_apply_top_p"], float(total_variation(fast, literal)))
     assert worst["vs_sampler_distribution"] < 1e-4, worst
     assert worst["vs_apply_top_p"] < 1e-4, worst
     return worst
@@ -312,13 +187,12 @@ def sampling_distance(head, hidden: mx.array, chunk: int = 16) -> dict:
     dense sampler's distributions, for each setting of :data:`SAMPLING_SETTINGS`."""
     result = {}
     for temperature, top_p in SAMPLING_SETTINGS:
-        distances = []
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
-            dense = np.array(dense_distribution(head.dense_logits(h), temperature, top_p))
-            for row, draw in enumerate(sampler_draws(head, h, temperature)):
-                flash = expected_distribution(draw, temperature, top_p, head.vocab_size)
-                distances.append(total_variation(flash, dense[row].astype(np.float64)))
+        distances = np.concatenate(
+            [
+                sampling_distances(head, hidden[start : start + chunk], temperature, top_p)
+                for start in range(0, hidden.shape[0], chunk)
+            ]
+        )
         key = f"T={temperature}" + ("" if top_p is None else f",top_p={top_p}")
         result[key] = {
             "mean": float(np.mean(distances)),
@@ -365,22 +239,6 @@ def perplexity_data(tokenizer, n_tokens: int, seq_len: int) -> mx.array:
     ``mlx_lm.perplexity.eval_ppl`` takes them."""
     rows = -(-n_tokens // seq_len)
     return mx.array(book_tokens(tokenizer, "emma", rows * (seq_len + 1))).reshape(rows, -1)
-
-
-# --- 5. decode speed ----------------------------------------------------------------------------
-
-
-def decode_speed(models: dict, tokenizer, prompt, max_tokens: int, runs: int) -> dict:
-    """Median ``generation_tps`` of greedy ``stream_generate`` per model, runs alternated (one
-    warm-up each first)."""
-    speeds = {name: [] for name in models}
-    for run in range(runs + 1):
-        for name, model in models.items():
-            for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-                pass
-            if run:
-                speeds[name].append(response.generation_tps)
-    return {name: {"median": statistics.median(s), "runs": s} for name, s in speeds.items()}
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -481,7 +339,8 @@ def table(results: dict) -> str:
         return lambda r: f"{r[section]['dense']:{fmt}} / {r[section]['flashhead']:{fmt}}"
 
     def speed(r):
-        dense, flash = r["decode_tps"]["dense"]["median"], r["decode_tps"]["flashhead"]["median"]
+        dense = r["decode_tps"]["dense"]["decode_tok_s"]
+        flash = r["decode_tps"]["flashhead"]["decode_tok_s"]
         return f"{dense:.1f} / {flash:.1f} ({flash / dense:.2f}x)"
 
     def probes(r):

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +23,17 @@ TINY_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession "
     "of a good fortune, must be in want of a wife. "
 ) * 20
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    """``flashhead-mlx *args`` in a new process (the environment plus ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flashhead_mlx.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def gguf_path(name: str) -> Path:

@@ -1,10 +1,7 @@
 """The convert command: folder format, atomic writes, CLI, hub ids, and a real GGUF model."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +9,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import gguf_path
+from conftest import gguf_path, run_cli
 from flashhead_mlx import clustering
 from flashhead_mlx.convert import convert
 from flashhead_mlx.model_head import final_hidden_states
@@ -62,15 +59,6 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         convert(str(tiny_llama), str(tmp_path / "out"), calibration_tokens=256)
     assert list(tmp_path.iterdir()) == []
-
-
-def run_cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "flashhead_mlx.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_cli_convert_and_bad_input(tiny_llama, tmp_path):

@@ -1,7 +1,15 @@
 """Fused Metal kernels for the two FlashHead stages, one kernel per file, each with the
 pure-MLX path it must agree with. The sources live in ``metal/``."""
 
+from ._common import kernel_implementation
 from .centroid_topk import centroid_topk, cluster_scores, top_clusters
 from .cluster_argmax import cluster_argmax, slot_tokens
 
-__all__ = ["centroid_topk", "cluster_argmax", "cluster_scores", "slot_tokens", "top_clusters"]
+__all__ = [
+    "centroid_topk",
+    "cluster_argmax",
+    "cluster_scores",
+    "kernel_implementation",
+    "slot_tokens",
+    "top_clusters",
+]

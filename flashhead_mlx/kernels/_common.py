@@ -24,6 +24,12 @@ def use_metal() -> bool:
     return choice == "metal" or (choice == "" and mx.metal.is_available())
 
 
+def kernel_implementation() -> str:
+    """Which implementation the kernels run: ``"metal"`` (the fused kernels) or ``"mlx"`` (their
+    pure-MLX path, on any device: CPU, or CUDA)."""
+    return "metal" if use_metal() else "mlx"
+
+
 @lru_cache
 def kernel_source(name: str) -> Tuple[str, str]:
     """The header (the shared helpers, then the file's own) and the body of

@@ -1,0 +1,336 @@
+"""``flashhead-mlx bench``: the dense head and the FlashHead side by side, in one process.
+
+The folder is loaded twice, with its dense head and with its FlashHead; runs alternate between the
+two (one warm-up run each first) and the medians are reported:
+
+- head only: one decode step of the head (inside :func:`flashhead_mlx.decoding`, as in mlx-lm's
+  decode loops) at B = 1 and B = 4, over 64 different hidden states of real text in turn, and
+  FlashHead's stages on the same inputs: the centroid pass (``cluster_scores``), the selection of
+  the ``n_probes`` best clusters (``top_clusters``), the gather and score of their rows
+  (``cluster_logits``) and the scatter into full-vocabulary logits;
+- end to end: decode and prompt tokens/s of greedy ``mlx_lm.stream_generate``;
+- memory: resident bytes (every parameter; FlashHead's assets are parameters of its head) and the
+  bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
+  speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
+  share of that gain measured: ``(decode_speedup - 1) / (ceiling_speedup - 1)`` (0: no gain,
+  1: all of it).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm import stream_generate
+
+from .decode import decoding
+from .evaluate import DEFAULT_TEXT
+from .generate import describe_head
+from .kernels import kernel_implementation, top_clusters
+from .loading import load
+from .model_head import final_hidden_states, head_module, is_tied, language_model
+from .patch import FlashEmbedding, flash_head, is_patched
+from .report import device_description, pyplot, table
+
+# Different hidden states the head is timed on, in turn.
+N_INPUTS = 64
+BATCH_SIZES = (1, 4)
+# FlashHead's stage-1 arrays, all read at every decode step.
+STAGE1_ARRAYS = ("centroids", "centroid_scales", "centroid_biases", "cluster_bias")
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter of ``module`` (frozen ones included)."""
+    return sum(array.nbytes for _, array in tree_flatten(module.parameters()))
+
+
+def row_bytes(module: nn.Module) -> float:
+    """Bytes of one row of a head or embedding module (weight, and scales and biases if any)."""
+    arrays = (module.get(name) for name in ("weight", "scales", "biases"))
+    return sum(a.nbytes for a in arrays if a is not None) / module.weight.shape[0]
+
+
+def head_bytes_read(model: nn.Module) -> float:
+    """Bytes of weights the head reads per decoded token at B = 1: every row (dense), or the
+    stage-1 arrays plus the probed clusters' rows and token ids (FlashHead)."""
+    if not is_patched(model):
+        return parameter_bytes(head_module(model))
+    head = flash_head(model)
+    stage1 = sum(head[name].nbytes for name in STAGE1_ARRAYS if name in head)
+    rows = head.n_probes * head.cluster_size
+    return stage1 + rows * (row_bytes(head) + head.order.itemsize)
+
+
+def bytes_per_token(model: nn.Module) -> float:
+    """Bytes of weights one decode step reads at B = 1: every parameter once, except the token
+    embedding table (one row of it is read) and the head (:func:`head_bytes_read`). The logits
+    written (V floats, the same for both heads) are not counted."""
+    embedding, head = language_model(model).model.embed_tokens, head_module(model)
+    skipped = parameter_bytes(embedding) + (0 if head is embedding else parameter_bytes(head))
+    lookup = row_bytes(embedding.head if isinstance(embedding, FlashEmbedding) else embedding)
+    return parameter_bytes(model) - skipped + lookup + head_bytes_read(model)
+
+
+def decode_step(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The model's head as a decode step calls it (``lm_head`` or ``embed_tokens.as_linear``)."""
+    module = head_module(model)
+    head = module.as_linear if is_tied(model) else module
+
+    def step(h: mx.array) -> mx.array:
+        with decoding():
+            return head(h)
+
+    return step
+
+
+def hidden_inputs(model, tokenizer, batch_size: int, n: int = N_INPUTS) -> List[mx.array]:
+    """``n`` different decode-step inputs ``[batch_size, 1, d]``: hidden states of the built-in
+    text."""
+    tokens = mx.array(tokenizer.encode(DEFAULT_TEXT.read_text())[: n * batch_size])
+    hidden = final_hidden_states(model, tokens[None])[0]
+    mx.eval(hidden)
+    return [hidden[i * batch_size : (i + 1) * batch_size, None] for i in range(n)]
+
+
+def time_calls(fn: Callable, inputs: Sequence) -> float:
+    """Milliseconds per call of ``fn`` over ``inputs``, each call evaluated before the next."""
+    start = time.perf_counter()
+    for x in inputs:
+        mx.eval(fn(x))
+    return 1000 * (time.perf_counter() - start) / len(inputs)
+
+
+def alternate(calls: Dict[str, tuple], runs: int) -> Dict[str, float]:
+    """Median :func:`time_calls` of each ``name -> (fn, inputs)``, the runs alternating between
+    them after one warm-up run each."""
+    times = {name: [] for name in calls}
+    for run in range(runs + 1):
+        for name, (fn, inputs) in calls.items():
+            elapsed = time_calls(fn, inputs)
+            if run:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
+    """FlashHead's stages as :func:`alternate` takes them, each on the outputs of the one before."""
+    scores = [head.cluster_scores(h) for h in inputs]
+    probes = [top_clusters(s, head.n_probes)[0] for s in scores]
+    candidates = [head.cluster_logits(h, p) for h, p in zip(inputs, probes)]
+    mx.eval(scores, probes, candidates)
+    return {
+        "centroid pass": (head.cluster_scores, inputs),
+        "selection": (lambda s: top_clusters(s, head.n_probes), scores),
+        "gather and score": (lambda a: head.cluster_logits(*a), list(zip(inputs, probes))),
+        "scatter to full vocabulary": (lambda a: head.scatter(*a), candidates),
+    }
+
+
+def head_latency(dense, flash, tokenizer, runs: int) -> Dict[int, dict]:
+    """Per batch size: the dense and FlashHead decode steps' ms and FlashHead's stages' ms."""
+    result = {}
+    for batch_size in BATCH_SIZES:
+        inputs = hidden_inputs(dense, tokenizer, batch_size)
+        steps = {"dense": (decode_step(dense), inputs), "flash": (decode_step(flash), inputs)}
+        result[batch_size] = {
+            **alternate(steps, runs),
+            "stages": alternate(stage_calls(flash_head(flash), inputs), runs),
+        }
+    return result
+
+
+def decode_speed(models: dict, tokenizer, prompt, max_tokens: int, runs: int) -> dict:
+    """Median decode and prompt tokens/s of greedy ``stream_generate`` per model (and the tokens
+    generated), runs alternated after one warm-up run each."""
+    responses = {name: [] for name in models}
+    for run in range(runs + 1):
+        for name, model in models.items():
+            for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+                pass
+            if run:
+                responses[name].append(response)
+    return {
+        name: {
+            "decode_tok_s": statistics.median(r.generation_tps for r in runs_),
+            "prompt_tok_s": statistics.median(r.prompt_tps for r in runs_),
+            "tokens": statistics.median(r.generation_tokens for r in runs_),
+            "decode_runs": [r.generation_tps for r in runs_],
+        }
+        for name, runs_ in responses.items()
+    }
+
+
+def bench(model: str, prompt_tokens: int = 32, gen_tokens: int = 128, runs: int = 5) -> dict:
+    """Benchmark the FlashHead folder ``model`` against its dense head: the JSON object
+    ``bench --json`` writes."""
+    dense, tokenizer = load(model, flashhead=False)
+    flash, _ = load(model)
+    if not is_patched(flash):
+        raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
+    latency = head_latency(dense, flash, tokenizer, runs)
+    prompt = tokenizer.encode(DEFAULT_TEXT.read_text())[:prompt_tokens]
+    speed = decode_speed({"dense": dense, "flash": flash}, tokenizer, prompt, gen_tokens, runs)
+    read = {name: bytes_per_token(m) for name, m in (("dense", dense), ("flash", flash))}
+    ceiling = read["dense"] / read["flash"]
+    decode_speedup = speed["flash"]["decode_tok_s"] / speed["dense"]["decode_tok_s"]
+    return {
+        "model": model,
+        "head": describe_head(flash),
+        "head_dense_ms": latency[1]["dense"],
+        "head_flash_ms": latency[1]["flash"],
+        "head_speedup": latency[1]["dense"] / latency[1]["flash"],
+        "decode_dense_tok_s": speed["dense"]["decode_tok_s"],
+        "decode_flash_tok_s": speed["flash"]["decode_tok_s"],
+        "decode_speedup": decode_speedup,
+        "bytes_per_token_dense": round(read["dense"]),
+        "bytes_per_token_flash": round(read["flash"]),
+        "ceiling_speedup": ceiling,
+        "share_of_ceiling": (decode_speedup - 1) / (ceiling - 1) if ceiling > 1 else None,
+        "resident_dense_bytes": parameter_bytes(dense),
+        "resident_flash_bytes": parameter_bytes(flash),
+        "device": device_description(),
+        "kernels": kernel_implementation(),
+        "head_by_batch_size": {str(b): latency[b] for b in BATCH_SIZES},
+        "prompt_dense_tok_s": speed["dense"]["prompt_tok_s"],
+        "prompt_flash_tok_s": speed["flash"]["prompt_tok_s"],
+        "end_to_end": speed,
+        "prompt_tokens": len(prompt),
+        "gen_tokens": gen_tokens,
+        "runs": runs,
+    }
+
+
+def side_by_side(label: str, dense: float, flash: float, digits: int, ratio: float) -> list:
+    """A table row: ``label``, the dense and FlashHead values and their ratio."""
+    return [label, f"{dense:.{digits}f}", f"{flash:.{digits}f}", f"{ratio:.2f}x"]
+
+
+def format_result(result: dict) -> str:
+    """The human tables of :func:`bench`'s result."""
+    by_batch = result["head_by_batch_size"]
+    head = table(
+        ["head per decode step", "dense ms", "FlashHead ms", "speedup"],
+        [
+            side_by_side(f"B = {b}", r["dense"], r["flash"], 3, r["dense"] / r["flash"])
+            for b, r in by_batch.items()
+        ],
+    )
+    stages = table(
+        ["FlashHead stage (ms)", *(f"B = {b}" for b in by_batch)],
+        [
+            [stage, *(f"{r['stages'][stage]:.3f}" for r in by_batch.values())]
+            for stage in next(iter(by_batch.values()))["stages"]
+        ],
+    )
+    e2e = result["end_to_end"]
+    speed = table(
+        ["end to end (stream_generate)", "dense", "FlashHead", "speedup"],
+        [
+            side_by_side(
+                f"{label} tok/s",
+                e2e["dense"][key],
+                e2e["flash"][key],
+                1,
+                e2e["flash"][key] / e2e["dense"][key],
+            )
+            for label, key in (("decode", "decode_tok_s"), ("prompt", "prompt_tok_s"))
+        ],
+    )
+    mib = 2**20
+    resident = result["resident_dense_bytes"], result["resident_flash_bytes"]
+    read = result["bytes_per_token_dense"], result["bytes_per_token_flash"]
+    memory = table(
+        ["memory (MiB)", "dense", "FlashHead", "dense / FlashHead"],
+        [
+            side_by_side(
+                "resident", resident[0] / mib, resident[1] / mib, 1, resident[0] / resident[1]
+            ),
+            side_by_side(
+                "weights read per token", read[0] / mib, read[1] / mib, 1, read[0] / read[1]
+            ),
+        ],
+    )
+    share = result["share_of_ceiling"]
+    summary = (
+        f"Measured decode speedup {result['decode_speedup']:.2f}x = "
+        + ("n/a" if share is None else f"{100 * share:.0f}%")
+        + " of the gain a bandwidth-bound decode could reach (the ratio of weights read, "
+        f"{result['ceiling_speedup']:.2f}x); tokens generated: dense {e2e['dense']['tokens']:g}, "
+        f"FlashHead {e2e['flash']['tokens']:g}; medians of {result['runs']} alternated runs."
+    )
+    return "\n\n".join([head, stages, speed, memory, summary])
+
+
+def plot(result: dict, path: str, title: str) -> None:
+    """Bars: head latency per decode step and decode tokens/s, dense vs FlashHead."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    by_batch = result["head_by_batch_size"]
+    x = range(len(by_batch))
+    for offset, (name, label) in zip((-0.2, 0.2), (("dense", "dense"), ("flash", "FlashHead"))):
+        left.bar([i + offset for i in x], [r[name] for r in by_batch.values()], 0.4, label=label)
+    left.set_xticks(list(x), [f"B = {b}" for b in by_batch])
+    left.set_ylabel("head, ms per decode step")
+    left.legend(loc="upper left")
+    speeds = [result["decode_dense_tok_s"], result["decode_flash_tok_s"]]
+    right.bar(["dense", "FlashHead"], speeds, 0.5, color=["C0", "C1"])
+    right.axhline(
+        result["decode_dense_tok_s"] * result["ceiling_speedup"],
+        color="grey",
+        ls="--",
+        label=f"bandwidth-bound ceiling ({result['ceiling_speedup']:.2f}x)",
+    )
+    right.set_ylabel("decode tokens/s (stream_generate)")
+    right.set_ylim(
+        top=1.25 * max(*speeds, result["decode_dense_tok_s"] * result["ceiling_speedup"])
+    )
+    right.legend(loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashhead-mlx bench",
+        description="Time the dense head and the FlashHead side by side in one process.",
+    )
+    parser.add_argument("--model", required=True, help="A converted FlashHead folder or repo.")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="Prompt length.")
+    parser.add_argument("--gen-tokens", type=int, default=128, help="Tokens to generate.")
+    parser.add_argument("--runs", type=int, default=5, help="Timed runs of each head.")
+    parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
+    parser.add_argument("--plot", default=None, help="Draw the comparison to this PNG.")
+    return parser
+
+
+def main() -> None:
+    parser = setup_arg_parser()
+    args = parser.parse_args()
+    if min(args.prompt_tokens, args.gen_tokens, args.runs) < 1:
+        parser.error("--prompt-tokens, --gen-tokens and --runs must be positive")
+    try:
+        if args.plot:
+            pyplot()  # fail now, not after the measurements
+        result = bench(args.model, args.prompt_tokens, args.gen_tokens, args.runs)
+    except ValueError as error:
+        raise SystemExit(f"flashhead-mlx bench: error: {error}")
+    print(f"{result['model']}: {result['head']}")
+    print(f"Device: {result['device']}; kernels: {result['kernels']}\n")
+    print(format_result(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"Wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot, f"{Path(args.model).name}: {result['head']}")
+        print(f"Wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

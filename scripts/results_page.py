@@ -1,0 +1,165 @@
+"""Regenerate docs/results.md: `flashhead-mlx eval`, `tune` and `bench` for SmolLM2-135M and
+Gemma-3-270M on this machine, tables and plots.
+
+    python scripts/results_page.py [--models smollm2 gemma3] [--render-only]
+
+The models are the float32 FlashHead folders of scripts/decode_table.py under --models-dir
+(converted from the GGUF files of ../shared/models/fetch_models.sh on first use). Each run saves
+its measurements as docs/results/<device>-<model>-{eval,bench,tune}.json, stamped with the machine
+and the date, and the page is rendered from every file there: a run on the CPU fills the CPU
+section, a run on the GPU machine (MLX's CUDA backend, ../shared/device/README.md) the GPU one.
+About 15 minutes on a 2-core CPU.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+
+from decode_table import AUSTEN, ROOT, model_folder
+from flashhead_mlx import __version__, bench, evaluate
+from flashhead_mlx.assets import ASSETS_FILE
+from flashhead_mlx.blas import reexec_with_openblas
+from flashhead_mlx.report import device_description
+from flashhead_mlx.tune import tune
+
+DOCS = ROOT / "docs"
+OUT = DOCS / "results"
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
+EVAL_TEXT = AUSTEN / "emma.txt"
+TARGET = 0.999
+
+
+def stamp(result: dict) -> dict:
+    """``result`` with the machine and the date it was measured on."""
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {**result, "machine": device_description(), "date": date}
+
+
+def scratch_copy(folder: Path, into: Path) -> Path:
+    """A copy of a FlashHead folder for tune to write into: links to its files, copies of the two
+    it rewrites."""
+    copy = into / folder.name
+    copy.mkdir()
+    for path in folder.iterdir():
+        if path.name in ("config.json", ASSETS_FILE):
+            shutil.copyfile(path, copy / path.name)
+        elif path.is_file():
+            (copy / path.name).symlink_to(path.resolve())
+    return copy
+
+
+def measure(name: str, folder: Path, device: str, args) -> None:
+    """Tune (on a scratch copy), eval and bench one model; save the JSON files and plots."""
+    prefix = OUT / f"{device}-{name}"
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = tune(str(scratch_copy(folder, Path(scratch))), target=TARGET)
+    tuned = {"target": TARGET, "text": str(evaluate.DEFAULT_TEXT.name), **rows}
+    Path(f"{prefix}-tune.json").write_text(json.dumps(stamp(tuned), indent=2) + "\n")
+
+    before, after = rows["before"], rows["after"]["n_probes"]
+    probes = sorted({*evaluate.default_n_probes(before["n_probes"], before["n_clusters"]), after})
+    result = evaluate.run(
+        str(folder), str(EVAL_TEXT), 4096, probes, args.tv_positions, f"{prefix}-eval.png"
+    )
+    Path(f"{prefix}-eval.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+
+    result = bench.bench(str(folder), runs=args.runs)
+    bench.plot(result, f"{prefix}-bench.png", f"{NAMES[name]}: {result['head']}")
+    Path(f"{prefix}-bench.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+
+
+def model_section(device: str, name: str) -> list:
+    """The page's section of one model measured on ``device``, from its JSON files."""
+    prefix = OUT / f"{device}-{name}"
+    if not Path(f"{prefix}-eval.json").is_file():
+        return []
+    evaluation = json.loads(Path(f"{prefix}-eval.json").read_text())
+    tuned = json.loads(Path(f"{prefix}-tune.json").read_text())
+    result = json.loads(Path(f"{prefix}-bench.json").read_text())
+    rows = evaluation["results"]
+    return [
+        f"### {NAMES[name]}",
+        "",
+        f"{result['head']}; kernels: {result['kernels']}.",
+        "",
+        f"**eval** on {Path(evaluation['text']).name} ({evaluation['tokens']} positions; "
+        f"{evaluation['machine']}, {evaluation['date']}). Sampling distances: mean over "
+        f"{rows[0]['sampling_positions']} positions of the second half ± standard error.",
+        "",
+        evaluate.format_rows(rows),
+        "",
+        f"![eval plot](results/{device}-{name}-eval.png)",
+        "",
+        f"**tune** at {tuned['target']} on the built-in text ({tuned['text']}; {tuned['machine']}, "
+        f"{tuned['date']}): n_probes {tuned['before']['n_probes']} -> "
+        f"{tuned['after']['n_probes']}.",
+        "",
+        evaluate.format_rows([tuned["before"], tuned["after"]], labels=["before", "after"]),
+        "",
+        f"**bench** ({result['machine']}, {result['date']}; {result['prompt_tokens']}-token "
+        f"prompt, {result['gen_tokens']} tokens generated, medians of {result['runs']} "
+        "alternated runs):",
+        "",
+        bench.format_result(result),
+        "",
+        f"![bench plot](results/{device}-{name}-bench.png)",
+        "",
+    ]
+
+
+def render() -> None:
+    """Write docs/results.md from the JSON files in docs/results/."""
+    lines = [
+        "# Measured results",
+        "",
+        "Generated by `python scripts/results_page.py` (flashhead-mlx "
+        f"{__version__}, MLX {mx.__version__}, mlx-lm {mlx_lm.__version__}) from the float32 "
+        "FlashHead folders that `flashhead-mlx convert` makes of the GGUF files of "
+        "`../shared/models/fetch_models.sh`, with their default `n_probes` (the most with at most "
+        "10% of the vocabulary scored). Each figure states the machine and the date it was "
+        "measured on; the JSON files behind them are in `docs/results/`.",
+        "",
+        "`eval` measures on Emma (held out: conversion calibrates on Pride and Prejudice, "
+        "`tune` on the built-in Northanger Abbey excerpt) the folder's `n_probes`, half and twice "
+        f"it, and the one `tune` picks for {TARGET} top-1 containment on the built-in text.",
+        "",
+    ]
+    missing = {
+        "cpu": "Not measured yet: run `python scripts/results_page.py`.",
+        "gpu": "No GPU machine was available to the sessions that generated this page. A session "
+        "that has one (../shared/device/README.md) fills this section by running "
+        "`python scripts/results_page.py` there.",
+    }
+    for device, title in (("cpu", "CPU"), ("gpu", "GPU (MLX's CUDA backend)")):
+        sections = [line for name in NAMES for line in model_section(device, name)]
+        lines += [f"## {title}", "", *(sections or [missing[device], ""])]
+    (DOCS / "results.md").write_text("\n".join(lines))
+    print(f"Wrote {DOCS / 'results.md'}")
+
+
+def main() -> None:
+    reexec_with_openblas([__file__, *sys.argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
+    parser.add_argument("--models-dir", default=str(ROOT / "results" / "models"))
+    parser.add_argument("--tv-positions", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--render-only", action="store_true", help="Only render the saved JSON.")
+    args = parser.parse_args()
+    if not args.render_only:
+        OUT.mkdir(parents=True, exist_ok=True)
+        device = "gpu" if mx.default_device().type == mx.gpu else "cpu"
+        for name in args.models:
+            measure(name, model_folder(name, Path(args.models_dir)), device, args)
+    render()
+
+
+if __name__ == "__main__":
+    main()

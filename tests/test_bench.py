@@ -1,0 +1,80 @@
+"""``flashhead-mlx bench``: a smoke run on a tiny model (no timing assertions), its JSON keys,
+and the bytes a decode step reads, counted by hand."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model, run_cli
+from flashhead_mlx import flash_head, load
+from flashhead_mlx.bench import bytes_per_token, parameter_bytes
+from flashhead_mlx.convert import convert
+from flashhead_mlx.model_card import BENCH_KEYS
+
+JSON_KEYS = set(BENCH_KEYS)  # the issue's keys, which the model card reads
+VOCAB, DIMS = 1000, 64
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def converted(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bench")
+    source = make_tiny_model(folder / "tiny", tied=request.param)
+    return convert(str(source), str(folder / "tiny-flashhead"), calibration_tokens=256)
+
+
+def test_bytes_per_token_by_hand(converted):
+    dense, _ = load(str(converted), flashhead=False)
+    flash, _ = load(str(converted))
+    head = flash_head(flash)
+    row = DIMS * 4  # float32
+    table = VOCAB * row
+    tied = not hasattr(dense, "lm_head")
+    # Dense: every parameter, the embedding table only once (as the head) or as one row.
+    expected_dense = parameter_bytes(dense) + row if tied else parameter_bytes(dense) - table + row
+    assert bytes_per_token(dense) == pytest.approx(expected_dense)
+    # FlashHead: the head's whole table becomes the packed centroids (4-bit, a scale and a bias
+    # per 64 values), the cluster biases and the probed rows with their token ids.
+    centroids = head.n_clusters * (DIMS // 2 + 2 * 4 * DIMS // 64)
+    probed = head.n_probes * head.cluster_size * (row + 4)
+    expected_flash = expected_dense - table + centroids + 4 * head.n_clusters + probed
+    assert bytes_per_token(flash) == pytest.approx(expected_flash)
+
+
+def test_cli_smoke_json_and_plot(converted, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run_cli(
+        "bench",
+        "--model",
+        str(converted),
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "4",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
+    assert result.returncode == 0, result.stderr
+    for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read"):
+        assert line in result.stdout
+    report = json.loads(out.read_text())
+    assert JSON_KEYS <= set(report)
+    assert report["kernels"] in ("metal", "mlx") and report["device"].startswith(("cpu", "gpu"))
+    assert report["ceiling_speedup"] == pytest.approx(
+        report["bytes_per_token_dense"] / report["bytes_per_token_flash"], rel=1e-3
+    )
+    assert report["resident_flash_bytes"] > report["resident_dense_bytes"]  # + the assets
+    for key in JSON_KEYS - {"device", "kernels", "share_of_ceiling"}:
+        assert report[key] > 0, key
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folder_without_flashhead_is_refused(tmp_path):
+    source = make_tiny_model(tmp_path / "plain")
+    result = run_cli("bench", "--model", str(source), "--runs", "1")
+    assert result.returncode != 0
+    assert "flashhead-mlx bench: error:" in result.stderr and "has no FlashHead" in result.stderr

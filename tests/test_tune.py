@@ -1,0 +1,112 @@
+"""``flashhead-mlx tune``: the search against a brute-force scan, and the folder it writes: the
+chosen n_probes meets the target through the head's own candidates, one fewer does not."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import TINY_TEXT, make_tiny_model, run_cli
+from flashhead_mlx import flash_head, load
+from flashhead_mlx.assets import ASSETS_FILE
+from flashhead_mlx.calibration import calibration_hidden_states
+from flashhead_mlx.convert import convert
+from flashhead_mlx.tune import TARGET_CONTAINMENT, smallest_n_probes, tune
+
+
+def brute_force_n_probes(ranks, target, n_clusters):
+    return next(p for p in range(1, n_clusters + 1) if np.mean(ranks < p) >= target)
+
+
+def test_search_matches_a_scan():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n_clusters = int(rng.integers(1, 200))
+        ranks = np.minimum(
+            rng.geometric(rng.uniform(0.02, 0.9), rng.integers(1, 300)) - 1, n_clusters - 1
+        )
+        # Targets at the achievable values themselves, where a rounding slip would show.
+        targets = [1.0, rng.uniform(), *(np.arange(1, ranks.size + 1) / ranks.size)[-3:]]
+        for target in targets:
+            assert smallest_n_probes(ranks, target, n_clusters) == brute_force_n_probes(
+                ranks, target, n_clusters
+            )
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tune")
+    source = make_tiny_model(folder / "tiny", tied=False)
+    return convert(str(source), str(folder / "tiny-flashhead"), calibration_tokens=256)
+
+
+def containment(folder: Path, text: str, n_probes: int, n_tokens: int, seq_len=None) -> float:
+    """Share of the text's positions whose dense argmax is among the head's own candidates."""
+    model, tokenizer = load(str(folder), n_probes=n_probes)
+    hidden = calibration_hidden_states(model, tokenizer, text, n_tokens, seq_len or n_tokens)
+    head = flash_head(model)
+    tokens, _ = head.candidates(hidden)
+    argmax = np.array(mx.argmax(head.dense_logits(hidden), axis=-1))
+    return float(np.mean([a in row for a, row in zip(argmax, np.array(tokens))]))
+
+
+@pytest.mark.parametrize("target", [0.9, 1.0])
+def test_tune_writes_the_smallest_n_probes_meeting_the_target(converted, tmp_path, target):
+    folder = Path(shutil.copytree(converted, tmp_path / "model"))
+    text = tmp_path / "text.txt"
+    text.write_text(TINY_TEXT)
+    rows = tune(str(folder), str(text), target, max_tokens=128)
+    config = json.loads((folder / "config.json").read_text())["flashhead"]
+    after = config["n_probes"]
+    assert rows["after"]["n_probes"] == after and rows["after"]["top1_containment"] >= target
+    assert containment(folder, TINY_TEXT, after, 128) >= target
+    if after > 1:
+        assert containment(folder, TINY_TEXT, after - 1, 128) < target
+    model, _ = load(str(folder))  # the assets stay consistent and load
+    head = flash_head(model)
+    assert head.n_probes == after and head.mass_bias.shape == (2, config["n_clusters"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in converted.iterdir())
+
+
+def test_cli_and_errors(converted, tmp_path):
+    folder = Path(shutil.copytree(converted, tmp_path / "model"))
+    before = json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"]
+    assets = (folder / ASSETS_FILE).read_bytes()
+
+    def run(*args):
+        return run_cli("tune", "--model", str(folder), *args)
+
+    result = run("--target-containment", "1.5")
+    assert result.returncode != 0
+    assert "flashhead-mlx tune: error: the target containment must be in (0, 1]" in result.stderr
+    assert json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"] == before
+    assert (folder / ASSETS_FILE).read_bytes() == assets
+    result = run("--target-containment", "1.0", "--max-tokens", "64")
+    assert result.returncode == 0, result.stderr
+    assert "| before |" in result.stdout and "| after  |" in result.stdout
+
+
+def test_convert_tunes_n_probes_on_the_calibration_text(tmp_path):
+    """Without --n-probes a conversion keeps the fewest probes with 99.9% top-1 containment on
+    the tuning text: all of its positions, in windows of 512 tokens."""
+    source = make_tiny_model(tmp_path / "tiny", tied=False, seed=1)
+    text = tmp_path / "text.txt"
+    text.write_text(TINY_TEXT)
+    folder = convert(
+        str(source), str(tmp_path / "out"), calibration_tokens=256, calibration_text=str(text)
+    )
+    n_probes = json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"]
+    _, tokenizer = load(str(folder))
+    n_tokens = len(tokenizer.encode(TINY_TEXT, add_special_tokens=False))
+    assert n_tokens > 512
+    assert containment(folder, TINY_TEXT, n_probes, n_tokens, seq_len=512) >= TARGET_CONTAINMENT
+    if n_probes > 1:
+        assert containment(folder, TINY_TEXT, n_probes - 1, n_tokens, seq_len=512) < 0.999
+    assert f"| `n_probes` | {n_probes} " in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="is not a file"):
+        convert(str(source), str(tmp_path / "other"), calibration_text=str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="not both"):
+        convert(str(source), str(tmp_path / "other"), n_probes=2, calibration_text=str(text))
