@@ -13,7 +13,8 @@ exact dense logits:
   distribution of a token sampled through mlx-lm's sampler from FlashHead's logits and from the
   dense logits (T = 1; T = 0.7 with top_p = 0.9), exact at each position
   (:mod:`flashhead_mlx.sampling_distance`), averaged over a subsample of the text's second half.
-  The standard error of that mean sets the decimals reported. The sampling mass offsets
+  The means are printed to the leading digit of their standard error (the JSON keeps them whole,
+  with the standard errors). The sampling mass offsets
   (``mass_bias``) depend on ``n_probes``: the folder's serve its own ``n_probes``, and are refitted
   on the text's first half for any other.
 
@@ -231,11 +232,13 @@ def mean_and_stderr(values: np.ndarray) -> Tuple[float, float]:
 
 
 def decimals(stderr: float, most: int = 6) -> int:
-    """The most decimals (up to ``most``) whose last digit is still larger than ``stderr``."""
-    n = 0
-    while n < most and 10.0 ** -(n + 1) > stderr:
-        n += 1
-    return n
+    """Decimals that print a mean to the leading digit of its standard error ``stderr`` (at most
+    ``most``; ``most`` for an exact mean, 4 for an unknown error)."""
+    if math.isnan(stderr):
+        return 4
+    if stderr <= 0:
+        return most
+    return int(min(most, max(0, -math.floor(math.log10(stderr)))))
 
 
 def add_sampling_distances(
@@ -263,7 +266,7 @@ def add_sampling_distances(
     for row in rows:
         for key in SAMPLING_SETTINGS:
             mean, stderr = mean_and_stderr(np.concatenate(distances[row["n_probes"], key]))
-            row[key] = round(mean, decimals(stderr))
+            row[key] = mean
             row[f"{key}_stderr"] = stderr
         row["sampling_positions"] = held_out.shape[0]
 

@@ -194,7 +194,7 @@ def _kept(name: str, text: str) -> Optional[str]:
 def _made_from(section: dict) -> str:
     source = section.get("source")
     if source is None:
-        return "a model"
+        return "not recorded"
     return f"[{source}]({HUB}/{source})" if source.count("/") == 1 else f"`{source}`"
 
 
@@ -216,7 +216,11 @@ def render_card(
     scored = scored_fraction(n_clusters, cluster_size, n_probes, vocab_size)
     bits = section["centroid_bits"]
     centroids = "float32" if bits is None else f"{bits}-bit (group size {section['centroid_group_size']})"
-    version = section.get("flashhead_mlx_version", "?")
+    version = section.get("flashhead_mlx_version")
+    intro = "This model has a FlashHead"
+    if section.get("source") is not None:
+        intro = f"This model is {_made_from(section)} with a FlashHead"
+    converted = "" if version is None else f", converted with flashhead-mlx {version}"
     imported = section.get("imported_from")
     clustering = (
         f"imported from `{imported}` (a FlashHead clustering published for vLLM); stage-1 probes "
@@ -228,8 +232,8 @@ def render_card(
     parts = [
         f"---\n{yaml}\n---",
         f"# {model_id}",
-        f"This model is {_made_from(section)} with a FlashHead, converted with flashhead-mlx "
-        f"{version}. FlashHead replaces the dense classification head at decode time by a "
+        f"{intro}{converted}. "
+        "FlashHead replaces the dense classification head at decode time by a "
         "two-stage retrieval head: the hidden state is scored against the centroids of "
         f"clusters of the head's rows, and only the rows of the `n_probes` best clusters are "
         "scored, exactly.",
@@ -241,7 +245,7 @@ def render_card(
         f"| clustering | {clustering} on calibration text |\n"
         f"| `n_probes` | {n_probes} ({_percent(scored, 1)} of the vocabulary scored per token) |\n"
         f"| stage-1 centroids | {centroids} |\n"
-        f"| flashhead-mlx | {version} |",
+        f"| flashhead-mlx | {version or 'not recorded'} |",
     ]
     parts += [text for text in (eval_section_text, bench_section_text) if text]
     parts.append(

@@ -196,9 +196,10 @@ def test_expected_distribution_is_mlx_lm_sampler_over_the_draws(random_head, tem
         np.testing.assert_allclose(mine, dense[row], rtol=1e-4, atol=1e-6)
 
 
-def test_decimals_stay_above_the_standard_error():
-    assert decimals(0.004) == 2 and decimals(0.0004) == 3 and decimals(0.3) == 0
-    assert decimals(0.0) == 6 and decimals(math.nan) == 0
+def test_decimals_reach_the_standard_errors_leading_digit():
+    assert decimals(0.004) == 3 and decimals(0.0004) == 4 and decimals(0.3) == 1
+    assert decimals(0.0099) == 3 and decimals(3.0) == 0 and decimals(1e-9) == 6
+    assert decimals(0.0) == 6 and decimals(math.nan) == 4
 
 
 def test_default_n_probes():
