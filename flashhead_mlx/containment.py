@@ -46,14 +46,16 @@ def target_ranks(
     clusters: dict,
     quantized: bool = True,
     chunk_size: int = 1024,
+    bits: int = 4,
 ) -> np.ndarray:
     """Rank ``[N]`` (:func:`cluster_ranks`) of the cluster holding each target token, by the
-    stage-1 score ``h @ centroids.T + cluster_bias``. The target is retrieved with ``n_probes``
-    probes exactly when its rank is below ``n_probes``."""
+    stage-1 score ``h @ centroids.T + cluster_bias`` (centroids stored with ``bits`` bits when
+    ``quantized``). The target is retrieved with ``n_probes`` probes exactly when its rank is
+    below ``n_probes``."""
     n_clusters = clusters["centroids"].shape[0]
     owner = np.array(token_clusters(clusters["order"], clusters["order"].size // n_clusters))
     owner = owner[np.asarray(targets)]
-    probes = probe_vectors(clusters["centroids"], quantized)
+    probes = probe_vectors(clusters["centroids"], quantized, bits=bits)
     ranks = []
     for i in range(0, hidden_states.shape[0], chunk_size):
         scores = hidden_states[i : i + chunk_size] @ probes.T + clusters["cluster_bias"]

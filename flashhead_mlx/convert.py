@@ -163,8 +163,7 @@ def finish_assets(
     cluster_size = clusters["order"].size // n_clusters
     vocab_size = int((np.asarray(clusters["order"]) >= 0).sum())
     if n_probes is None:
-        quantized = centroid_bits is not None
-        n_probes = tuned_n_probes(model, tokenizer, clusters, quantized, calibration_text)
+        n_probes = tuned_n_probes(model, tokenizer, clusters, centroid_bits, calibration_text)
     if not 1 <= n_probes <= n_clusters:
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
     assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)

@@ -53,18 +53,20 @@ def tuned_n_probes(
     model,
     tokenizer,
     clusters: dict,
-    quantized: bool,
+    centroid_bits: Optional[int],
     text: Optional[str] = None,
     target: float = TARGET_CONTAINMENT,
     max_tokens: int = TUNING_TOKENS,
 ) -> int:
     """The smallest ``n_probes`` whose top-1 containment on the file ``text`` (default: the
     built-in text) is at least ``target``, for ``clusters`` (``clustering.cluster_head``'s) of
-    ``model``'s head, before any assets are made: how a conversion picks its default."""
+    ``model``'s head with centroids stored at ``centroid_bits`` (``None``: float32), before any
+    assets are made: how a conversion picks its default."""
     text_path = Path(text) if text else DEFAULT_TEXT
     hidden = text_hidden_states(model, tokenizer, text_path.read_text(), max_tokens)
     targets = dense_argmax(head_rows(head_module(model)), hidden)
-    ranks = target_ranks(hidden, targets, clusters, quantized)
+    quantized = centroid_bits is not None
+    ranks = target_ranks(hidden, targets, clusters, quantized, bits=centroid_bits or 4)
     n_probes = smallest_n_probes(ranks, target, clusters["cluster_bias"].shape[0])
     print(
         f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {np.mean(ranks < n_probes):.4f} "

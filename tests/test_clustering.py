@@ -7,7 +7,9 @@ import pytest
 from conftest import AUSTEN_DIR, TINY_TEXT
 from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax, text_windows
 from flashhead_mlx.clustering import balanced_assign, cluster_head
-from flashhead_mlx.containment import containment, token_clusters
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.containment import containment, target_ranks, token_clusters
+from flashhead_mlx.head import FlashHead
 
 
 def clustered_data(vocab_size: int, dim: int = 32, n_hidden: int = 512, seed: int = 0):
@@ -125,6 +127,26 @@ def test_quantized_probes_close_to_float():
         containment(hidden[200:], targets, clusters, [8], quantized=q)[0] for q in (False, True)
     )
     assert abs(exact["containment"] - quantized["containment"]) < 0.05
+
+
+def test_target_ranks_follow_the_stored_centroid_bits():
+    """Ranks by the head's own stage 1 (8-bit centroids): a plain count of the clusters that
+    score higher, or as high with a lower id."""
+    weight, hidden = clustered_data(1000, dim=64, n_hidden=300, seed=4)
+    clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
+    held_out = hidden[200:]
+    targets = np.array(mx.argmax(held_out @ weight.T, axis=1))
+    head = FlashHead(make_assets(clusters, 1, centroid_bits=8), weight)
+    scores = np.array(head.cluster_scores(held_out))
+    owner = np.array(token_clusters(clusters["order"], 16))[targets]
+    own = scores[np.arange(owner.size), owner][:, None]
+    ids = np.arange(scores.shape[1])
+    expected = ((scores > own) | ((scores == own) & (ids < owner[:, None]))).sum(axis=1)
+    same = {
+        bits: np.mean(target_ranks(held_out, targets, clusters, bits=bits) == expected)
+        for bits in (8, 4)
+    }
+    assert same[8] >= 0.99 and same[8] > same[4]
 
 
 def test_token_clusters_rejects_incomplete_order():
