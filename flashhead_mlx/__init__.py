@@ -1,7 +1,6 @@
 """FlashHead for MLX: a training-free two-stage retrieval head for language models."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .decode import decoding
 from .head import FlashHead
 from .loading import load

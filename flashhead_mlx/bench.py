@@ -29,12 +29,11 @@ from mlx.utils import tree_flatten
 from mlx_lm import stream_generate
 
 from .decode import decoding
-from .evaluate import DEFAULT_TEXT
-from .generate import describe_head
+from .calibration import TUNING_TEXT
 from .kernels import kernel_implementation, top_clusters
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
-from .patch import FlashEmbedding, flash_head, is_patched
+from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 
 # Different hidden states the head is timed on, in turn.
@@ -91,7 +90,7 @@ def decode_step(model: nn.Module) -> Callable[[mx.array], mx.array]:
 def hidden_inputs(model, tokenizer, batch_size: int, n: int = N_INPUTS) -> List[mx.array]:
     """``n`` different decode-step inputs ``[batch_size, 1, d]``: hidden states of the built-in
     text."""
-    tokens = mx.array(tokenizer.encode(DEFAULT_TEXT.read_text())[: n * batch_size])
+    tokens = mx.array(tokenizer.encode(TUNING_TEXT.read_text())[: n * batch_size])
     hidden = final_hidden_states(model, tokens[None])[0]
     mx.eval(hidden)
     return [hidden[i * batch_size : (i + 1) * batch_size, None] for i in range(n)]
@@ -173,7 +172,7 @@ def bench(model: str, prompt_tokens: int = 32, gen_tokens: int = 128, runs: int 
     if not is_patched(flash):
         raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
     latency = head_latency(dense, flash, tokenizer, runs)
-    prompt = tokenizer.encode(DEFAULT_TEXT.read_text())[:prompt_tokens]
+    prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     speed = decode_speed({"dense": dense, "flash": flash}, tokenizer, prompt, gen_tokens, runs)
     read = {name: bytes_per_token(m) for name, m in (("dense", dense), ("flash", flash))}
     ceiling = read["dense"] / read["flash"]

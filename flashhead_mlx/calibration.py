@@ -1,12 +1,20 @@
-"""Hidden states of real text, as the head sees them, for calibration and evaluation."""
+"""Hidden states of real text, as the head sees them, for calibration, tuning and evaluation."""
 
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
 from .model_head import final_hidden_states
+
+DATA_DIR = Path(__file__).parent / "data"
+# The text a conversion fits its clusters and centroids on: Pride and Prejudice (public domain).
+CALIBRATION_TEXT = DATA_DIR / "calibration.txt"
+# The default text n_probes is tuned on and eval measures: the first chapters of Northanger Abbey
+# (public domain), a novel the conversion does not calibrate on.
+TUNING_TEXT = DATA_DIR / "tuning.txt"
 
 
 def text_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> mx.array:
@@ -57,12 +65,15 @@ def calibration_hidden_states(
     return mx.concatenate(states)[:n_tokens]
 
 
-def dense_argmax(weight: mx.array, hidden_states: mx.array, chunk_size: int = 256) -> mx.array:
-    """Index of the largest logit ``hidden_states @ weight.T`` for each row, computed in
-    chunks so that the ``[N, V]`` logits are never held at once."""
-    out = []
-    for i in range(0, hidden_states.shape[0], chunk_size):
-        top = mx.argmax(hidden_states[i : i + chunk_size] @ weight.T, axis=-1)
-        mx.eval(top)
-        out.append(top)
-    return mx.concatenate(out).astype(mx.int32)
+def text_hidden_states(
+    model: nn.Module, tokenizer, text: str, max_tokens: int, seq_len: int = 512
+) -> mx.array:
+    """Hidden states ``[N, d]`` of up to ``max_tokens`` positions of ``text`` (all of it when
+    shorter), in windows of ``seq_len`` tokens spread over the text."""
+    n_text = len(tokenizer.encode(text, add_special_tokens=False))
+    n_tokens = min(max_tokens, n_text)
+    if n_tokens < 2:
+        raise ValueError(f"the text has {n_text} tokens: at least 2 are needed")
+    return calibration_hidden_states(
+        model, tokenizer, text, n_tokens=n_tokens, seq_len=min(seq_len, n_tokens)
+    )

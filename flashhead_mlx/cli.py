@@ -27,7 +27,7 @@ def main() -> None:
             print(f"  {name:14s} {help_text}")
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     if sys.argv[1] == "--version":
-        from . import __version__
+        from ._version import __version__
 
         print(__version__)
         return

@@ -276,7 +276,7 @@ def mean_rows(weight: mx.array, order: np.ndarray, cluster_size: int) -> mx.arra
     return rows.sum(axis=1) / counts[:, None]
 
 
-def fit_probes(
+def fit_centroids(
     weight: mx.array,
     order: np.ndarray,
     cluster_size: int,
@@ -284,7 +284,7 @@ def fit_probes(
     ridge: float = 1e-3,
     chunk_size: int = 256,
 ) -> tuple[mx.array, mx.array]:
-    """Probe vectors ``[n_clusters, d]`` and biases ``[n_clusters]`` whose score
+    """Centroids ``[n_clusters, d]`` and biases ``[n_clusters]`` whose score
     ``h @ probe + bias`` is the least-squares estimate of the cluster's largest logit.
 
     The fit runs over the calibration ``hidden_states``; it shares one Gram matrix across all
@@ -324,22 +324,22 @@ def cluster_head(
     seed: int = 0,
     ridge: float = 1e-3,
 ) -> dict:
-    """Cluster the head's rows and build the stage-1 probes of FlashHead.
+    """Cluster the head's rows and build the stage-1 centroids of FlashHead.
 
     Args:
         weight: the head's rows ``[V, d]`` (float32).
         cluster_size: tokens per cluster.
         hidden_states: ``[N, d]`` calibration hidden states (``calibration_hidden_states``).
-            With them, rows are clustered in the data-aware metric and the probes are fitted
+            With them, rows are clustered in the data-aware metric and the centroids are fitted
             to estimate each cluster's largest logit; without them, rows are clustered as they
-            are and the probes are the clusters' mean rows with no bias.
+            are and the centroids are the clusters' mean rows with no bias.
         seed: seed of the centroid initialisation (the result is deterministic for a seed).
-        ridge: regularisation of the probe fit (see ``fit_probes``).
+        ridge: regularisation of the centroid fit (see ``fit_centroids``).
 
     Returns a dict of MLX arrays:
         ``order``: int32 ``[n_clusters * cluster_size]`` token of each slot, cluster k owning
         slots ``k * cluster_size .. (k + 1) * cluster_size - 1``; padding slots are -1.
-        ``centroids``: float32 ``[n_clusters, d]`` stage-1 probe vectors.
+        ``centroids``: float32 ``[n_clusters, d]`` stage-1 centroids.
         ``cluster_bias``: float32 ``[n_clusters]``; the stage-1 score is
         ``h @ centroids.T + cluster_bias``.
         ``spherical_centroids``: float32 ``[n_clusters, d]`` unit-norm mean direction of each
@@ -369,14 +369,14 @@ def clusters_from_order(
     hidden_states: mx.array | None = None,
     ridge: float = 1e-3,
 ) -> dict:
-    """The stage-1 probes of given clusters: :func:`cluster_head`'s result for the slot
+    """The stage-1 centroids of given clusters: :func:`cluster_head`'s result for the slot
     ``order`` (from :func:`slot_order`), probes fitted when ``hidden_states`` are given."""
     weight = weight.astype(mx.float32)
     means = mean_rows(weight, order, cluster_size)
     if hidden_states is None:
         centroids, bias = means, mx.zeros((means.shape[0],), dtype=mx.float32)
     else:
-        centroids, bias = fit_probes(weight, order, cluster_size, hidden_states, ridge)
+        centroids, bias = fit_centroids(weight, order, cluster_size, hidden_states, ridge)
     return {
         "order": mx.array(order),
         "centroids": centroids,

@@ -1,21 +1,29 @@
-"""Top-1 containment: how often the dense head's argmax lies inside the probed clusters."""
+"""Top-1 containment: how often the dense head's argmax is among a FlashHead's candidates, and
+the smallest ``n_probes`` that meets a containment target.
+
+Every rank here comes from the head's own stage 1 (:meth:`FlashHead.cluster_scores`, ranked by
+:func:`flashhead_mlx.kernels.cluster_ranks`) and every dense argmax from the head's own exact
+logits (ties to the lowest token id, :func:`flashhead_mlx.kernels.best_token`): a position
+counts as contained with ``n_probes`` probes exactly when the head, probing ``n_probes``
+clusters, scores its dense argmax.
+"""
+
+import bisect
+from typing import Iterator, List, Tuple
 
 import mlx.core as mx
 import numpy as np
 
 from .clustering import scored_fraction
+from .head import FlashHead
+from .kernels import best_token, cluster_ranks
 
-
-def probe_vectors(
-    centroids: mx.array, quantized: bool, group_size: int = 64, bits: int = 4
-) -> mx.array:
-    """The probe vectors stage 1 scores against: as given, or after the 4-bit round trip
-    (``mx.quantize``, ``group_size`` 64) that storing them in the head applies."""
-    if not quantized:
-        return centroids
-    return mx.dequantize(
-        *mx.quantize(centroids, group_size=group_size, bits=bits), group_size=group_size, bits=bits
-    )
+# The top-1 containment a conversion's default n_probes meets on the tuning text.
+TARGET_CONTAINMENT = 0.999
+# Positions of the tuning text a conversion measures (all of the built-in text's ~7k tokens).
+TUNING_TOKENS = 8192
+# Hidden states scored per pass: their slot logits ``[CHUNK_SIZE, V]`` are held at once.
+CHUNK_SIZE = 256
 
 
 def token_clusters(order: mx.array, cluster_size: int) -> mx.array:
@@ -29,68 +37,62 @@ def token_clusters(order: mx.array, cluster_size: int) -> mx.array:
     return mx.array(clusters)
 
 
-def cluster_ranks(scores: np.ndarray) -> np.ndarray:
-    """Rank ``[..., n_clusters]`` of every cluster by its stage-1 score (0 = best), ties to the
-    lowest cluster id as the head's probes break them: with ``n_probes`` probes, exactly the
-    clusters of rank below ``n_probes`` are probed."""
-    order = np.argsort(-scores, axis=-1, kind="stable")
-    ranks = np.empty_like(order)
-    positions = np.broadcast_to(np.arange(scores.shape[-1]), order.shape)
-    np.put_along_axis(ranks, order, positions, axis=-1)
-    return ranks
+def ranked_chunks(
+    head: FlashHead, hidden: mx.array
+) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each chunk of :data:`CHUNK_SIZE` rows of ``hidden`` ``[N, d]``: the exact slot logits ``[n, slots]`` (float32,
+    cluster order, ``-inf`` at padding), every cluster's stage-1 rank ``[n, n_clusters]`` and the
+    dense argmax token ``[n]``, as numpy arrays."""
+    for start in range(0, hidden.shape[0], CHUNK_SIZE):
+        h = hidden[start : start + CHUNK_SIZE]
+        logits = head.slot_logits(h).astype(mx.float32)
+        ranks, targets = cluster_ranks(head.cluster_scores(h)), best_token(head.order, logits)
+        mx.eval(logits, ranks, targets)
+        yield np.array(logits, copy=False), np.array(ranks), np.array(targets)
 
 
-def target_ranks(
-    hidden_states: mx.array,
-    targets: mx.array,
-    clusters: dict,
-    quantized: bool = True,
-    chunk_size: int = 1024,
-    bits: int = 4,
-) -> np.ndarray:
-    """Rank ``[N]`` (:func:`cluster_ranks`) of the cluster holding each target token, by the
-    stage-1 score ``h @ centroids.T + cluster_bias`` (centroids stored with ``bits`` bits when
-    ``quantized``). The target is retrieved with ``n_probes`` probes exactly when its rank is
-    below ``n_probes``."""
-    n_clusters = clusters["centroids"].shape[0]
-    owner = np.array(token_clusters(clusters["order"], clusters["order"].size // n_clusters))
-    owner = owner[np.asarray(targets)]
-    probes = probe_vectors(clusters["centroids"], quantized, bits=bits)
-    ranks = []
-    for i in range(0, hidden_states.shape[0], chunk_size):
-        scores = hidden_states[i : i + chunk_size] @ probes.T + clusters["cluster_bias"]
-        rows = np.arange(scores.shape[0])
-        ranks.append(cluster_ranks(np.array(scores))[rows, owner[i : i + chunk_size]])
+def target_ranks(head: FlashHead, hidden: mx.array) -> np.ndarray:
+    """The stage-1 rank ``[N]`` of the cluster holding the dense argmax at each hidden state: it
+    is a candidate with ``n_probes`` probes exactly when its rank is below ``n_probes``."""
+    owner = np.array(token_clusters(head.order, head.cluster_size))
+    ranks = [
+        ranks[np.arange(ranks.shape[0]), owner[targets]]
+        for _, ranks, targets in ranked_chunks(head, hidden)
+    ]
     return np.concatenate(ranks)
 
 
-def containment(
-    hidden_states: mx.array,
-    targets: mx.array,
-    clusters: dict,
-    n_probes: list[int],
-    quantized: bool = True,
-) -> list[dict]:
-    """Top-1 containment for each probe count in ``n_probes``.
-
-    Args:
-        hidden_states: ``[N, d]`` final hidden states of real text.
-        targets: ``[N]`` the dense head's argmax token at each position (``dense_argmax``).
-        clusters: the output of ``clustering.cluster_head``.
-        n_probes: probe counts to evaluate.
-        quantized: score against 4-bit probe vectors, as the head stores them.
-
-    Returns one dict per probe count: ``n_probes``, ``scored_fraction`` (rows scored per
-    token over V: ``(n_clusters + n_probes * cluster_size) / V``) and ``containment``.
-    """
-    n_clusters, n_slots = clusters["centroids"].shape[0], clusters["order"].size
-    vocab_size = int((clusters["order"] >= 0).sum().item())
-    ranks = target_ranks(hidden_states, targets, clusters, quantized)
+def containment(head: FlashHead, hidden: mx.array, n_probes: List[int]) -> List[dict]:
+    """Top-1 containment of ``head`` on the hidden states ``hidden`` ``[N, d]`` for each probe
+    count in ``n_probes``: dicts with ``n_probes``, ``scored_fraction`` and ``containment``."""
+    ranks = target_ranks(head, hidden)
     return [
         {
             "n_probes": p,
-            "scored_fraction": scored_fraction(n_clusters, n_slots // n_clusters, p, vocab_size),
+            "scored_fraction": scored_fraction(
+                head.n_clusters, head.cluster_size, p, head.vocab_size
+            ),
             "containment": float(np.mean(ranks < p)),
         }
         for p in n_probes
     ]
+
+
+def smallest_n_probes(ranks: np.ndarray, target: float, n_clusters: int) -> int:
+    """The smallest ``p`` in ``[1, n_clusters]`` with ``mean(ranks < p) >= target``."""
+    ranks = np.sort(ranks)
+
+    def meets(p: int) -> bool:
+        return np.searchsorted(ranks, p, side="left") / ranks.size >= target
+
+    return bisect.bisect_left(range(1, n_clusters + 1), True, key=meets) + 1
+
+
+def tuned_n_probes(
+    head: FlashHead, hidden: mx.array, target: float = TARGET_CONTAINMENT
+) -> Tuple[int, float]:
+    """The smallest ``n_probes`` whose top-1 containment on ``hidden`` is at least ``target``,
+    and the containment it reaches."""
+    ranks = target_ranks(head, hidden)
+    n_probes = smallest_n_probes(ranks, target, head.n_clusters)
+    return n_probes, float(np.mean(ranks < n_probes))

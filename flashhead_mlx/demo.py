@@ -5,6 +5,10 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
+from .loading import load
+from .patch import patch
+from .pipeline import convert
+
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx"
 DEFAULT_PROMPT = "The lighthouse keeper had lived alone on the island for thirty years, until one morning"
 
@@ -48,10 +52,6 @@ def demo(
     force: bool = False,
 ) -> dict:
     """Run the demo and return what it printed as numbers."""
-    from .convert import convert
-    from .loading import load
-    from .patch import patch
-
     source = model or default_model()
     folder = converted_folder(source)
     if force or not folder.exists():

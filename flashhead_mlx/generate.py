@@ -12,8 +12,7 @@ import logging
 from types import ModuleType
 from typing import Dict, Iterator, Optional
 
-from .clustering import scored_fraction
-from .patch import disabled, flash_head, is_patched
+from .patch import describe_head
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 
@@ -39,21 +38,6 @@ def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="Give the draft model its FlashHead too (default: it keeps its own dense head).",
     )
     return parser
-
-
-def describe_head(model, requested: bool = True) -> str:
-    """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 10.0%
-    of the vocabulary scored)`` or ``dense``; ``requested``: whether a FlashHead was asked for."""
-    if is_patched(model):
-        head = flash_head(model)
-        scored = scored_fraction(head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size)
-        return (
-            f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
-            f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored)"
-        )
-    if requested and disabled():
-        return "dense (FLASHHEAD_DISABLE is set)"
-    return "dense (the model has no FlashHead assets)" if requested else "dense"
 
 
 class Loader:

@@ -1,6 +1,6 @@
 """FlashHead: a two-stage retrieval classification head.
 
-Stage 1 scores a hidden state against one probe vector per cluster (stored quantized) and keeps
+Stage 1 scores a hidden state against one centroid per cluster (stored quantized) and keeps
 the ``n_probes`` best clusters; stage 2 scores the rows of those clusters exactly. The head's rows
 are stored once, in cluster order (cluster ``k`` owns slots ``[k * cluster_size, (k + 1) *
 cluster_size)``), at the model's own precision: permuting whole rows keeps every quantization

@@ -8,9 +8,9 @@ are allowed), next to ``clustering_config.json`` with ``vocab_size``, ``hidden_s
 ``config.json`` names the folder in ``flash_head_cache_dir``.
 
 The imported assignment fixes the clusters, kept exactly (cluster ``k`` holds the tokens
-assigned to ``k``, in token order); every cluster must have the same size. The stage-1 probes are
-not the published centroids (the clusters' mean directions) but flashhead-mlx's own, fitted on
-calibration hidden states exactly as ``convert`` fits them (``clustering.fit_probes``: a least-
+assigned to ``k``, in token order); every cluster must have the same size. The stage-1 centroids are
+not the published ones (the clusters' mean directions) but flashhead-mlx's own, fitted on
+calibration hidden states exactly as ``convert`` fits them (``clustering.fit_centroids``: a least-
 squares estimate of each cluster's largest logit): at the same cost they find the dense argmax
 far more often (on clusters of SmolLM2-135M's raw rows at 10% of the vocabulary scored, 98.88%
 top-1 containment against 88.40% with unit centroids; docs/clustering.md). The published
@@ -25,6 +25,13 @@ from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+
+from .arguments import add_assets_arguments
+from .clustering import clusters_from_order, slot_order
+from .loading import load
+from .model_card import read_card
+from .model_head import head_module, head_rows
+from .pipeline import calibration_states, finish_assets, install_flashhead, source_name
 
 CACHE_FILE = "clustering_cache.safetensors"
 META_FILE = "clustering_config.json"
@@ -124,12 +131,6 @@ def import_assets(
     clustering ``assets``, probes fitted on ``calibration_tokens`` tokens (see the module's
     docstring). Nothing is written unless the clustering fits the model; an existing FlashHead
     folder is only replaced with ``force``. Returns the folder."""
-    from .clustering import clusters_from_order, slot_order
-    from .convert import calibration_states, finish_assets, install_flashhead, source_name
-    from .loading import load
-    from .model_card import read_card
-    from .model_head import head_module, head_rows
-
     folder = Path(model).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an mlx-lm model folder (no config.json)")
@@ -158,8 +159,6 @@ def import_assets(
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .convert import add_assets_arguments
-
     parser = argparse.ArgumentParser(
         prog="flashhead-mlx import-assets",
         description="Make an mlx-lm folder a FlashHead folder from a FlashHead clustering "

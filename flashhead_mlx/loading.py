@@ -6,9 +6,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .assets import ASSETS_FILE, MODEL_FILE, head_fingerprint, load_assets
+from .assets import ASSETS_FILE, MODEL_FILE, head_fingerprint, load_assets, save_assets
 from .model_head import head_module
 from .patch import apply_flashhead, disabled
+from .pipeline import cluster_model
 
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "clusters"
 LOAD_OPTIONS = ("convert", "n_probes")
@@ -26,9 +27,6 @@ def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
 def cached_assets(model, tokenizer, cache_dir: Optional[Path] = None) -> dict:
     """The FlashHead assets of ``model``'s head, clustered once and cached by its fingerprint
     (under ``cache_dir``, default ``~/.cache/flashhead-mlx/clusters``)."""
-    from .assets import save_assets
-    from .convert import cluster_model
-
     folder = (cache_dir or CACHE_DIR) / head_fingerprint(head_module(model)).replace("sha256:", "")
     if not (folder / ASSETS_FILE).is_file():
         start = time.perf_counter()

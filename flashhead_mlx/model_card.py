@@ -223,10 +223,10 @@ def render_card(
     converted = "" if version is None else f", converted with flashhead-mlx {version}"
     imported = section.get("imported_from")
     clustering = (
-        f"imported from `{imported}` (a FlashHead clustering published for vLLM); stage-1 probes "
+        f"imported from `{imported}` (a FlashHead clustering published for vLLM); stage-1 centroids "
         "fitted by flashhead-mlx"
         if imported
-        else "flashhead-mlx's balanced clustering, probes fitted"
+        else "flashhead-mlx's balanced clustering, centroids fitted"
     )
     yaml = ModelCardData(**card_front_matter(front_matter)).to_yaml()
     parts = [

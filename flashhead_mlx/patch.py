@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .assets import load_assets
+from .clustering import scored_fraction
 from .head import FlashHead
 from .model_head import head_module, is_tied, language_model
 
@@ -70,6 +71,21 @@ def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` has a FlashHead installed."""
     module = head_module(model)
     return isinstance(module, (FlashHead, FlashEmbedding))
+
+
+def describe_head(model, requested: bool = True) -> str:
+    """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 10.0%
+    of the vocabulary scored)`` or ``dense``; ``requested``: whether a FlashHead was asked for."""
+    if is_patched(model):
+        head = flash_head(model)
+        scored = scored_fraction(head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size)
+        return (
+            f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
+            f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored)"
+        )
+    if requested and disabled():
+        return "dense (FLASHHEAD_DISABLE is set)"
+    return "dense (the model has no FlashHead assets)" if requested else "dense"
 
 
 def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = None) -> nn.Module:

@@ -2,77 +2,23 @@
 text, stored as the folder's default.
 
 One pass over the text's dense logits gives the rank of the cluster holding each position's dense
-argmax (:func:`flashhead_mlx.evaluate.dense_pass`); containment with ``p`` probes is the share of
+argmax (:func:`flashhead_mlx.metrics.dense_pass`); containment with ``p`` probes is the share of
 ranks below ``p``, which grows with ``p``, so a binary search over ``p`` finds the smallest that
 meets the target. The sampling mass offsets are refitted for it on the same text, and both are
 written into the folder (:func:`flashhead_mlx.assets.set_n_probes`).
 """
 
 import argparse
-import bisect
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from .arguments import add_text_arguments
 from .assets import set_n_probes
-from .convert import MASS_FIT_POSITIONS
-from .evaluate import (
-    DEFAULT_TEXT,
-    add_text_arguments,
-    dense_pass,
-    evenly,
-    format_rows,
-    head_row,
-    load_head,
-    probing,
-    text_hidden_states,
-)
-from .calibration import dense_argmax
-from .containment import target_ranks
-from .model_head import head_module, head_rows
+from .calibration import TUNING_TEXT, text_hidden_states
+from .containment import TARGET_CONTAINMENT, TUNING_TOKENS, smallest_n_probes
+from .metrics import dense_pass, evenly, format_rows, head_row, load_head, probing
+from .pipeline import MASS_FIT_POSITIONS
 from .sampling import fit_mass_bias
-
-# The top-1 containment a conversion's default n_probes meets on the tuning text.
-TARGET_CONTAINMENT = 0.999
-# Positions of the tuning text a conversion measures (all of the built-in text's ~7k tokens).
-TUNING_TOKENS = 8192
-
-
-def smallest_n_probes(ranks: np.ndarray, target: float, n_clusters: int) -> int:
-    """The smallest ``p`` in ``[1, n_clusters]`` with ``mean(ranks < p) >= target``."""
-    ranks = np.sort(ranks)
-
-    def meets(p: int) -> bool:
-        return np.searchsorted(ranks, p, side="left") / ranks.size >= target
-
-    return bisect.bisect_left(range(1, n_clusters + 1), True, key=meets) + 1
-
-
-def tuned_n_probes(
-    model,
-    tokenizer,
-    clusters: dict,
-    centroid_bits: Optional[int],
-    text: Optional[str] = None,
-    target: float = TARGET_CONTAINMENT,
-    max_tokens: int = TUNING_TOKENS,
-) -> int:
-    """The smallest ``n_probes`` whose top-1 containment on the file ``text`` (default: the
-    built-in text) is at least ``target``, for ``clusters`` (``clustering.cluster_head``'s) of
-    ``model``'s head with centroids stored at ``centroid_bits`` (``None``: float32), before any
-    assets are made: how a conversion picks its default."""
-    text_path = Path(text) if text else DEFAULT_TEXT
-    hidden = text_hidden_states(model, tokenizer, text_path.read_text(), max_tokens)
-    targets = dense_argmax(head_rows(head_module(model)), hidden)
-    quantized = centroid_bits is not None
-    ranks = target_ranks(hidden, targets, clusters, quantized, bits=centroid_bits or 4)
-    n_probes = smallest_n_probes(ranks, target, clusters["cluster_bias"].shape[0])
-    print(
-        f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {np.mean(ranks < n_probes):.4f} "
-        f"on {hidden.shape[0]} positions of {text_path.name} (target {target:g})"
-    )
-    return n_probes
 
 
 def tune(
@@ -86,7 +32,7 @@ def tune(
     after table. Returns ``{"before": row, "after": row}`` (rows as ``flashhead-mlx eval``'s)."""
     if not 0 < target <= 1:
         raise ValueError(f"the target containment must be in (0, 1], got {target}")
-    text_path = Path(text) if text else DEFAULT_TEXT
+    text_path = Path(text) if text else TUNING_TEXT
     if not text_path.is_file():
         raise ValueError(f"{text_path} is not a file")
     if not Path(model).is_dir():

@@ -5,8 +5,8 @@ on held-out text.
         --eval-text emma.txt persuasion.txt --variants plain data-aware-gap default
 
 Calibration runs on the text shipped with the package (Pride and Prejudice); containment is
-measured on the evaluation texts against the dense head's argmax, with the probe vectors
-stored in 4 bits (and in float32, for comparison).
+measured on the evaluation texts against the dense head's argmax, by the head's own stage 1
+with the centroids stored in 4 bits (and in float32, for comparison).
 """
 
 import argparse
@@ -16,7 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm import load
 
-from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.calibration import CALIBRATION_TEXT, calibration_hidden_states
 from flashhead_mlx.clustering import (
     balanced_clusters,
     cluster_head,
@@ -26,7 +27,7 @@ from flashhead_mlx.clustering import (
     slot_order,
 )
 from flashhead_mlx.containment import target_ranks
-from flashhead_mlx.convert import CALIBRATION_TEXT
+from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_head import head_module, head_rows
 
 VARIANTS = ("plain", "mean", "data-aware-gap", "default")
@@ -91,7 +92,6 @@ def main():
         for p in args.eval_text
     ]
     eval_hidden = mx.concatenate(evals)
-    targets = dense_argmax(weight, eval_hidden)
     print(f"| variant | s | clusters | 4-bit | c/64 | c/32 | c/16 | <=10% | <=15% | clustering s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for cluster_size in args.cluster_size:
@@ -109,7 +109,8 @@ def main():
             mx.eval(clusters)
             seconds = time.perf_counter() - start
             for quantized in (False, True):
-                ranks = target_ranks(eval_hidden, targets, clusters, quantized)
+                assets = make_assets(clusters, 1, centroid_bits=4 if quantized else None)
+                ranks = target_ranks(FlashHead(assets, weight), eval_hidden)
                 cells = [
                     f"{100 * (ranks < p).mean():.2f} "
                     f"({100 * (n_clusters + p * cluster_size) / vocab_size:.1f}%)"

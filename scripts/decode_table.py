@@ -32,7 +32,7 @@ from mlx_lm.sample_utils import make_sampler
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.bench import decode_speed
 from flashhead_mlx.blas import blas_name
-from flashhead_mlx.evaluate import sampling_distances
+from flashhead_mlx.metrics import sampling_distances
 from flashhead_mlx.model_head import final_hidden_states
 from flashhead_mlx.sampling import sampler_distribution, total_variation
 from flashhead_mlx.sampling_distance import (
@@ -56,7 +56,7 @@ def model_folder(name: str, models_dir: Path) -> Path:
     """The float32 FlashHead folder of ``name``, converted from its GGUF file when missing."""
     folder = models_dir / f"{name}-flashhead"
     if not (folder / "config.json").is_file():
-        from flashhead_mlx.convert import convert
+        from flashhead_mlx.pipeline import convert
 
         start = time.perf_counter()
         convert(str(GGUF_DIR / GGUF_FILES[name]), str(folder), dtype="float32")

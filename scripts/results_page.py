@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx_lm
 
 from decode_table import AUSTEN, ROOT, model_folder
-from flashhead_mlx import __version__, bench, evaluate
+from flashhead_mlx import __version__, bench, evaluate, metrics
+from flashhead_mlx.calibration import TUNING_TEXT
 from flashhead_mlx.assets import ASSETS_FILE
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.report import device_description
@@ -60,11 +61,11 @@ def measure(name: str, folder: Path, device: str, args) -> None:
     prefix = OUT / f"{device}-{name}"
     with tempfile.TemporaryDirectory() as scratch:
         rows = tune(str(scratch_copy(folder, Path(scratch))), target=TARGET)
-    tuned = {"target": TARGET, "text": str(evaluate.DEFAULT_TEXT.name), **rows}
+    tuned = {"target": TARGET, "text": str(TUNING_TEXT.name), **rows}
     Path(f"{prefix}-tune.json").write_text(json.dumps(stamp(tuned), indent=2) + "\n")
 
     before, after = rows["before"], rows["after"]["n_probes"]
-    probes = sorted({*evaluate.default_n_probes(before["n_probes"], before["n_clusters"]), after})
+    probes = sorted({*metrics.default_n_probes(before["n_probes"], before["n_clusters"]), after})
     result = evaluate.run(
         str(folder), str(EVAL_TEXT), 4096, probes, args.tv_positions, f"{prefix}-eval.png"
     )
@@ -93,7 +94,7 @@ def model_section(device: str, name: str) -> list:
         f"{evaluation['machine']}, {evaluation['date']}). Sampling distances: mean over "
         f"{rows[0]['sampling_positions']} positions of the second half ± standard error.",
         "",
-        evaluate.format_rows(rows),
+        metrics.format_rows(rows),
         "",
         f"![eval plot](results/{device}-{name}-eval.png)",
         "",
@@ -101,7 +102,7 @@ def model_section(device: str, name: str) -> list:
         f"{tuned['date']}): n_probes {tuned['before']['n_probes']} -> "
         f"{tuned['after']['n_probes']}.",
         "",
-        evaluate.format_rows([tuned["before"], tuned["after"]], labels=["before", "after"]),
+        metrics.format_rows([tuned["before"], tuned["after"]], labels=["before", "after"]),
         "",
         f"**bench** ({result['machine']}, {result['date']}; {result['prompt_tokens']}-token "
         f"prompt, {result['gen_tokens']} tokens generated, medians of {result['runs']} "

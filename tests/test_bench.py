@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.bench import bytes_per_token, parameter_bytes
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
 
 JSON_KEYS = set(BENCH_KEYS)  # the keys, which the model card reads

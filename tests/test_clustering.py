@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import AUSTEN_DIR, TINY_TEXT
-from flashhead_mlx.calibration import calibration_hidden_states, dense_argmax, text_windows
+from flashhead_mlx.calibration import calibration_hidden_states, text_windows
 from flashhead_mlx.clustering import balanced_assign, cluster_head
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.containment import containment, target_ranks, token_clusters
@@ -101,8 +101,8 @@ def test_containment_matches_brute_force():
     weight, hidden = clustered_data(1000, n_hidden=300, seed=2)
     clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
     held_out = hidden[200:]
-    targets = mx.argmax(held_out @ weight.T, axis=1)
-    rows = containment(held_out, targets, clusters, [1, 4, 16, 63], quantized=False)
+    head = FlashHead(make_assets(clusters, 1, centroid_bits=None), weight)
+    rows = containment(head, held_out, [1, 4, 16, 63])
     for row in rows:
         expected = brute_force_containment(
             weight,
@@ -122,16 +122,15 @@ def test_containment_matches_brute_force():
 def test_quantized_probes_close_to_float():
     weight, hidden = clustered_data(1000, dim=64, n_hidden=400, seed=3)
     clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
-    targets = mx.argmax(hidden[200:] @ weight.T, axis=1)
-    exact, quantized = (
-        containment(hidden[200:], targets, clusters, [8], quantized=q)[0] for q in (False, True)
-    )
+    heads = (FlashHead(make_assets(clusters, 1, centroid_bits=b), weight) for b in (None, 4))
+    exact, quantized = (containment(head, hidden[200:], [8])[0] for head in heads)
     assert abs(exact["containment"] - quantized["containment"]) < 0.05
 
 
 def test_target_ranks_follow_the_stored_centroid_bits():
     """Ranks by the head's own stage 1 (8-bit centroids): a plain count of the clusters that
-    score higher, or as high with a lower id."""
+    score higher, or as high with a lower id, at the dense argmax of a plain matmul; a head with
+    4-bit centroids ranks otherwise."""
     weight, hidden = clustered_data(1000, dim=64, n_hidden=300, seed=4)
     clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
     held_out = hidden[200:]
@@ -143,10 +142,13 @@ def test_target_ranks_follow_the_stored_centroid_bits():
     ids = np.arange(scores.shape[1])
     expected = ((scores > own) | ((scores == own) & (ids < owner[:, None]))).sum(axis=1)
     same = {
-        bits: np.mean(target_ranks(held_out, targets, clusters, bits=bits) == expected)
+        bits: np.mean(
+            target_ranks(FlashHead(make_assets(clusters, 1, centroid_bits=bits), weight), held_out)
+            == expected
+        )
         for bits in (8, 4)
     }
-    assert same[8] >= 0.99 and same[8] > same[4]
+    assert same[8] == 1.0 and same[4] < 1.0
 
 
 def test_token_clusters_rejects_incomplete_order():
@@ -182,9 +184,6 @@ def test_calibration_hidden_states_are_the_heads_input(tiny_llama):
     np.testing.assert_allclose(
         np.array(hidden[:64] @ weight.T), np.array(logits), rtol=1e-4, atol=1e-4
     )
-    assert mx.array_equal(
-        dense_argmax(weight, hidden, chunk_size=7), mx.argmax(hidden @ weight.T, axis=1)
-    )
     with pytest.raises(ValueError, match="seq_len"):
         calibration_hidden_states(model, tokenizer, "too short", seq_len=64)
 
@@ -207,6 +206,30 @@ def test_smollm2_containment_on_held_out_text(smollm2_dir):
     clusters = cluster_head(weight, 16, hidden_states=hidden)
     n_clusters = clusters["centroids"].shape[0]
     p = (weight.shape[0] // 10 - n_clusters) // 16  # 10% of the vocabulary scored
-    row = containment(held_out, dense_argmax(weight, held_out), clusters, [p])[0]
+    head = FlashHead(make_assets(clusters, 1), weight)
+    row = containment(head, held_out, [p])[0]
     assert row["scored_fraction"] <= 0.10
     assert row["containment"] >= 0.97
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_target_ranks_agree_with_the_heads_own_probes(dtype):
+    """tune's and eval's ranks (containment.target_ranks) say "contained with p probes" exactly
+    when the head, probing p clusters, scores the dense argmax: for a bfloat16 head too, and with
+    tied centroids, where only the shared tie-break (lowest cluster id) decides."""
+    weight, hidden = clustered_data(1000, dim=64, n_hidden=300, seed=5)
+    clusters = cluster_head(weight, 16, hidden_states=hidden[:200])
+    centroids = np.array(clusters["centroids"])
+    centroids[1::2] = centroids[::2][: centroids[1::2].shape[0]]  # pairs of equal centroids
+    bias = np.array(clusters["cluster_bias"])
+    bias[1::2] = bias[::2][: bias[1::2].shape[0]]
+    clusters = {**clusters, "centroids": mx.array(centroids), "cluster_bias": mx.array(bias)}
+    head = FlashHead(make_assets(clusters, 1), weight.astype(dtype))
+    held_out = hidden[200:].astype(dtype)
+    ranks = target_ranks(head, held_out)
+    targets = np.array(mx.argmax(head.dense_logits(held_out), axis=-1))
+    owner = np.array(token_clusters(clusters["order"], 16))[targets]
+    for p in (1, 3, 8, 20):
+        head.n_probes = p
+        probed = np.array(head.probe(held_out))
+        assert np.array_equal(ranks < p, (probed == owner[:, None]).any(axis=1))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import gguf_path, run_cli
-from flashhead_mlx import clustering
-from flashhead_mlx.convert import convert
+from flashhead_mlx import pipeline
+from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_head import final_hidden_states
 from flashhead_mlx import decoding, load
 
@@ -55,7 +55,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clustering, "cluster_head", interrupted)
+    monkeypatch.setattr(pipeline, "cluster_head", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(str(tiny_llama), str(tmp_path / "out"), calibration_tokens=256)
     assert list(tmp_path.iterdir()) == []

@@ -14,9 +14,9 @@ import pytest
 from conftest import SHARED_AUSTEN, make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import evaluate, flash_head, patch
 from flashhead_mlx.assets import make_assets
-from flashhead_mlx.convert import convert
-from flashhead_mlx.evaluate import decimals, default_n_probes, evaluate as evaluate_head
-from flashhead_mlx.evaluate import text_hidden_states
+from flashhead_mlx.pipeline import convert
+from flashhead_mlx.calibration import text_hidden_states
+from flashhead_mlx.metrics import decimals, default_n_probes, evaluate as evaluate_head
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_card import EVAL_KEYS
 from flashhead_mlx.model_head import head_module, head_rows

@@ -12,7 +12,7 @@ from mlx_lm import batch_generate, generate
 
 from conftest import make_tiny_model
 from flashhead_mlx import load
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CHAT_TEMPLATE = (

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tiny_model
 from flashhead_mlx import load
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 
 PROMPT = "It is a truth"
 

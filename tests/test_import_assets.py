@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import TINY_TEXT, make_tiny_model
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 from flashhead_mlx.import_assets import CACHE_FILE, META_FILE, clustering_files, import_assets
 from flashhead_mlx.model_head import final_hidden_states
 

@@ -17,7 +17,7 @@ import pytest
 from flashhead_mlx import decoding, flash_head, load
 from flashhead_mlx import loading
 from flashhead_mlx.assets import ASSETS_FILE, MODEL_FILE
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 from flashhead_mlx.patch import FlashEmbedding, is_patched
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
@@ -138,9 +138,7 @@ def test_folder_without_assets_loads_dense_or_clusters_once(tiny_llama, tmp_path
     def no_clustering(*args, **kwargs):
         raise AssertionError("clustered again instead of using the cache")
 
-    import flashhead_mlx.convert
-
-    monkeypatch.setattr(flashhead_mlx.convert, "cluster_model", no_clustering)
+    monkeypatch.setattr(loading, "cluster_model", no_clustering)
     again, _ = load(str(tiny_llama), flashhead={"convert": True})
     np.testing.assert_array_equal(np.array(flash_head(again).order), np.array(flash_head(model).order))
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".partial")] == []

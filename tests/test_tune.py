@@ -13,8 +13,9 @@ from conftest import TINY_TEXT, make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.assets import ASSETS_FILE
 from flashhead_mlx.calibration import calibration_hidden_states
-from flashhead_mlx.convert import convert
-from flashhead_mlx.tune import TARGET_CONTAINMENT, smallest_n_probes, tune
+from flashhead_mlx.pipeline import convert
+from flashhead_mlx.containment import TARGET_CONTAINMENT, smallest_n_probes
+from flashhead_mlx.tune import tune
 
 
 def brute_force_n_probes(ranks, target, n_clusters):
@@ -89,14 +90,14 @@ def test_cli_and_errors(converted, tmp_path):
     assert "| before |" in result.stdout and "| after  |" in result.stdout
 
 
-def test_convert_tunes_n_probes_on_the_calibration_text(tmp_path):
+def test_convert_tunes_n_probes_on_the_tuning_text(tmp_path):
     """Without --n-probes a conversion keeps the fewest probes with 99.9% top-1 containment on
     the tuning text: all of its positions, in windows of 512 tokens."""
     source = make_tiny_model(tmp_path / "tiny", tied=False, seed=1)
     text = tmp_path / "text.txt"
     text.write_text(TINY_TEXT)
     folder = convert(
-        str(source), str(tmp_path / "out"), calibration_tokens=256, calibration_text=str(text)
+        str(source), str(tmp_path / "out"), calibration_tokens=256, tuning_text=str(text)
     )
     n_probes = json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"]
     _, tokenizer = load(str(folder))
@@ -107,6 +108,6 @@ def test_convert_tunes_n_probes_on_the_calibration_text(tmp_path):
         assert containment(folder, TINY_TEXT, n_probes - 1, n_tokens, seq_len=512) < 0.999
     assert f"| `n_probes` | {n_probes} " in (folder / "README.md").read_text()
     with pytest.raises(ValueError, match="is not a file"):
-        convert(str(source), str(tmp_path / "other"), calibration_text=str(tmp_path / "absent"))
+        convert(str(source), str(tmp_path / "other"), tuning_text=str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="not both"):
-        convert(str(source), str(tmp_path / "other"), n_probes=2, calibration_text=str(text))
+        convert(str(source), str(tmp_path / "other"), n_probes=2, tuning_text=str(text))

@@ -15,9 +15,10 @@ import yaml
 import flashhead_mlx
 from conftest import make_tiny_model
 from flashhead_mlx import upload as upload_module
-from flashhead_mlx.convert import convert
+from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import render_folder_card
-from flashhead_mlx.upload import UploadError, repo_id, upload
+from flashhead_mlx import convert as convert_command
+from flashhead_mlx.hub import UploadError, repo_id, upload
 
 SOURCE = "local/Tiny-Llama"
 VOCAB, CLUSTER_SIZE, N_PROBES = 1000, 16, 3
@@ -305,8 +306,11 @@ def test_repo_names(copy):
             repo_id(bad, config, copy)
 
 
-def test_convert_with_upload_repo(tiny_llama, hub, tmp_path):
-    out = convert(str(tiny_llama), str(tmp_path / "up"), calibration_tokens=256, upload_repo="org")
+def test_convert_with_upload_repo(tiny_llama, hub, tmp_path, monkeypatch):
+    out = tmp_path / "up"
+    argv = ["--model", str(tiny_llama), "--output", str(out), "--calibration-tokens", "256"]
+    monkeypatch.setattr(sys, "argv", ["flashhead-mlx convert", *argv, "--upload-repo", "org"])
+    convert_command.main()
     assert [name for name, _ in hub.calls] == ["HfApi", "create_repo", "create_commit"]
     assert hub.calls[1][1]["repo_id"] == "org/llama-flashhead"
     assert set(hub.calls[2][1]["files"]) == {p.name for p in out.iterdir()}

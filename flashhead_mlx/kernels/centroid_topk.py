@@ -70,16 +70,31 @@ def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
     return scores + cluster_bias.astype(f32)
 
 
+def ranking_key(scores: mx.array) -> mx.array:
+    """One uint64 per cluster that orders ``scores`` ``[..., n_clusters]`` as stage 1 ranks them:
+    a larger key is a better cluster, and ties go to the lowest cluster id. Every ranking of
+    clusters (the probes, tune's and eval's ranks) is made from this key."""
+    ids = mx.arange(scores.shape[-1], dtype=mx.uint64)
+    return (order_key(scores).astype(mx.uint64) << 32) | (0xFFFFFFFF - ids)
+
+
 def top_clusters(scores: mx.array, n_probes: int) -> Tuple[mx.array, mx.array]:
     """The ``n_probes`` best of ``scores`` ``[..., n_clusters]`` as :func:`centroid_topk` ranks
     them: their ids ``[..., n_probes]`` (uint32, ascending; ties to the lowest id) and scores."""
     n = scores.shape[-1]
-    # (key, inverted id) as one uint64: the largest n_probes are the best, ties to the lowest id.
-    ids = mx.arange(n, dtype=mx.uint64)
-    ranked = (order_key(scores).astype(mx.uint64) << 32) | (0xFFFFFFFF - ids)
-    best = mx.argpartition(ranked, kth=n - n_probes, axis=-1)[..., n - n_probes :]
+    best = mx.argpartition(ranking_key(scores), kth=n - n_probes, axis=-1)[..., n - n_probes :]
     best = mx.sort(best, axis=-1)
     return best.astype(mx.uint32), mx.take_along_axis(scores, best, axis=-1)
+
+
+def cluster_ranks(scores: mx.array) -> mx.array:
+    """The rank ``[..., n_clusters]`` (int32, 0 = best) of every cluster by ``scores``, as
+    :func:`top_clusters` ranks them: with ``n_probes`` probes, exactly the clusters of rank below
+    ``n_probes`` are probed."""
+    n = scores.shape[-1]
+    by_rank = mx.argsort(ranking_key(scores), axis=-1)[..., ::-1]  # best cluster first
+    positions = mx.broadcast_to(mx.arange(n, dtype=mx.int32), by_rank.shape)
+    return mx.put_along_axis(mx.zeros(by_rank.shape, mx.int32), by_rank, positions, axis=-1)
 
 
 def _centroid_topk_mlx(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):

@@ -66,6 +66,15 @@ def slot_tokens(probes: mx.array, order: mx.array, cluster_size: int) -> mx.arra
     return order[slots.reshape(*probes.shape[:-1], -1)]
 
 
+def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
+    """The token ``[...]`` of the largest of ``logits`` ``[..., K]`` at token ids ``tokens``
+    (``[..., K]`` or ``[K]``; -1 for padding, which never wins); ties go to the lowest token id,
+    as the dense head's argmax breaks them. Every greedy choice among scored rows is made here."""
+    keys = mx.where(tokens >= 0, order_key(logits), 0)
+    best = mx.where(keys == keys.max(axis=-1, keepdims=True), tokens, mx.iinfo(mx.int32).max)
+    return best.min(axis=-1)
+
+
 def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
                         softcap, mode):
     n_clusters = order.size // cluster_size
@@ -89,9 +98,7 @@ def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, 
         logits = mx.tanh(logits / softcap) * softcap
     tokens = slot_tokens(probes, order, cluster_size)
     logits = mx.where(tokens >= 0, logits, -mx.inf)
-    keys = mx.where(tokens >= 0, order_key(logits), 0)
-    best = mx.where(keys == keys.max(axis=-1, keepdims=True), tokens, mx.iinfo(mx.int32).max)
-    return best.min(axis=-1), logits
+    return best_token(tokens, logits), logits
 
 
 def _cluster_argmax_metal(h, probes, weight, scales, biases, order, cluster_size, group_size,

@@ -1,0 +1,70 @@
+"""The argparse pieces the ``flashhead-mlx`` commands share."""
+
+import argparse
+from typing import Optional
+
+
+def centroid_bits(text: str) -> Optional[int]:
+    """``--centroid-bits``: 4 or 8, or 0 for unquantized centroids (``None``)."""
+    if text not in ("4", "8", "0"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 4, 8, 0)")
+    return int(text) or None
+
+
+def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--n-probes``, ``--centroid-bits`` and ``--calibration-tokens`` (shared with
+    ``import-assets``)."""
+    parser.add_argument(
+        "--n-probes",
+        type=int,
+        default=None,
+        help=(
+            "Clusters scored exactly per token (default: the fewest with 99.9%% top-1 "
+            "containment on the tuning text, --tuning-text)."
+        ),
+    )
+    parser.add_argument(
+        "--centroid-bits",
+        type=centroid_bits,
+        default=4,
+        metavar="{4,8,0}",
+        help="Bits of the stage-1 centroids (0: unquantized).",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=16384,
+        help="Tokens of calibration text run through the model.",
+    )
+
+
+def add_upload_arguments(parser: argparse.ArgumentParser, required: bool) -> argparse.ArgumentParser:
+    """``--upload-repo``, ``--eval-json`` and ``--bench-json`` (shared with ``convert``)."""
+    parser.add_argument(
+        "--upload-repo",
+        required=required,
+        default=None,
+        help="The Hugging Face repo to upload the model to: ORG/NAME, or ORG for "
+        "ORG/<source name>-flashhead.",
+    )
+    parser.add_argument(
+        "--eval-json",
+        default=None,
+        help="JSON of `flashhead-mlx eval --json`: its figures go in the model card.",
+    )
+    parser.add_argument(
+        "--bench-json",
+        default=None,
+        help="JSON of `flashhead-mlx bench --json`: its figures go in the model card.",
+    )
+    return parser
+
+
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--text`` and ``--max-tokens`` (shared with ``tune``)."""
+    parser.add_argument(
+        "--text", default=None, help="A text file (default: a built-in Austen excerpt)."
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=4096, help="Positions of the text to measure."
+    )

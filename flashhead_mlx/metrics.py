@@ -1,0 +1,273 @@
+"""What ``flashhead-mlx eval`` and ``tune`` measure: how closely a FlashHead follows its dense
+head on hidden states of a text (teacher forcing, no generation).
+
+Every metric, for every ``n_probes``, is computed on those hidden states against the exact dense
+logits:
+
+- ``top1_containment`` / ``top5_containment``: shares of positions whose dense argmax (all of the
+  dense top 5) is among the candidates;
+- ``greedy_agreement``: share of positions where ``FlashHead.greedy`` returns the dense argmax
+  (it differs from top-1 containment only through ties and padding, so a bug shows);
+- ``candidate_mass``: the dense softmax mass inside the candidates, averaged over positions;
+- ``sampling_tv_t1`` / ``sampling_tv_t07_p09``: the total variation distance between the
+  distribution of a token sampled through mlx-lm's sampler from FlashHead's logits and from the
+  dense logits (T = 1; T = 0.7 with top_p = 0.9), exact at each position
+  (:mod:`flashhead_mlx.sampling_distance`), averaged over a subsample of the text's second half.
+  The means are printed to the leading digit of their standard error (the JSON keeps them whole,
+  with the standard errors). The sampling mass offsets (``mass_bias``) depend on ``n_probes``:
+  the folder's serve its own ``n_probes``, and are refitted on the text's first half for any
+  other.
+
+Stage 1 is the head's own (its stored centroids, its kernels' ranking), so a containment figure
+is what the head does at run time.
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .clustering import scored_fraction
+from .containment import CHUNK_SIZE, ranked_chunks, token_clusters
+from .head import FlashHead
+from .loading import load
+from .patch import flash_head
+from .report import table
+from .sampling import fit_mass_bias, sampler_distribution, total_variation
+from .sampling_distance import dense_draws, expected_distribution, sampler_draws
+
+# n_probes measured by default, as multiples of the folder's.
+DEFAULT_PROBE_FACTORS = (0.5, 1.0, 2.0)
+# The sampling settings measured: JSON key -> (temperature, top_p).
+SAMPLING_SETTINGS = {"sampling_tv_t1": (1.0, None), "sampling_tv_t07_p09": (0.7, 0.9)}
+# Positions of the text's first half that mass_bias is refitted on, for other n_probes.
+REFIT_POSITIONS = 256
+
+
+def load_head(model_path: str) -> Tuple[object, object, FlashHead]:
+    """The model of the FlashHead folder or repo ``model_path`` with its FlashHead installed, its
+    tokenizer and the FlashHead."""
+    model, tokenizer = load(model_path)
+    return model, tokenizer, flash_head(model)
+
+
+def default_n_probes(n_probes: int, n_clusters: int) -> List[int]:
+    """A folder's ``n_probes`` and multiples of it (:data:`DEFAULT_PROBE_FACTORS`), each in
+    ``[1, n_clusters]``."""
+    values = (round(f * n_probes) for f in DEFAULT_PROBE_FACTORS)
+    return sorted({min(n_clusters, max(1, p)) for p in values})
+
+
+@contextmanager
+def probing(head: FlashHead, n_probes: int, mass_bias: Optional[mx.array] = None):
+    """Within the block, ``head`` probes ``n_probes`` clusters (and samples with ``mass_bias``
+    when given)."""
+    saved = head.n_probes, head.mass_bias
+    head.n_probes = n_probes
+    if mass_bias is not None:
+        head.mass_bias = mass_bias
+    try:
+        yield head
+    finally:
+        head.n_probes, head.mass_bias = saved
+
+
+def dense_pass(head: FlashHead, hidden: mx.array) -> Dict[str, np.ndarray]:
+    """What every ``n_probes`` is measured from, in one pass over the dense logits
+    (:func:`flashhead_mlx.containment.ranked_chunks`).
+
+    Returns ``targets`` (the dense argmax at each position, ties to the lowest token id),
+    ``top1_ranks`` (the stage-1 rank of the cluster holding the argmax: it is a candidate with
+    ``n_probes`` probes exactly when its rank is below ``n_probes``), ``top5_ranks`` (the worst
+    rank of the clusters holding the dense top 5) and ``mass_curve`` (``[n_clusters]``: the mean
+    dense softmax mass of the candidates with ``n_probes = 1, 2, ...``).
+    """
+    n_clusters, size = head.n_clusters, head.cluster_size
+    owner = np.array(token_clusters(head.order, size))
+    n_top = min(5, head.vocab_size)
+    targets, top1, top5 = [], [], []
+    mass_total = np.zeros(n_clusters)
+    chunks = tqdm(
+        ranked_chunks(head, hidden), desc="Dense logits", total=-(-hidden.shape[0] // CHUNK_SIZE)
+    )
+    for logits, ranks, target in chunks:
+        rows = np.arange(logits.shape[0])[:, None]
+        targets.append(target)
+        top1.append(ranks[rows[:, 0], owner[target]])
+        # The dense top 5 lie in the (at most) 5 clusters with the largest logits.
+        by_cluster = logits.reshape(logits.shape[0], n_clusters, size)
+        k = min(n_top, n_clusters)
+        best_clusters = np.argpartition(-by_cluster.max(axis=2), k - 1, axis=1)[:, :k]
+        inner = by_cluster[rows, best_clusters].reshape(logits.shape[0], -1)
+        top = np.argpartition(-inner, n_top - 1, axis=1)[:, :n_top]
+        top5.append(ranks[rows, best_clusters[rows, top // size]].max(axis=1))
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        mass = probs.reshape(logits.shape[0], n_clusters, size).sum(axis=2)
+        mass /= mass.sum(axis=1, keepdims=True)
+        by_rank = np.empty_like(mass)
+        np.put_along_axis(by_rank, ranks, mass, axis=1)
+        mass_total += np.cumsum(by_rank, axis=1).sum(axis=0)
+    return {
+        "targets": np.concatenate(targets),
+        "top1_ranks": np.concatenate(top1),
+        "top5_ranks": np.concatenate(top5),
+        "mass_curve": mass_total / hidden.shape[0],
+    }
+
+
+def containment_curve(ranks: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Share of positions whose rank is below ``n_probes``, for ``n_probes = 1 ... n_clusters``."""
+    return np.cumsum(np.bincount(ranks, minlength=n_clusters)[:n_clusters]) / ranks.size
+
+
+def greedy_agreement(
+    head: FlashHead, hidden: mx.array, targets: np.ndarray, chunk_size: int = 256
+) -> float:
+    """Share of positions where ``head.greedy`` returns ``targets``."""
+    agree = 0
+    for start in range(0, hidden.shape[0], chunk_size):
+        greedy = np.array(head.greedy(hidden[start : start + chunk_size]))
+        agree += int((greedy == targets[start : start + chunk_size]).sum())
+    return agree / hidden.shape[0]
+
+
+def head_row(head: FlashHead, hidden: mx.array, stats: dict, n_probes: int) -> dict:
+    """The containment metrics of ``n_probes`` (from :func:`dense_pass`'s ``stats``)."""
+    with probing(head, n_probes):
+        greedy = greedy_agreement(head, hidden, stats["targets"])
+    return {
+        "n_probes": n_probes,
+        "n_clusters": head.n_clusters,
+        "cluster_size": head.cluster_size,
+        "scored_fraction": scored_fraction(
+            head.n_clusters, head.cluster_size, n_probes, head.vocab_size
+        ),
+        "top1_containment": float(np.mean(stats["top1_ranks"] < n_probes)),
+        "top5_containment": float(np.mean(stats["top5_ranks"] < n_probes)),
+        "greedy_agreement": greedy,
+        "candidate_mass": float(stats["mass_curve"][n_probes - 1]),
+    }
+
+
+def dense_probs(head: FlashHead, h: mx.array, temperature: float, top_p) -> np.ndarray:
+    """The dense head's sampler distribution ``[N, V]`` through mlx-lm's sampler."""
+    order, logits = np.array(head.order), np.array(head.slot_logits(h).astype(mx.float32))
+    draws = (dense_draws(order, row) for row in logits)
+    return np.stack([expected_distribution(d, temperature, top_p, head.vocab_size) for d in draws])
+
+
+def flash_probs(head: FlashHead, h: mx.array, temperature: float, top_p) -> np.ndarray:
+    """FlashHead's sampler distribution ``[N, V]`` through mlx-lm's sampler, exact."""
+    if top_p is None:
+        return np.array(sampler_distribution(head, h, temperature))
+    draws = sampler_draws(head, h, temperature)
+    return np.stack([expected_distribution(d, temperature, top_p, head.vocab_size) for d in draws])
+
+
+def sampling_distances(
+    head: FlashHead, h: mx.array, temperature: float, top_p, dense: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """The total variation distance ``[N]`` between FlashHead's and the dense head's sampler
+    distributions at each hidden state ``h`` ``[N, d]`` (``dense``: :func:`dense_probs`, when
+    already computed)."""
+    if dense is None:
+        dense = dense_probs(head, h, temperature, top_p)
+    return np.array(total_variation(flash_probs(head, h, temperature, top_p), dense))
+
+
+def evenly(hidden: mx.array, n: int) -> mx.array:
+    """At most ``n`` rows of ``hidden``, evenly spaced."""
+    return hidden[:: max(1, -(-hidden.shape[0] // n))]
+
+
+def mean_and_stderr(values: np.ndarray) -> Tuple[float, float]:
+    """The mean of ``values`` and its standard error (``nan`` from a single value)."""
+    stderr = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else math.nan
+    return float(values.mean()), float(stderr)
+
+
+def decimals(stderr: float, most: int = 6) -> int:
+    """Decimals that print a mean to the leading digit of its standard error ``stderr`` (at most
+    ``most``; ``most`` for an exact mean, 4 for an unknown error)."""
+    if math.isnan(stderr):
+        return 4
+    if stderr <= 0:
+        return most
+    return int(min(most, max(0, -math.floor(math.log10(stderr)))))
+
+
+def add_sampling_distances(
+    head: FlashHead, hidden: mx.array, rows: List[dict], tv_positions: int, chunk_size: int = 32
+) -> None:
+    """Add the sampling distances (:data:`SAMPLING_SETTINGS`) to each row of :func:`head_row`,
+    with their standard errors, the positions measured and where ``mass_bias`` came from."""
+    half = hidden.shape[0] // 2
+    fit, held_out = evenly(hidden[:half], REFIT_POSITIONS), evenly(hidden[half:], tv_positions)
+    mass_biases = {}
+    for row in rows:
+        stored = row["n_probes"] == head.n_probes and head.mass_bias is not None
+        with probing(head, row["n_probes"]):
+            mass_biases[row["n_probes"]] = head.mass_bias if stored else fit_mass_bias(head, fit)
+        row["mass_bias"] = "stored" if stored else "refit"
+    distances = {(row["n_probes"], key): [] for row in rows for key in SAMPLING_SETTINGS}
+    for start in tqdm(range(0, held_out.shape[0], chunk_size), desc="Sampling distances"):
+        h = held_out[start : start + chunk_size]
+        for key, (temperature, top_p) in SAMPLING_SETTINGS.items():
+            dense = dense_probs(head, h, temperature, top_p)
+            for p, mass_bias in mass_biases.items():
+                with probing(head, p, mass_bias):
+                    tv = sampling_distances(head, h, temperature, top_p, dense)
+                distances[p, key].append(tv)
+    for row in rows:
+        for key in SAMPLING_SETTINGS:
+            mean, stderr = mean_and_stderr(np.concatenate(distances[row["n_probes"], key]))
+            row[key] = mean
+            row[f"{key}_stderr"] = stderr
+        row["sampling_positions"] = held_out.shape[0]
+
+
+def evaluate(
+    head: FlashHead, hidden: mx.array, n_probes: Sequence[int], tv_positions: int = 128
+) -> Tuple[List[dict], dict]:
+    """One row of metrics per ``n_probes`` (the JSON's ``results``) and :func:`dense_pass`'s
+    statistics; no sampling distances when ``tv_positions`` is 0."""
+    for p in n_probes:
+        if not 1 <= p <= head.n_clusters:
+            raise ValueError(f"n_probes must be in [1, {head.n_clusters}], got {p}")
+    stats = dense_pass(head, hidden)
+    rows = [head_row(head, hidden, stats, p) for p in tqdm(n_probes, desc="Greedy tokens")]
+    if tv_positions:
+        add_sampling_distances(head, hidden, rows, tv_positions)
+    return rows, stats
+
+
+def format_rows(rows: List[dict], labels: Optional[List[str]] = None) -> str:
+    """The human table of :func:`evaluate`'s rows (each after its label, when given)."""
+    header = ["n_probes", "scored", "top-1", "top-5", "greedy", "cand. mass"]
+    sampling = "sampling_tv_t1" in rows[0]
+    if sampling:
+        header += ["TV T=1", "TV T=0.7 top_p=0.9", "mass_bias"]
+    cells = []
+    for row in rows:
+        cell = [str(row["n_probes"]), f"{100 * row['scored_fraction']:.1f}%"]
+        cell += [
+            f"{100 * row[key]:.2f}%"
+            for key in (
+                "top1_containment",
+                "top5_containment",
+                "greedy_agreement",
+                "candidate_mass",
+            )
+        ]
+        if sampling:
+            for key in SAMPLING_SETTINGS:
+                digits = decimals(row[f"{key}_stderr"])
+                cell.append(f"{row[key]:.{digits}f} ± {row[f'{key}_stderr']:.1g}")
+            cell.append(row["mass_bias"])
+        cells.append(cell)
+    if labels:
+        return table(["", *header], [[label, *cell] for label, cell in zip(labels, cells)])
+    return table(header, cells)

@@ -1,0 +1,304 @@
+"""The conversion pipeline: calibrate, cluster, tune, fit and write a FlashHead model folder.
+
+A library the commands call (``flashhead-mlx convert``, ``import-assets``, ``demo``, and
+:func:`flashhead_mlx.load`'s on-the-fly clustering). The output is an mlx-lm folder, weights in
+their original order, plus the FlashHead assets and a ``flashhead`` section in ``config.json``.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.convert import convert as mlx_lm_convert
+
+from ._version import __version__
+from .assets import ASSETS_FILE, MODEL_FILE, make_assets, save_assets
+from .calibration import (
+    CALIBRATION_TEXT,
+    TUNING_TEXT,
+    calibration_hidden_states,
+    text_hidden_states,
+)
+from .clustering import cluster_head, scored_fraction
+from .containment import TUNING_TOKENS, tuned_n_probes
+from .head import FlashHead
+from .model_card import CARD_FILE, render_folder_card
+from .model_head import head_module, head_rows
+from .sampling import fit_mass_bias
+
+# Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
+MASS_FIT_POSITIONS = 2048
+
+
+def _prepare_mlx_model(
+    model: str,
+    mlx_path: Path,
+    dtype: Optional[str],
+    quantize: bool,
+    q_group_size: Optional[int],
+    q_bits: Optional[int],
+    revision: Optional[str],
+    trust_remote_code: bool,
+) -> None:
+    """Write ``model`` as an mlx-lm folder at ``mlx_path`` (GGUF files are imported first)."""
+
+    source = model
+    looks_like_path = is_local(model)
+    if looks_like_path and not Path(model).expanduser().exists():
+        raise ValueError(f"{model} does not exist (a local folder, a .gguf file or a hub repo id)")
+    if model.endswith(".gguf"):
+        from .gguf import import_gguf
+
+        source = str(import_gguf(Path(model).expanduser(), mlx_path.parent / "gguf", dtype=dtype or "float32"))
+    elif looks_like_path and (Path(model).expanduser() / MODEL_FILE).is_file():
+        source = str(_dense_copy(Path(model).expanduser(), mlx_path.parent / "dense"))
+    mlx_lm_convert(
+        source,
+        mlx_path=str(mlx_path),
+        quantize=quantize,
+        q_group_size=q_group_size,
+        q_bits=q_bits,
+        dtype=dtype,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    card = Path(model).expanduser() / CARD_FILE
+    if looks_like_path and card.is_file():
+        # mlx-lm writes a blank card for a local source: keep the source's own (license, ...).
+        shutil.copyfile(card, mlx_path / CARD_FILE)
+
+
+def is_local(model: str) -> bool:
+    """Whether ``model`` names a local path rather than a hub repo id (``org/name``)."""
+    return model.startswith(("/", ".", "~")) or model.count("/") != 1
+
+
+def source_name(model: str) -> str:
+    """How a model folder names its source: a hub repo id as is, a local path by its name."""
+    return Path(model.rstrip("/")).name if is_local(model) else model
+
+
+def _dense_copy(folder: Path, out: Path) -> Path:
+    """A FlashHead folder as a plain mlx-lm folder (links to its files, config without the
+    FlashHead entries), to convert again."""
+    out.mkdir()
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in (ASSETS_FILE, MODEL_FILE, "config.json"):
+            (out / path.name).symlink_to(path.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("flashhead", None)
+    config.pop("model_file", None)
+    (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    return out
+
+
+def calibration_states(model, tokenizer, calibration_tokens: int) -> mx.array:
+    """Final hidden states of ``calibration_tokens`` tokens of the shipped calibration text."""
+    print(f"[INFO] Calibrating on {calibration_tokens} tokens of {CALIBRATION_TEXT.name}")
+    return calibration_hidden_states(
+        model, tokenizer, CALIBRATION_TEXT.read_text(), n_tokens=calibration_tokens
+    )
+
+
+def cluster_model(
+    model,
+    tokenizer,
+    cluster_size: int = 16,
+    n_clusters: Optional[int] = None,
+    n_probes: Optional[int] = None,
+    centroid_bits: Optional[int] = 4,
+    seed: int = 0,
+    calibration_tokens: int = 16384,
+    tuning_text: Optional[str] = None,
+) -> dict:
+    """Cluster the head of a loaded mlx-lm model: the arguments of
+    :func:`flashhead_mlx.assets.save_assets` (``clusters``, ``n_probes``, ``centroid_bits``,
+    ``mass_bias``). ``n_probes`` defaults to the tuned one (:func:`finish_assets`)."""
+    weight = head_rows(head_module(model))
+    vocab_size = weight.shape[0]
+    if n_clusters is not None:
+        if n_clusters <= 0:
+            raise ValueError(f"--n-clusters must be positive, got {n_clusters}")
+        cluster_size = -(-vocab_size // n_clusters)
+    if not 1 <= cluster_size <= vocab_size:
+        raise ValueError(f"--cluster-size must be in [1, {vocab_size}], got {cluster_size}")
+
+    hidden = calibration_states(model, tokenizer, calibration_tokens)
+    print(f"[INFO] Clustering {vocab_size} rows into clusters of {cluster_size}")
+    start = time.perf_counter()
+    clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
+    note = f"clustered in {time.perf_counter() - start:.1f} s"
+    del weight
+    return finish_assets(
+        model, tokenizer, clusters, hidden, n_probes, centroid_bits, note, tuning_text
+    )
+
+
+def tune_n_probes(model, tokenizer, head: FlashHead, tuning_text: Optional[str] = None) -> int:
+    """The fewest probes with :data:`~flashhead_mlx.containment.TARGET_CONTAINMENT` top-1
+    containment for ``head`` (``model``'s, not installed) on the file ``tuning_text`` (default:
+    the built-in tuning text), ranked by the head's own stage 1."""
+    path = Path(tuning_text) if tuning_text else TUNING_TEXT
+    hidden = text_hidden_states(model, tokenizer, path.read_text(), TUNING_TOKENS)
+    n_probes, reached = tuned_n_probes(head, hidden)
+    print(
+        f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {reached:.4f} on "
+        f"{hidden.shape[0]} positions of {path.name}"
+    )
+    return n_probes
+
+
+def finish_assets(
+    model,
+    tokenizer,
+    clusters: dict,
+    hidden: mx.array,
+    n_probes: Optional[int],
+    centroid_bits: Optional[int],
+    note: str = "",
+    tuning_text: Optional[str] = None,
+) -> dict:
+    """The arguments of :func:`flashhead_mlx.assets.save_assets` for ``clusters`` (from
+    ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head, with the
+    sampling mass offsets fitted on ``hidden``. ``n_probes`` defaults to the fewest probes with
+    99.9% top-1 containment on ``tuning_text`` (:func:`tune_n_probes`)."""
+    n_clusters = clusters["cluster_bias"].shape[0]
+    if n_probes is not None and not 1 <= n_probes <= n_clusters:
+        raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
+    assets = make_assets(clusters, n_probes or 1, centroid_bits=centroid_bits)
+    head = FlashHead.from_module(head_module(model), assets)
+    if n_probes is None:
+        n_probes = tune_n_probes(model, tokenizer, head, tuning_text)
+    head.n_probes = n_probes
+    print("[INFO] Fitting the sampling mass estimates")
+    stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
+    mass_bias = fit_mass_bias(head, hidden[::stride])
+    scored = scored_fraction(n_clusters, head.cluster_size, n_probes, head.vocab_size)
+    print(
+        f"[INFO] FlashHead: {n_clusters} clusters of {head.cluster_size}, {n_probes} probes "
+        f"({100 * scored:.1f}% of the vocabulary scored){', ' + note if note else ''}"
+    )
+    return {
+        "clusters": clusters,
+        "n_probes": n_probes,
+        "centroid_bits": centroid_bits,
+        "mass_bias": mass_bias,
+    }
+
+
+def install_flashhead(
+    path: Path,
+    result: dict,
+    model,
+    provenance: dict,
+    card: Optional[dict] = None,
+) -> None:
+    """Make the mlx-lm folder at ``path`` a FlashHead folder: the assets (``result``, from
+    :func:`finish_assets`) of ``model``'s head, the model file that lets plain mlx-lm load it
+    with ``trust_remote_code``, ``config.json``'s ``model_file`` and ``provenance`` (added to
+    its ``flashhead`` section), and the model card (``card``: keyword arguments of
+    :func:`flashhead_mlx.model_card.render_folder_card`).
+
+    Each file is written in a hidden stage folder inside ``path`` and renamed into place,
+    ``config.json`` last, so an interruption never leaves a config naming missing assets.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=".flashhead-", dir=path))
+    try:
+        shutil.copyfile(path / "config.json", stage / "config.json")
+        save_assets(stage, **result, head_module=head_module(model))
+        config = json.loads((stage / "config.json").read_text())
+        config["model_file"] = MODEL_FILE
+        config["flashhead"].update(provenance, flashhead_mlx_version=__version__)
+        (stage / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+        shutil.copyfile(Path(__file__).with_name(MODEL_FILE), stage / MODEL_FILE)
+        (stage / CARD_FILE).write_text(render_folder_card(path, config, **(card or {})))
+        for name in (ASSETS_FILE, MODEL_FILE, CARD_FILE, "config.json"):
+            os.replace(stage / name, path / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def add_flashhead(
+    path: Path,
+    source: Optional[str] = None,
+    card: Optional[dict] = None,
+    **options,
+) -> None:
+    """Cluster the head of the mlx-lm model at ``path`` and make it a FlashHead folder
+    (:func:`install_flashhead`). ``source`` is what it was converted from (recorded in
+    ``config.json`` and the model card), ``card`` the options of the card, ``options`` those of
+    :func:`cluster_model`."""
+    model, tokenizer = mlx_lm.load(str(path))
+    result = cluster_model(model, tokenizer, **options)
+    install_flashhead(path, result, model, {"source": source_name(source or str(path))}, card)
+
+
+def convert(
+    model: str,
+    output: str,
+    cluster_size: int = 16,
+    n_clusters: Optional[int] = None,
+    n_probes: Optional[int] = None,
+    centroid_bits: Optional[int] = 4,
+    seed: int = 0,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    calibration_tokens: int = 16384,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    force: bool = False,
+    tuning_text: Optional[str] = None,
+    eval_json: Optional[str] = None,
+    bench_json: Optional[str] = None,
+) -> Path:
+    """Convert ``model`` into a FlashHead folder at ``output``, atomically; returns its path.
+
+    Everything is written to a temporary folder beside ``output`` and renamed into place at the
+    end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
+    ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
+    Without ``n_probes``, the fewest probes with 99.9% top-1 containment on ``tuning_text`` (a
+    file; default: the built-in tuning text) are chosen (:func:`tune_n_probes`).
+    """
+    if tuning_text is not None and n_probes is not None:
+        raise ValueError("--tuning-text tunes n_probes: give it or --n-probes, not both")
+    if tuning_text is not None and not Path(tuning_text).is_file():
+        raise ValueError(f"--tuning-text {tuning_text} is not a file")
+    output_path = Path(output).expanduser().resolve()
+    if output_path.exists() and not force:
+        raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        mlx_path = stage / "model"
+        _prepare_mlx_model(
+            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+        )
+        add_flashhead(
+            mlx_path,
+            source=model,
+            card={"model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json},
+            cluster_size=cluster_size,
+            n_clusters=n_clusters,
+            n_probes=n_probes,
+            centroid_bits=centroid_bits,
+            seed=seed,
+            calibration_tokens=calibration_tokens,
+            tuning_text=tuning_text,
+        )
+        if output_path.exists():
+            output_path.rename(stage / "previous")
+        mlx_path.rename(output_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"[INFO] Wrote {output_path}")
+    return output_path
+
+
