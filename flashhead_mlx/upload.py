@@ -74,6 +74,11 @@ def read_flashhead_config(folder: Path) -> dict:
     if not config_path.is_file():
         raise ValueError(f"{folder} is not a model folder (no config.json)")
     config = json.loads(config_path.read_text())
+    if "flashhead" not in config:
+        raise ValueError(
+            f"{folder} is not a FlashHead folder (no flashhead section in config.json): convert "
+            "it first with `flashhead-mlx convert`"
+        )
     read_assets(folder, assets_section(folder, config))
     return config
 
