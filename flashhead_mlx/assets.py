@@ -42,7 +42,8 @@ CENTROID_BITS = (2, 3, 4, 5, 6, 8)
 
 def is_assets_file(name: str) -> bool:
     """Whether ``name`` is the name of a FlashHead assets file (of any format version)."""
-    return fnmatch.fnmatchcase(name, ASSETS_PATTERN) or name == LEGACY_ASSETS_FILE
+    plain = "/" not in name and os.sep not in name
+    return plain and (fnmatch.fnmatchcase(name, ASSETS_PATTERN) or name == LEGACY_ASSETS_FILE)
 
 
 def is_flashhead_folder(folder: Path) -> bool:
@@ -52,11 +53,13 @@ def is_flashhead_folder(folder: Path) -> bool:
 
 
 def replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a hidden file beside it, renamed over it."""
+    """Write ``text`` to ``path`` atomically: a hidden file beside it (with ``path``'s
+    permissions, or 0o644), renamed over it."""
     fd, stage = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(stage, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(stage, path)
     finally:
         if os.path.exists(stage):
@@ -157,6 +160,7 @@ def write_assets(
     os.close(fd)
     try:
         mx.save_safetensors(stage, arrays, metadata={"format": "mlx"})
+        os.chmod(stage, config_path.stat().st_mode & 0o777)
         digest = content_digest(mx.load(stage))
         name = assets_file_name(digest)
         os.replace(stage, folder / name)
@@ -173,7 +177,8 @@ def write_assets(
     config["flashhead"] = {**written, **{k: v for k, v in section.items() if k not in written}}
     replace_text(config_path, json.dumps(config, indent=4) + "\n")
     for stale in {previous, LEGACY_ASSETS_FILE} - {name}:
-        (folder / stale).unlink(missing_ok=True)
+        if is_assets_file(stale):
+            (folder / stale).unlink(missing_ok=True)
     if model_file is False:
         (folder / MODEL_FILE).unlink(missing_ok=True)
     return config

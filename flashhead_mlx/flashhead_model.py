@@ -19,6 +19,7 @@ Written by ``flashhead-mlx convert``; do not edit.
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -73,7 +74,7 @@ def assets_section(folder: Path, config: dict) -> dict:
             f"reads {FORMAT_VERSION}): upgrade flashhead-mlx or convert the model again"
         )
     name, digest = section.get("assets_file"), section.get("assets_digest")
-    if not isinstance(digest, str) or name != assets_file_name(digest):
+    if not re.fullmatch("sha256:[0-9a-f]{64}", str(digest)) or name != assets_file_name(digest):
         raise ValueError(
             f"{folder}: config.json's flashhead section names the assets file {name!r}, which is "
             f"not the name of its assets_digest {digest!r}: convert the model again"
