@@ -5,6 +5,7 @@ clustering."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,15 @@ def test_plain_mlx_lm_needs_trust_remote_code_for_the_model_file(remote_code, de
     assert isinstance(model.model.embed_tokens, FlashEmbedding)
     np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
     assert_decode_step_matches_dense(model, dense)
+
+
+def test_the_model_file_names_the_mlx_lm_version_it_cannot_use(remote_code, monkeypatch):
+    import mlx_lm.utils
+
+    monkeypatch.delattr(mlx_lm.utils, "_get_classes")
+    message = f"needs mlx_lm.utils._get_classes, which mlx-lm {mlx_lm.__version__} lacks"
+    with pytest.raises(ImportError, match=re.escape(message)):
+        mlx_lm.load(str(remote_code), trust_remote_code=True)
 
 
 FALLBACK_SCRIPT = BLOCK_FLASHHEAD_MLX + """
