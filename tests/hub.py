@@ -12,7 +12,6 @@ and flashhead-mlx look the function up; it imports no flashhead_mlx module.
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 # Where snapshot_download is looked up: huggingface_hub's attribute (flashhead-mlx and the
