@@ -12,8 +12,8 @@ def centroid_bits(text: str) -> Optional[int]:
 
 
 def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--n-probes``, ``--centroid-bits`` and ``--calibration-tokens`` (shared with
-    ``import-assets``)."""
+    """``--n-probes``, ``--centroid-bits``, ``--calibration-tokens`` and ``--model-file``
+    (shared with ``import-assets``)."""
     parser.add_argument(
         "--n-probes",
         type=int,
@@ -35,6 +35,12 @@ def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=16384,
         help="Tokens of calibration text run through the model.",
+    )
+    parser.add_argument(
+        "--model-file",
+        action="store_true",
+        help="Add the model file that gives plain mlx-lm the FlashHead with trust_remote_code "
+        "(default: none; plain mlx-lm loads the folder dense).",
     )
 
 

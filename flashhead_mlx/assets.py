@@ -1,14 +1,21 @@
 """FlashHead assets: the clusters of a head, saved next to a normal mlx-lm model folder.
 
-A converted folder keeps the model's weights untouched, in their original order, and adds
-``flashhead.safetensors`` (slot order, stage-1 centroids in their stored quantized form, biases)
-and a ``"flashhead"`` section in ``config.json``. Loading checks every shape against the model and
-a fingerprint of the head's weights, so assets never silently produce wrong tokens.
+A converted folder keeps the model's weights untouched, in their original order, and adds one
+content-addressed assets file, ``flashhead-<first 16 hex digits of its digest>.safetensors``
+(slot order, stage-1 centroids in their stored quantized form, biases), named with its digest in
+a ``"flashhead"`` section of ``config.json`` (format version 2, docs/format.md). Loading checks
+the digest, every shape against the model and a fingerprint of the head's weights, so assets
+never silently produce wrong tokens. :func:`write_assets` is the one writer: a new assets file,
+then ``config.json`` replaced atomically, then the old file removed, so a reader sees the folder
+as before or as after. The reading side (digest, names, version, hub fetch) is in
+:mod:`flashhead_mlx.flashhead_format`, which the remote-code variant's model file uses too.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,13 +23,49 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .flashhead_format import (
+    FORMAT_VERSION,
+    assets_file_name,
+    assets_section,
+    content_digest,
+    read_assets,
+)
 from .model_head import head_module as find_head_module
 
-FORMAT_VERSION = 1
-ASSETS_FILE = "flashhead.safetensors"
-# The model file that lets plain mlx-lm load a converted folder (trust_remote_code=True).
+# Names of the assets files: content-addressed (format 2), and format 1's single name.
+ASSETS_PATTERN = "flashhead-*.safetensors"
+LEGACY_ASSETS_FILE = "flashhead.safetensors"
+# The model file of the remote-code variant (``convert --model-file``), named by ``model_file``,
+# and the format reader it runs (the whole variant: these files beside the config).
 MODEL_FILE = "flashhead_model.py"
+MODEL_FILES = (MODEL_FILE, "flashhead_format.py")
 CENTROID_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def is_assets_file(name: str) -> bool:
+    """Whether ``name`` is the name of a FlashHead assets file (of any format version)."""
+    plain = "/" not in name and os.sep not in name
+    return plain and (fnmatch.fnmatchcase(name, ASSETS_PATTERN) or name == LEGACY_ASSETS_FILE)
+
+
+def is_flashhead_folder(folder: Path) -> bool:
+    """Whether ``folder``'s ``config.json`` has a ``flashhead`` section."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and "flashhead" in json.loads(config.read_text())
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a hidden file beside it (with ``path``'s
+    permissions, or 0o644), renamed over it."""
+    fd, stage = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(stage, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(stage, path)
+    finally:
+        if os.path.exists(stage):
+            os.unlink(stage)
 
 
 def head_fingerprint(module: nn.Module) -> str:
@@ -96,6 +139,54 @@ def make_assets(
     return assets
 
 
+def write_assets(
+    folder,
+    arrays: dict,
+    section: dict,
+    model_file: Optional[bool] = None,
+) -> dict:
+    """Make ``arrays`` the FlashHead assets of ``folder``, atomically; returns the new config.
+
+    The arrays are staged in a hidden file, their digest computed from it and the file renamed
+    to its content-addressed name; then ``config.json`` is replaced atomically, its ``flashhead``
+    section being ``section`` with the format version, file name and digest; then the assets file
+    the old config named is removed. ``model_file`` ``True`` makes the folder the remote-code
+    variant (the model file is written first and named by ``model_file``), ``False`` the default
+    one (key and file removed last), ``None`` keeps the folder's variant.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    previous = (config.get("flashhead") or {}).get("assets_file", LEGACY_ASSETS_FILE)
+    fd, stage = tempfile.mkstemp(prefix=".flashhead-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        mx.save_safetensors(stage, arrays, metadata={"format": "mlx"})
+        os.chmod(stage, config_path.stat().st_mode & 0o777)
+        digest = content_digest(mx.load(stage))
+        name = assets_file_name(digest)
+        os.replace(stage, folder / name)
+    finally:
+        if os.path.exists(stage):
+            os.unlink(stage)
+    if model_file:
+        for file in MODEL_FILES:
+            replace_text(folder / file, Path(__file__).with_name(file).read_text())
+        config["model_file"] = MODEL_FILE
+    elif model_file is False:
+        config.pop("model_file", None)
+    written = {"format_version": FORMAT_VERSION, "assets_file": name, "assets_digest": digest}
+    config["flashhead"] = {**written, **{k: v for k, v in section.items() if k not in written}}
+    replace_text(config_path, json.dumps(config, indent=4) + "\n")
+    for stale in {previous, LEGACY_ASSETS_FILE} - {name}:
+        if is_assets_file(stale):
+            (folder / stale).unlink(missing_ok=True)
+    if model_file is False:
+        for file in MODEL_FILES:
+            (folder / file).unlink(missing_ok=True)
+    return config
+
+
 def save_assets(
     folder,
     clusters: dict,
@@ -105,86 +196,64 @@ def save_assets(
     *,
     head_module: nn.Module,
     centroid_group_size: int = 64,
-) -> None:
-    """Write ``flashhead.safetensors`` and the ``"flashhead"`` section of ``config.json``.
+    provenance: Optional[dict] = None,
+    model_file: Optional[bool] = None,
+) -> dict:
+    """Write the assets of ``clusters`` into ``folder`` (:func:`write_assets`); returns the new
+    config.
 
     ``head_module`` is the model's head (``lm_head`` or tied ``embed_tokens``) the clusters were
-    computed from; its fingerprint is stored. Writing atomically is the caller's job.
+    computed from; its shape and fingerprint are stored, with ``provenance`` (``source``, ...).
     """
-    folder = Path(folder)
     assets = make_assets(clusters, n_probes, centroid_bits, centroid_group_size, mass_bias)
     vocab_size, dims = _head_shape(head_module)
-    n_clusters = assets["cluster_bias"].size
-    arrays = {k: v for k, v in assets.items() if isinstance(v, mx.array)}
-    mx.save_safetensors(str(folder / ASSETS_FILE), arrays, metadata={"format": "mlx"})
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["flashhead"] = {
-        "format_version": FORMAT_VERSION,
+    section = {
         "vocab_size": vocab_size,
         "hidden_size": dims,
-        "n_clusters": n_clusters,
+        "n_clusters": assets["cluster_bias"].size,
         "cluster_size": assets["cluster_size"],
         "n_probes": n_probes,
         "centroid_bits": centroid_bits,
         "centroid_group_size": centroid_group_size,
         "head_fingerprint": head_fingerprint(head_module),
+        **(provenance or {}),
     }
-    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    arrays = {k: v for k, v in assets.items() if isinstance(v, mx.array)}
+    return write_assets(folder, arrays, section, model_file)
 
 
 def set_n_probes(folder, n_probes: int, mass_bias: mx.array) -> None:
     """Store a new default ``n_probes`` in a converted ``folder``, with the sampling mass offsets
-    fitted for it (they depend on which clusters are probed).
-
-    Each file is written beside itself and renamed into place (``flashhead.safetensors`` first),
-    so an interruption leaves every file whole.
-    """
+    fitted for it (they depend on which clusters are probed), atomically (:func:`write_assets`)."""
     folder = Path(folder)
-    config_path, assets_path = folder / "config.json", folder / ASSETS_FILE
-    config = json.loads(config_path.read_text())
-    n_clusters = config["flashhead"]["n_clusters"]
+    section = assets_section(folder, json.loads((folder / "config.json").read_text()))
+    n_clusters = section["n_clusters"]
     if not 1 <= n_probes <= n_clusters:
         raise ValueError(f"n_probes must be in [1, {n_clusters}], got {n_probes}")
     if mass_bias.ndim != 2 or mass_bias.shape[1] != n_clusters:
         raise ValueError(f"mass_bias must be [terms, {n_clusters}], got {tuple(mass_bias.shape)}")
-    arrays = {**mx.load(str(assets_path)), "mass_bias": mass_bias.astype(mx.float32)}
-    staged = assets_path.with_name(f".{ASSETS_FILE}.partial.safetensors")
-    mx.save_safetensors(str(staged), arrays, metadata={"format": "mlx"})
-    os.replace(staged, assets_path)
-    config["flashhead"]["n_probes"] = n_probes
-    staged = config_path.with_name(".config.json.partial")
-    staged.write_text(json.dumps(config, indent=4) + "\n")
-    os.replace(staged, config_path)
+    arrays = {**read_assets(folder, section), "mass_bias": mass_bias.astype(mx.float32)}
+    write_assets(folder, arrays, {**section, "n_probes": n_probes})
 
 
-def _check_shape(name: str, array: mx.array, expected: tuple) -> None:
+def _check_shape(path: Path, name: str, array: mx.array, expected: tuple) -> None:
     if tuple(array.shape) != expected:
         raise ValueError(
-            f"{ASSETS_FILE}: {name} has shape {tuple(array.shape)}, expected {expected} "
+            f"{path}: {name} has shape {tuple(array.shape)}, expected {expected} "
             "from the flashhead section of config.json and the model"
         )
 
 
 def load_assets(folder, model: nn.Module) -> dict:
-    """Read and validate the FlashHead assets of ``folder`` for ``model`` (loaded from it).
+    """Read and validate the FlashHead assets of ``folder`` for ``model`` (loaded from it),
+    fetching the assets file when ``folder`` is a hub snapshot without it.
 
-    Raises ``ValueError`` naming the problem when the assets are missing, from another format
-    version or another model, truncated, or inconsistent with ``config.json``.
+    Raises ``ValueError`` naming the problem when the assets are missing, of another format
+    version, changed since they were written (digest), for another model, truncated, or
+    inconsistent with ``config.json``.
     """
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    section = config.get("flashhead")
-    if section is None:
-        raise ValueError(
-            f"{folder} has no FlashHead assets (no 'flashhead' section in config.json): "
-            "convert it first with `flashhead-mlx convert`"
-        )
-    if section.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{folder}: FlashHead format_version {section.get('format_version')!r} is not "
-            f"supported (this version reads {FORMAT_VERSION}); re-run the conversion"
-        )
+    section = assets_section(folder, json.loads((folder / "config.json").read_text()))
     required = (
         "vocab_size",
         "hidden_size",
@@ -217,14 +286,8 @@ def load_assets(folder, model: nn.Module) -> dict:
     if not 1 <= section["n_probes"] <= n_clusters:
         raise ValueError(f"{folder}: n_probes {section['n_probes']} is not in [1, {n_clusters}]")
 
-    path = folder / ASSETS_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: re-run the conversion")
-    try:
-        arrays = mx.load(str(path))
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{path} is unreadable (truncated or corrupt?): {error}") from error
-
+    path = folder / section["assets_file"]
+    arrays = read_assets(folder, section)
     bits, group_size = section["centroid_bits"], section["centroid_group_size"]
     expected = {"order": (n_slots,), "cluster_bias": (n_clusters,)}
     if bits is None:
@@ -236,7 +299,7 @@ def load_assets(folder, model: nn.Module) -> dict:
     for name, shape in expected.items():
         if name not in arrays:
             raise ValueError(f"{path} lacks the array {name!r}: re-run the conversion")
-        _check_shape(name, arrays[name], shape)
+        _check_shape(path, name, arrays[name], shape)
     if "mass_bias" in arrays and arrays["mass_bias"].shape[-1] != n_clusters:
         raise ValueError(
             f"{path}: mass_bias has shape {tuple(arrays['mass_bias'].shape)}, expected "

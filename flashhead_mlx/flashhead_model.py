@@ -1,13 +1,22 @@
-"""FlashHead model file: lets plain mlx-lm load this folder with ``trust_remote_code=True``.
+"""FlashHead model file: lets plain mlx-lm load this folder as a FlashHead model, with
+``trust_remote_code=True``. Only folders converted with ``flashhead-mlx convert --model-file``
+carry it; the default folders need no remote code (plain mlx-lm loads them dense).
 
 mlx-lm runs this file (config.json names it in ``model_file``) to build the model. The model is
 the folder's own mlx-lm architecture (``model_type``); once its weights are loaded, its dense head
-is replaced by a FlashHead built from ``flashhead.safetensors``. With ``flashhead_mlx`` installed
-that is the library's FlashHead (exact dense logits outside mlx-lm's decode loops); without it, a
-small pure-MLX FlashHead below (greedy candidates at single-position calls, dense otherwise).
-``FLASHHEAD_DISABLE=1`` keeps the dense head. Written by ``flashhead-mlx convert``; do not edit.
+is replaced by a FlashHead built from the assets file that config.json's ``flashhead`` section
+names. mlx-lm downloads only its own files from the hub, so the assets are fetched here, from the
+repo of the hub snapshot this file runs in, and checked against their digest. With
+``flashhead_mlx`` installed the FlashHead is the library's (exact dense logits outside mlx-lm's
+decode loops); without it, a small pure-MLX FlashHead below (greedy candidates at single-position
+calls, dense otherwise). ``FLASHHEAD_DISABLE=1`` keeps the dense head.
+
+The asset format is read by ``flashhead_format.py``, which the folder carries beside this file
+(both fetched by mlx-lm, whose downloads include ``*.py``). Written by ``flashhead-mlx convert
+--model-file``; do not edit.
 """
 
+import importlib.util
 import json
 import os
 import warnings
@@ -15,9 +24,22 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
 
-FOLDER = Path(__file__).resolve().parent
+# Not resolved: in the hub's cache the files of a snapshot are links into its blobs/ folder.
+FOLDER = Path(os.path.abspath(__file__)).parent
+
+
+def _load_format():
+    """``flashhead_format.py`` beside this file (mlx-lm runs this file alone, as a module named
+    ``custom_model``: a relative import cannot reach it)."""
+    spec = importlib.util.spec_from_file_location("flashhead_format", FOLDER / "flashhead_format.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_format = _load_format()
+assets_section, read_assets = _format.assets_section, _format.read_assets
 
 
 class ModelArgs:
@@ -43,6 +65,15 @@ class FlashHeadLoading:
 
 def Model(args: ModelArgs) -> nn.Module:
     """The folder's mlx-lm architecture, which installs a FlashHead once its weights load."""
+    try:
+        from mlx_lm.utils import _get_classes
+    except ImportError:
+        import mlx_lm
+
+        raise ImportError(
+            f"flashhead_model.py needs mlx_lm.utils._get_classes, which mlx-lm "
+            f"{mlx_lm.__version__} lacks: load this folder with flashhead_mlx.load instead"
+        ) from None
     config = {k: v for k, v in args.config.items() if k != "model_file"}
     model_class, args_class = _get_classes(config)
     namespace = {"__module__": model_class.__module__}
@@ -52,10 +83,12 @@ def Model(args: ModelArgs) -> nn.Module:
 
 def install(model: nn.Module) -> None:
     """Install the FlashHead of this folder on ``model``."""
+    config = json.loads((FOLDER / "config.json").read_text())
+    section = assets_section(FOLDER, config)
     try:
         from flashhead_mlx.patch import patch
     except ImportError:
-        install_fallback(model)
+        install_fallback(model, config, read_assets(FOLDER, section))
     else:
         patch(model, FOLDER)
 
@@ -128,9 +161,8 @@ class FallbackEmbedding(nn.Module):
         return self.head(h)
 
 
-def install_fallback(model: nn.Module) -> None:
+def install_fallback(model: nn.Module, config: dict, arrays: dict) -> None:
     """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed)."""
-    config = json.loads((FOLDER / "config.json").read_text())
     lm = getattr(model, "language_model", model)
     no_head = "lm_head" not in lm and not hasattr(lm.model, "embed_tokens")
     if config.get("final_logit_softcapping") or no_head:
@@ -138,7 +170,6 @@ def install_fallback(model: nn.Module) -> None:
             "this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept"
         )
         return
-    arrays = mx.load(str(FOLDER / "flashhead.safetensors"))
     tied = "lm_head" not in lm
     module = lm.model.embed_tokens if tied else lm.lm_head
     head = FallbackHead(module, arrays, config["flashhead"])

@@ -6,7 +6,9 @@ The folder's model card is rendered for ``ORG/NAME`` (``ORG`` alone: the source'
 (``HfApi.create_commit``), so the repo gets the whole folder or nothing; mlx-lm's
 ``upload_large_folder`` commits in several steps and keeps its resume state inside the folder.
 Hidden files and folders (caches, the temporary files of atomic writes), ``__pycache__``,
-``*.pyc`` and partial or temporary files are never sent. The folder's own card is rewritten only
+``*.pyc``, partial or temporary files and FlashHead assets files that ``config.json`` does not
+name (left by an interrupted write) are never sent; a folder whose assets fail their digest is
+refused. The folder's own card is rewritten only
 after the upload succeeded: a failed upload (no token, no network) leaves the folder as it was.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._version import __version__
-from .assets import ASSETS_FILE
+from .assets import assets_section, is_assets_file, read_assets
 from .model_card import CARD_FILE, render_folder_card, suggested_name, write_card
 
 IGNORED_SUFFIXES = (".pyc", ".partial", ".tmp", ".incomplete", ".lock")
@@ -66,16 +68,18 @@ def upload_files(folder: Path) -> list:
 
 
 def read_flashhead_config(folder: Path) -> dict:
-    """``config.json`` of a FlashHead folder, or a ``ValueError`` saying why ``folder`` is not one."""
+    """``config.json`` of a FlashHead folder whose assets match their digest, or a
+    ``ValueError`` saying why ``folder`` is not one."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} is not a model folder (no config.json)")
     config = json.loads(config_path.read_text())
-    if "flashhead" not in config or not (folder / ASSETS_FILE).is_file():
+    if "flashhead" not in config:
         raise ValueError(
-            f"{folder} is not a FlashHead folder (no flashhead section in config.json or no "
-            f"{ASSETS_FILE}): convert it first with `flashhead-mlx convert`"
+            f"{folder} is not a FlashHead folder (no flashhead section in config.json): convert "
+            "it first with `flashhead-mlx convert`"
         )
+    read_assets(folder, assets_section(folder, config))
     return config
 
 
@@ -100,7 +104,12 @@ def upload(
     repo = repo_id(upload_repo, config, folder)
     card = render_folder_card(folder, config, repo, eval_json, bench_json)
     token = check_token()
-    files = [name for name in upload_files(folder) if name != CARD_FILE]
+    assets_file = config["flashhead"]["assets_file"]
+    files = [
+        name
+        for name in upload_files(folder)
+        if name != CARD_FILE and (name == assets_file or not is_assets_file(name))
+    ]
     logging.set_verbosity_info()
     try:
         operations = [CommitOperationAdd(name, str(folder / name)) for name in files]

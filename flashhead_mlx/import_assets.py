@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arguments import add_assets_arguments
+from .assets import is_flashhead_folder
 from .clustering import clusters_from_order, slot_order
 from .loading import load
 from .model_card import read_card
@@ -126,15 +127,17 @@ def import_assets(
     centroid_bits: Optional[int] = 4,
     calibration_tokens: int = 16384,
     force: bool = False,
+    model_file: bool = False,
 ) -> Path:
     """Make the mlx-lm folder ``model`` a FlashHead folder with the clusters of the published
-    clustering ``assets``, probes fitted on ``calibration_tokens`` tokens (see the module's
-    docstring). Nothing is written unless the clustering fits the model; an existing FlashHead
-    folder is only replaced with ``force``. Returns the folder."""
+    clustering ``assets``, centroids fitted on ``calibration_tokens`` tokens (see the module's
+    docstring), as ``convert`` writes it (``model_file``: the remote-code variant). Nothing is
+    written unless the clustering fits the model; an existing FlashHead folder is only replaced
+    with ``force``, atomically. Returns the folder."""
     folder = Path(model).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an mlx-lm model folder (no config.json)")
-    if "flashhead" in json.loads((folder / "config.json").read_text()) and not force:
+    if is_flashhead_folder(folder) and not force:
         raise ValueError(f"{folder} already has FlashHead assets; pass --force to replace them")
     mlx_model, tokenizer = load(str(folder), flashhead=False)
     weight = head_rows(head_module(mlx_model))
@@ -153,7 +156,8 @@ def import_assets(
     )
     base_model = read_card(folder)[0].get("base_model")
     source = base_model if isinstance(base_model, str) else source_name(str(folder))
-    install_flashhead(folder, result, mlx_model, {"source": source, "imported_from": imported_from})
+    provenance = {"source": source, "imported_from": imported_from}
+    install_flashhead(folder, result, mlx_model, provenance, model_file=model_file)
     print(f"[INFO] Wrote the FlashHead assets of {folder}")
     return folder
 

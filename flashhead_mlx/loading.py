@@ -6,7 +6,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .assets import ASSETS_FILE, MODEL_FILE, head_fingerprint, load_assets, save_assets
+from .assets import (
+    FORMAT_VERSION,
+    MODEL_FILE,
+    head_fingerprint,
+    load_assets,
+    replace_text,
+    save_assets,
+)
 from .model_head import head_module
 from .patch import apply_flashhead, disabled
 from .pipeline import cluster_model
@@ -16,11 +23,20 @@ LOAD_OPTIONS = ("convert", "n_probes")
 
 
 def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
-    """The local folder of a model, downloaded with its FlashHead assets when on the hub."""
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, _download
+    """The local folder of a model, as ``mlx_lm.load`` finds it: ``path_or_hf_repo`` when it
+    exists, else its hub snapshot of mlx-lm's files (``huggingface_hub.snapshot_download`` with
+    mlx-lm's ``DEFAULT_ALLOW_PATTERNS``). The FlashHead assets file, which those patterns leave
+    out, is fetched when the assets are read (:func:`flashhead_mlx.assets.load_assets`)."""
+    path = Path(path_or_hf_repo)
+    if path.exists():
+        return path
+    import huggingface_hub
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    return _download(
-        path_or_hf_repo, revision=revision, allow_patterns=[*DEFAULT_ALLOW_PATTERNS, ASSETS_FILE]
+    return Path(
+        huggingface_hub.snapshot_download(
+            path_or_hf_repo, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS
+        )
     )
 
 
@@ -28,14 +44,15 @@ def cached_assets(model, tokenizer, cache_dir: Optional[Path] = None) -> dict:
     """The FlashHead assets of ``model``'s head, clustered once and cached by its fingerprint
     (under ``cache_dir``, default ``~/.cache/flashhead-mlx/clusters``)."""
     folder = (cache_dir or CACHE_DIR) / head_fingerprint(head_module(model)).replace("sha256:", "")
-    if not (folder / ASSETS_FILE).is_file():
+    config = folder / "config.json"
+    cached = json.loads(config.read_text()).get("flashhead", {}) if config.is_file() else {}
+    if cached.get("format_version") != FORMAT_VERSION:  # not yet, or of an older format
         start = time.perf_counter()
         result = cluster_model(model, tokenizer)
-        stage = folder.with_name(folder.name + ".partial")
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "config.json").write_text("{}")
-        save_assets(stage, **result, head_module=head_module(model))
-        stage.rename(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not config.is_file():
+            replace_text(config, "{}\n")
+        save_assets(folder, **result, head_module=head_module(model))
         warnings.warn(
             f"FlashHead: clustered the head in {time.perf_counter() - start:.0f} s (cached in "
             f"{folder}); convert the model once with `flashhead-mlx convert` to skip this"

@@ -265,14 +265,30 @@ def render_card(
         "    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)\n\n"
         "print(generate(model, tokenizer, prompt, max_tokens=64))\n"
         "```\n\n"
-        "With plain mlx-lm (`pip install mlx-lm`), the folder's model file `flashhead_model.py` "
-        "installs the FlashHead (flashhead-mlx's when it is installed, else a small pure-MLX "
-        "one in that file):\n\n"
+        + plain_mlx_lm_use(config, model_id)
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+def plain_mlx_lm_use(config: dict, model_id: str) -> str:
+    """How the card says plain mlx-lm loads the folder: dense, or with the FlashHead of its
+    model file (the remote-code variant)."""
+    if config.get("model_file") is None:
+        return (
+            "Plain mlx-lm (`pip install mlx-lm`) and every tool built on it load this model with "
+            "its dense head (they do not download the FlashHead assets):\n\n"
+            "```bash\n"
+            f'mlx_lm.generate --model {model_id} --prompt "hello"\n'
+            "```"
+        )
+    return (
+        f"With plain mlx-lm (`pip install mlx-lm`), the folder's model file `{config['model_file']}` "
+        "fetches the FlashHead assets and installs the FlashHead (flashhead-mlx's when it is "
+        "installed, else a small pure-MLX one in that file):\n\n"
         "```bash\n"
         f'mlx_lm.generate --model {model_id} --trust-remote-code --prompt "hello"\n'
         "```"
     )
-    return "\n\n".join(parts) + "\n"
 
 
 def render_folder_card(

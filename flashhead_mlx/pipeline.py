@@ -6,7 +6,6 @@ their original order, plus the FlashHead assets and a ``flashhead`` section in `
 """
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -18,7 +17,7 @@ import mlx_lm
 from mlx_lm.convert import convert as mlx_lm_convert
 
 from ._version import __version__
-from .assets import ASSETS_FILE, MODEL_FILE, make_assets, save_assets
+from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_assets, save_assets
 from .calibration import (
     CALIBRATION_TEXT,
     TUNING_TEXT,
@@ -28,7 +27,7 @@ from .calibration import (
 from .clustering import cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, tuned_n_probes
 from .head import FlashHead
-from .model_card import CARD_FILE, render_folder_card
+from .model_card import CARD_FILE, render_folder_card, write_card
 from .model_head import head_module, head_rows
 from .sampling import fit_mass_bias
 
@@ -56,7 +55,7 @@ def _prepare_mlx_model(
         from .gguf import import_gguf
 
         source = str(import_gguf(Path(model).expanduser(), mlx_path.parent / "gguf", dtype=dtype or "float32"))
-    elif looks_like_path and (Path(model).expanduser() / MODEL_FILE).is_file():
+    elif looks_like_path and is_flashhead_folder(Path(model).expanduser()):
         source = str(_dense_copy(Path(model).expanduser(), mlx_path.parent / "dense"))
     mlx_lm_convert(
         source,
@@ -89,7 +88,8 @@ def _dense_copy(folder: Path, out: Path) -> Path:
     FlashHead entries), to convert again."""
     out.mkdir()
     for path in folder.iterdir():
-        if path.is_file() and path.name not in (ASSETS_FILE, MODEL_FILE, "config.json"):
+        flashhead_file = is_assets_file(path.name) or path.name in MODEL_FILES
+        if path.is_file() and not flashhead_file and path.name != "config.json":
             (out / path.name).symlink_to(path.resolve())
     config = json.loads((folder / "config.json").read_text())
     config.pop("flashhead", None)
@@ -198,45 +198,36 @@ def install_flashhead(
     model,
     provenance: dict,
     card: Optional[dict] = None,
+    model_file: bool = False,
 ) -> None:
     """Make the mlx-lm folder at ``path`` a FlashHead folder: the assets (``result``, from
-    :func:`finish_assets`) of ``model``'s head, the model file that lets plain mlx-lm load it
-    with ``trust_remote_code``, ``config.json``'s ``model_file`` and ``provenance`` (added to
-    its ``flashhead`` section), and the model card (``card``: keyword arguments of
-    :func:`flashhead_mlx.model_card.render_folder_card`).
-
-    Each file is written in a hidden stage folder inside ``path`` and renamed into place,
-    ``config.json`` last, so an interruption never leaves a config naming missing assets.
+    :func:`finish_assets`) of ``model``'s head with ``provenance`` (added to ``config.json``'s
+    ``flashhead`` section), written atomically (:func:`flashhead_mlx.assets.save_assets`), the
+    model file when ``model_file`` (the remote-code variant), then the model card (``card``:
+    keyword arguments of :func:`flashhead_mlx.model_card.render_folder_card`).
     """
-    stage = Path(tempfile.mkdtemp(prefix=".flashhead-", dir=path))
-    try:
-        shutil.copyfile(path / "config.json", stage / "config.json")
-        save_assets(stage, **result, head_module=head_module(model))
-        config = json.loads((stage / "config.json").read_text())
-        config["model_file"] = MODEL_FILE
-        config["flashhead"].update(provenance, flashhead_mlx_version=__version__)
-        (stage / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        shutil.copyfile(Path(__file__).with_name(MODEL_FILE), stage / MODEL_FILE)
-        (stage / CARD_FILE).write_text(render_folder_card(path, config, **(card or {})))
-        for name in (ASSETS_FILE, MODEL_FILE, CARD_FILE, "config.json"):
-            os.replace(stage / name, path / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    provenance = {**provenance, "flashhead_mlx_version": __version__}
+    config = save_assets(
+        path, **result, head_module=head_module(model), provenance=provenance, model_file=model_file
+    )
+    write_card(path, render_folder_card(path, config, **(card or {})))
 
 
 def add_flashhead(
     path: Path,
     source: Optional[str] = None,
     card: Optional[dict] = None,
+    model_file: bool = False,
     **options,
 ) -> None:
     """Cluster the head of the mlx-lm model at ``path`` and make it a FlashHead folder
     (:func:`install_flashhead`). ``source`` is what it was converted from (recorded in
-    ``config.json`` and the model card), ``card`` the options of the card, ``options`` those of
-    :func:`cluster_model`."""
+    ``config.json`` and the model card), ``card`` the options of the card, ``model_file`` adds
+    the model file, ``options`` are those of :func:`cluster_model`."""
     model, tokenizer = mlx_lm.load(str(path))
     result = cluster_model(model, tokenizer, **options)
-    install_flashhead(path, result, model, {"source": source_name(source or str(path))}, card)
+    provenance = {"source": source_name(source or str(path))}
+    install_flashhead(path, result, model, provenance, card, model_file)
 
 
 def convert(
@@ -258,8 +249,11 @@ def convert(
     tuning_text: Optional[str] = None,
     eval_json: Optional[str] = None,
     bench_json: Optional[str] = None,
+    model_file: bool = False,
 ) -> Path:
     """Convert ``model`` into a FlashHead folder at ``output``, atomically; returns its path.
+    With ``model_file``, the folder carries the model file that gives plain mlx-lm the FlashHead
+    (``trust_remote_code=True``); without it plain mlx-lm loads the folder dense.
 
     Everything is written to a temporary folder beside ``output`` and renamed into place at the
     end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
@@ -292,6 +286,7 @@ def convert(
             seed=seed,
             calibration_tokens=calibration_tokens,
             tuning_text=tuning_text,
+            model_file=model_file,
         )
         if output_path.exists():
             output_path.rename(stage / "previous")

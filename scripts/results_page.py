@@ -25,7 +25,6 @@ import mlx_lm
 from decode_table import AUSTEN, ROOT, model_folder
 from flashhead_mlx import __version__, bench, evaluate, metrics
 from flashhead_mlx.calibration import TUNING_TEXT
-from flashhead_mlx.assets import ASSETS_FILE
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.report import device_description
 from flashhead_mlx.tune import tune
@@ -44,12 +43,13 @@ def stamp(result: dict) -> dict:
 
 
 def scratch_copy(folder: Path, into: Path) -> Path:
-    """A copy of a FlashHead folder for tune to write into: links to its files, copies of the two
-    it rewrites."""
+    """A copy of a FlashHead folder for tune to write into: links to its files, a copy of
+    config.json (tune writes a new assets file beside the link to the old one and removes that
+    link)."""
     copy = into / folder.name
     copy.mkdir()
     for path in folder.iterdir():
-        if path.name in ("config.json", ASSETS_FILE):
+        if path.name == "config.json":
             shutil.copyfile(path, copy / path.name)
         elif path.is_file():
             (copy / path.name).symlink_to(path.resolve())

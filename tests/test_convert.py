@@ -22,6 +22,10 @@ def leftovers(folder: Path) -> list:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+def assets_file(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["flashhead"]["assets_file"]
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("convert") / "tiny-flashhead"
@@ -37,8 +41,8 @@ def test_output_is_an_mlx_lm_folder_with_flashhead_assets(converted, tiny_llama)
     assert section["cluster_size"] == 16
     assert section["n_clusters"] == -(-1000 // 16)
     assert 1 <= section["n_probes"] <= section["n_clusters"]
-    assert (converted / "flashhead.safetensors").is_file()
-    assert (converted / config["model_file"]).is_file()
+    assert (converted / section["assets_file"]).is_file()
+    assert "model_file" not in config and not list(converted.glob("*.py"))  # no remote code
 
 
 def test_existing_output_needs_force(converted, tmp_path):
@@ -47,7 +51,10 @@ def test_existing_output_needs_force(converted, tmp_path):
     with pytest.raises(ValueError, match="--force"):
         convert(str(converted), str(out), calibration_tokens=256)
     convert(str(converted), str(out), calibration_tokens=256, force=True)
-    assert (out / "flashhead.safetensors").is_file()
+    assert [p.name for p in out.glob("flashhead*")] == [assets_file(out)]  # one assets file
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("flashhead")) == sorted(
+        p.name for p in converted.iterdir() if not p.name.startswith("flashhead")
+    )
     assert leftovers(tmp_path) == []
 
 
@@ -64,9 +71,13 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
 def test_cli_convert_and_bad_input(tiny_llama, tmp_path):
     out = tmp_path / "out"
     result = run_cli("convert", "--model", str(tiny_llama), "--output", str(out),
-                     "--calibration-tokens", "256", "--n-probes", "5")
+                     "--calibration-tokens", "256", "--n-probes", "5", "--model-file")
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "config.json").read_text())["flashhead"]["n_probes"] == 5
+    config = json.loads((out / "config.json").read_text())
+    assert config["flashhead"]["n_probes"] == 5
+    assert config["model_file"] == "flashhead_model.py"
+    assert (out / "flashhead_model.py").is_file() and (out / "flashhead_format.py").is_file()
+    assert "--trust-remote-code" in (out / "README.md").read_text()
     missing = run_cli("convert", "--model", str(tmp_path / "missing.gguf"), "--output", str(tmp_path / "x"))
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     no_folder = run_cli("convert", "--model", str(tmp_path / "no" / "folder"), "--output", str(tmp_path / "z"))
@@ -88,7 +99,7 @@ def test_hub_repo_id_through_the_hub_cache(tiny_llama, tmp_path):
     result = run_cli("convert", "--model", "local/tiny", "--output", str(out), "--calibration-tokens", "256",
                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert (out / "flashhead.safetensors").is_file()
+    assert (out / assets_file(out)).is_file()
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The demo command: converts, caches, and generates with both heads."""
 
+import json
+
 import mlx_lm
 
 from flashhead_mlx import demo as demo_module
@@ -15,7 +17,7 @@ def test_demo_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, capsys):
     assert result["dense_tps"] > 0 and result["flash_tps"] > 0
     assert "FlashHead / dense decode speed" in printed
     folder = demo_module.converted_folder(str(tiny_llama))
-    assert (folder / "flashhead.safetensors").is_file()
-    stamp = (folder / "flashhead.safetensors").stat().st_mtime
+    assets = folder / json.loads((folder / "config.json").read_text())["flashhead"]["assets_file"]
+    stamp = assets.stat().st_mtime
     demo_module.demo(model=str(tiny_llama), prompt="It is a truth", max_tokens=2)
-    assert (folder / "flashhead.safetensors").stat().st_mtime == stamp, "the cached conversion is reused"
+    assert assets.stat().st_mtime == stamp, "the cached conversion is reused"

@@ -18,6 +18,7 @@ from conftest import TINY_TEXT, make_tiny_model
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.import_assets import CACHE_FILE, META_FILE, clustering_files, import_assets
+from flashhead_mlx.assets import MODEL_FILES
 from flashhead_mlx.model_head import final_hidden_states
 
 VOCAB, HIDDEN, CLUSTER_SIZE = 1024, 64, 16
@@ -32,10 +33,14 @@ def models(tmp_path_factory) -> tuple:
     return source, convert(str(source), str(root / "tiny-flashhead"), calibration_tokens=256)
 
 
+def assets_path(folder: Path) -> Path:
+    return folder / json.loads((folder / "config.json").read_text())["flashhead"]["assets_file"]
+
+
 def export_vllm(converted: Path, out: Path, **changes) -> Path:
     """The clustering of ``converted`` in the vLLM layout: every token's cluster, the clusters'
     mean rows as centroids ``(1, 1, hidden, n_clusters)``; ``changes`` edit the arrays/config."""
-    order = load_file(str(converted / "flashhead.safetensors"))["order"]
+    order = load_file(str(assets_path(converted)))["order"]
     weight = load_file(str(converted / "model.safetensors"))["lm_head.weight"]
     assignments = np.empty(VOCAB, dtype=np.int64)
     assignments[order] = np.arange(order.size) // CLUSTER_SIZE
@@ -67,7 +72,7 @@ def test_round_trip_reproduces_the_conversion(models, tmp_path):
     shutil.copytree(source, target)
     assert import_assets(str(target), str(exported), calibration_tokens=256) == target
 
-    ours, theirs = load_file(str(converted / "flashhead.safetensors")), load_file(str(target / "flashhead.safetensors"))
+    ours, theirs = load_file(str(assets_path(converted))), load_file(str(assets_path(target)))
     np.testing.assert_array_equal(theirs["order"], ours["order"])
     for k in range(N_CLUSTERS):  # the same membership, cluster by cluster
         assert set(theirs["order"][k * CLUSTER_SIZE:(k + 1) * CLUSTER_SIZE]) == set(
@@ -84,7 +89,7 @@ def test_round_trip_reproduces_the_conversion(models, tmp_path):
     section = config["flashhead"]
     assert (section["n_clusters"], section["cluster_size"]) == (N_CLUSTERS, CLUSTER_SIZE)
     assert section["imported_from"] == "published" and section["source"] == "model"
-    assert config["model_file"] == "flashhead_model.py" and (target / "flashhead_model.py").is_file()
+    assert "model_file" not in config and not list(target.glob("*.py"))  # no remote code
     assert "imported from `published`" in (target / "README.md").read_text()
     assert [p.name for p in target.iterdir() if p.name.startswith(".")] == []
 
@@ -139,6 +144,26 @@ def test_missing_files_and_existing_assets(models, tmp_path):
     with pytest.raises(ValueError, match="already has FlashHead assets; pass --force"):
         import_assets(str(converted), str(export_vllm(converted, tmp_path / "again")))
     assert snapshot(converted) == before
+
+
+def test_force_replaces_the_assets_atomically(models, tmp_path):
+    """Importing into a FlashHead folder (--force, here the remote-code variant): a new assets
+    file named in config.json, the old one removed, the folder loads."""
+    source, converted = models
+    exported = export_vllm(converted, tmp_path / "published")
+    target = tmp_path / "model"
+    shutil.copytree(converted, target)
+    old = assets_path(converted).name
+    n_probes = json.loads((converted / "config.json").read_text())["flashhead"]["n_probes"] + 1
+    import_assets(str(target), str(exported), n_probes=n_probes, calibration_tokens=256, force=True,
+                  model_file=True)
+    config = json.loads((target / "config.json").read_text())
+    new = config["flashhead"]["assets_file"]
+    assert new != old and not (target / old).exists()
+    assert sorted(p.name for p in target.glob("*flashhead*")) == sorted([new, *MODEL_FILES])
+    assert config["model_file"] == "flashhead_model.py" and config["flashhead"]["n_probes"] == n_probes
+    assert [p.name for p in target.iterdir() if p.name.startswith(".")] == []
+    assert flash_head(load(str(target))[0]).n_probes == n_probes
 
 
 def test_the_clustering_is_found_from_its_file_or_its_model_folder(models, tmp_path):

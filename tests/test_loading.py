@@ -1,9 +1,11 @@
-"""Loading FlashHead models: ``flashhead_mlx.load``, plain ``mlx_lm.load`` through the folder's
-model file (with and without ``flashhead_mlx`` importable), the hub, and on-the-fly clustering."""
+"""Loading FlashHead models: ``flashhead_mlx.load``; plain ``mlx_lm.load`` of a default folder
+(dense, no remote code) and of the remote-code variant (through its model file, with and without
+``flashhead_mlx`` importable); both from the hub (a local stand-in, tests/hub.py); on-the-fly
+clustering."""
 
-import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,10 @@ import pytest
 
 from flashhead_mlx import decoding, flash_head, load
 from flashhead_mlx import loading
-from flashhead_mlx.assets import ASSETS_FILE, MODEL_FILE
+from flashhead_mlx.assets import MODEL_FILE
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.patch import FlashEmbedding, is_patched
+from hub import LocalHub, snapshot_files
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 
@@ -26,6 +29,27 @@ TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_llama) -> Path:
     return convert(str(tiny_llama), str(tmp_path_factory.mktemp("load") / "tiny"), calibration_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def remote_code(tmp_path_factory, tiny_llama) -> Path:
+    """The remote-code variant (``convert --model-file``)."""
+    out = tmp_path_factory.mktemp("load") / "tiny-model-file"
+    return convert(str(tiny_llama), str(out), calibration_tokens=256, n_probes=8, model_file=True)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, converted, remote_code) -> LocalHub:
+    """The hub stand-in, serving both variants, where mlx-lm and flashhead-mlx look it up."""
+    hub = LocalHub(tmp_path / "hub-cache")
+    hub.add("org/tiny-flashhead", converted)
+    hub.add("org/tiny-model-file", remote_code)
+    hub.install(monkeypatch.setattr)
+    return hub
+
+
+def assets_file(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["flashhead"]["assets_file"]
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +88,12 @@ def test_flashhead_disable(converted, monkeypatch):
     assert not is_patched(load(str(converted))[0])
 
 
-def test_load_never_runs_the_folders_code(converted, dense, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(converted, folder)
-    (folder / MODEL_FILE).write_text("raise RuntimeError('the folder code ran')\n")
-    assert_decode_step_matches_dense(load(str(folder))[0], dense)
+def test_a_converted_folder_needs_no_remote_code(converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert "model_file" not in config and not list(converted.glob("*.py"))
 
 
-def test_plain_mlx_lm_needs_trust_remote_code(converted, dense):
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        mlx_lm.load(str(converted))
-    model, _ = mlx_lm.load(str(converted), trust_remote_code=True)
-    assert isinstance(model.model.embed_tokens, FlashEmbedding)
-    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
-    assert_decode_step_matches_dense(model, dense)
-
-
-FALLBACK_SCRIPT = """
+BLOCK_FLASHHEAD_MLX = """
 import sys
 
 class Block:
@@ -89,13 +102,81 @@ class Block:
             raise ImportError("flashhead_mlx is blocked")
 
 sys.meta_path.insert(0, Block())
+"""
+
+DENSE_SCRIPT = BLOCK_FLASHHEAD_MLX + """
 import json
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-folder, dense_folder = sys.argv[1], sys.argv[2]
-model, tokenizer = mlx_lm.load(folder, trust_remote_code=True)
+folder, source = sys.argv[1], sys.argv[2]
+model, tokenizer = mlx_lm.load(folder)
+reference, _ = mlx_lm.load(source)
+tokens = mx.array([[5, 17, 42, 99, 3, 250, 7]])
+print(json.dumps({
+    "head": type(model.model.embed_tokens).__name__,
+    "error": float(np.abs(np.array(model(tokens)) - np.array(reference(tokens))).max()),
+    "text": mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=4),
+    "same_text": mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=4)
+    == mlx_lm.generate(reference, tokenizer, "It is a truth", max_tokens=4),
+    "flashhead_mlx_loaded": any(m.startswith("flashhead_mlx") for m in sys.modules),
+}))
+"""
+
+
+def test_plain_mlx_lm_loads_a_converted_folder_dense(converted, tiny_llama):
+    """Plain mlx-lm, in a process where flashhead_mlx cannot be imported, and no remote code:
+    the folder is the source model (its ModelArgs ignore the flashhead section)."""
+    result = subprocess.run(
+        [sys.executable, "-c", DENSE_SCRIPT, str(converted), str(tiny_llama)],
+        capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["head"] == "Embedding" and report["error"] == 0.0
+    assert report["same_text"] and not report["flashhead_mlx_loaded"]
+
+
+def test_load_never_runs_the_folders_code(remote_code, dense, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(remote_code, folder)
+    (folder / MODEL_FILE).write_text("raise RuntimeError('the folder code ran')\n")
+    assert_decode_step_matches_dense(load(str(folder))[0], dense)
+
+
+def test_plain_mlx_lm_needs_trust_remote_code_for_the_model_file(remote_code, dense):
+    assert json.loads((remote_code / "config.json").read_text())["model_file"] == MODEL_FILE
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        mlx_lm.load(str(remote_code))
+    model, _ = mlx_lm.load(str(remote_code), trust_remote_code=True)
+    assert isinstance(model.model.embed_tokens, FlashEmbedding)
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
+    assert_decode_step_matches_dense(model, dense)
+
+
+def test_the_model_file_names_the_mlx_lm_version_it_cannot_use(remote_code, monkeypatch):
+    import mlx_lm.utils
+
+    monkeypatch.delattr(mlx_lm.utils, "_get_classes")
+    message = f"needs mlx_lm.utils._get_classes, which mlx-lm {mlx_lm.__version__} lacks"
+    with pytest.raises(ImportError, match=re.escape(message)):
+        mlx_lm.load(str(remote_code), trust_remote_code=True)
+
+
+FALLBACK_SCRIPT = BLOCK_FLASHHEAD_MLX + """
+import json
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+
+from hub import LocalHub, snapshot_files
+
+repo, cache, dense_folder = sys.argv[1], sys.argv[2], sys.argv[3]
+hub = LocalHub(cache)
+hub.add("org/tiny-model-file", repo)
+hub.install()
+model, tokenizer = mlx_lm.load("org/tiny-model-file", trust_remote_code=True)
 dense, _ = mlx_lm.load(dense_folder)
 tokens = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 step, reference = np.array(model(tokens[:, :1]))[0, 0], np.array(dense(tokens[:, :1]))[0, 0]
@@ -107,20 +188,26 @@ print(json.dumps({
     "vocab": int(step.size),
     "step_error": float(np.abs(step[finite] - reference[finite]).max()),
     "text": mlx_lm.generate(model, tokenizer, "It is a truth", max_tokens=4),
-    "flashhead_mlx_loaded": "flashhead_mlx" in sys.modules,
+    "calls": [call[2] for call in hub.calls],
+    "flashhead_mlx_loaded": any(m.startswith("flashhead_mlx") for m in sys.modules),
 }))
 """
 
 
-def test_plain_mlx_lm_without_flashhead_mlx_uses_the_fallback(converted, tiny_llama):
+def test_plain_mlx_lm_without_flashhead_mlx_fetches_the_assets_and_uses_the_fallback(
+    remote_code, tiny_llama, tmp_path
+):
+    """The remote-code variant from the hub, flashhead_mlx not importable: the model file
+    fetches the assets mlx-lm left out, checks them and installs its pure-MLX FlashHead."""
+    tests = str(Path(__file__).parent)
     result = subprocess.run(
-        [sys.executable, "-c", FALLBACK_SCRIPT, str(converted), str(tiny_llama)],
-        capture_output=True, text=True, cwd="/",
-        env={**os.environ, "PYTHONPATH": ""},
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(remote_code), str(tmp_path / "cache"), str(tiny_llama)],
+        capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": tests},
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["head"] == "FallbackEmbedding" and not report["flashhead_mlx_loaded"]
+    assert report["calls"][1:] == [[assets_file(remote_code)]]  # mlx-lm's, then the model file's
     assert report["prefill_error"] < 1e-4 and report["step_error"] < 1e-4
     assert 0 < report["candidates"] < report["vocab"]
     assert isinstance(report["text"], str)
@@ -144,20 +231,41 @@ def test_folder_without_assets_loads_dense_or_clusters_once(tiny_llama, tmp_path
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".partial")] == []
 
 
-def test_hub_download_fetches_the_assets(converted, dense, tmp_path, monkeypatch):
-    """A hub repo id: the assets are among the files asked of huggingface_hub."""
-    import mlx_lm.utils
+def test_hub_plain_mlx_lm_downloads_no_assets_and_loads_dense(hub, converted, dense):
+    model, _ = mlx_lm.load("org/tiny-flashhead")
+    assert not is_patched(model)
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
+    [(repo, revision, allow, _, fetched)] = hub.calls
+    assert allow == mlx_lm.utils.DEFAULT_ALLOW_PATTERNS and assets_file(converted) not in fetched
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
-        assert repo_id == "mlx-community/tiny-flashhead"
-        local = tmp_path / "snapshot"
-        local.mkdir(exist_ok=True)
-        for path in converted.iterdir():
-            if any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
-                shutil.copy(path, local / path.name)
-        return str(local)
 
-    monkeypatch.setattr(mlx_lm.utils, "snapshot_download", snapshot_download)
-    model, _ = load("mlx-community/tiny-flashhead")
-    assert (tmp_path / "snapshot" / ASSETS_FILE).is_file()
+def test_hub_flashhead_mlx_load_fetches_the_assets(hub, converted, dense):
+    model, _ = load("org/tiny-flashhead")
     assert_decode_step_matches_dense(model, dense)
+    commit = hub.repos["org/tiny-flashhead"][0]
+    assert [call[:3] for call in hub.calls] == [
+        ("org/tiny-flashhead", "main", mlx_lm.utils.DEFAULT_ALLOW_PATTERNS),
+        ("org/tiny-flashhead", commit, [assets_file(converted)]),
+    ]
+    uploaded = snapshot_files(converted)
+    downloaded = snapshot_files(hub.storage("org/tiny-flashhead") / "snapshots" / commit)
+    assert downloaded == sorted(set(uploaded) - {"README.md"})
+
+
+def test_hub_remote_code_variant_fetches_its_assets(hub, remote_code, dense):
+    model, _ = mlx_lm.load("org/tiny-model-file", trust_remote_code=True)
+    assert isinstance(model.model.embed_tokens, FlashEmbedding)
+    assert_decode_step_matches_dense(model, dense)
+    assert hub.calls[1][2] == [assets_file(remote_code)]
+
+
+def test_hub_remote_code_variant_offline_says_what_is_missing(hub, remote_code):
+    import huggingface_hub
+
+    huggingface_hub.snapshot_download("org/tiny-model-file", allow_patterns=mlx_lm.utils.DEFAULT_ALLOW_PATTERNS)
+    hub.offline = True
+    with pytest.raises(ValueError) as error:
+        mlx_lm.load("org/tiny-model-file", trust_remote_code=True)
+    message = str(error.value)
+    assert message.startswith(f"{assets_file(remote_code)} is missing from ") and "\n" not in message
+    assert "could not be fetched from the hub repo org/tiny-model-file" in message

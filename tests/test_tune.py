@@ -11,7 +11,6 @@ import pytest
 
 from conftest import TINY_TEXT, make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.assets import ASSETS_FILE
 from flashhead_mlx.calibration import calibration_hidden_states
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.containment import TARGET_CONTAINMENT, smallest_n_probes
@@ -69,13 +68,16 @@ def test_tune_writes_the_smallest_n_probes_meeting_the_target(converted, tmp_pat
     model, _ = load(str(folder))  # the assets stay consistent and load
     head = flash_head(model)
     assert head.n_probes == after and head.mass_bias.shape == (2, config["n_clusters"])
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in converted.iterdir())
+    # The assets were replaced: a new file named in config.json, the old one removed.
+    old = json.loads((converted / "config.json").read_text())["flashhead"]["assets_file"]
+    assert config["assets_file"] != old
+    names = {p.name for p in converted.iterdir()} - {old} | {config["assets_file"]}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 
 def test_cli_and_errors(converted, tmp_path):
     folder = Path(shutil.copytree(converted, tmp_path / "model"))
-    before = json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"]
-    assets = (folder / ASSETS_FILE).read_bytes()
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def run(*args):
         return run_cli("tune", "--model", str(folder), *args)
@@ -83,8 +85,7 @@ def test_cli_and_errors(converted, tmp_path):
     result = run("--target-containment", "1.5")
     assert result.returncode != 0
     assert "flashhead-mlx tune: error: the target containment must be in (0, 1]" in result.stderr
-    assert json.loads((folder / "config.json").read_text())["flashhead"]["n_probes"] == before
-    assert (folder / ASSETS_FILE).read_bytes() == assets
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     result = run("--target-containment", "1.0", "--max-tokens", "64")
     assert result.returncode == 0, result.stderr
     assert "| before |" in result.stdout and "| after  |" in result.stdout

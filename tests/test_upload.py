@@ -166,7 +166,8 @@ def test_card_front_matter_and_how_it_was_made(folder):
     assert "flashhead-mlx generate --model Tiny-Llama-flashhead " in card
     assert 'model, tokenizer = load("Tiny-Llama-flashhead")' in card
     assert "from flashhead_mlx import load" in card
-    assert "mlx_lm.generate --model Tiny-Llama-flashhead --trust-remote-code" in card
+    assert 'mlx_lm.generate --model Tiny-Llama-flashhead --prompt "hello"' in card  # dense, no remote code
+    assert "--trust-remote-code" not in card and "with its dense head" in card
 
 
 def test_card_measurements_come_from_the_json_files(folder):
@@ -220,7 +221,8 @@ def test_upload_sends_the_folder_in_one_commit(copy, hub):
     before = snapshot(copy)
     junk = [".cache/huggingface/upload/model.safetensors.metadata", "__pycache__/flashhead_model.cpython-311.pyc",
             "sub/__pycache__/x.pyc", "model.safetensors.partial", ".README.md.x1y2", "weights.tmp",
-            "flashhead_model.pyc", ".DS_Store", ".flashhead-abc/config.json"]
+            "flashhead_model.pyc", ".DS_Store", ".flashhead-abc/config.json",
+            ".flashhead-x1y2.safetensors", "flashhead-0000000000000000.safetensors"]
     for name in [*junk, "sub/keep.txt"]:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_text("x")
@@ -238,7 +240,7 @@ def test_upload_sends_the_folder_in_one_commit(copy, hub):
             assert data == (copy / name).read_bytes(), name
     card = commit["files"]["README.md"].decode()
     assert "# org/Tiny-Llama-flashhead\n" in card
-    assert "mlx_lm.generate --model org/Tiny-Llama-flashhead --trust-remote-code" in card
+    assert 'mlx_lm.generate --model org/Tiny-Llama-flashhead --prompt "hello"' in card
     old_card = before["README.md"].decode()
     for section in ("## Accuracy (measured)", "## Speed (measured)"):  # kept without new JSON files
         kept = old_card[old_card.index(section):].split("<!-- /flashhead:")[0]
@@ -291,6 +293,16 @@ def test_upload_refuses_a_folder_without_flashhead(tiny_llama, hub):
     with pytest.raises(ValueError, match="is not a FlashHead folder"):
         upload(str(tiny_llama), "org/x")
     assert hub.calls == [] and snapshot(tiny_llama) == before
+
+
+def test_upload_refuses_corrupted_assets(copy, hub):
+    path = copy / json.loads((copy / "config.json").read_text())["flashhead"]["assets_file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="digest"):
+        upload(str(copy), "org/x")
+    assert hub.calls == []
 
 
 def test_repo_names(copy):

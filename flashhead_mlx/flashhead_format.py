@@ -1,0 +1,120 @@
+"""The reading side of the FlashHead asset format (docs/format.md), written once: the digest, the
+content-addressed file name, the version check and the fetch from the hub.
+
+It imports nothing from ``flashhead_mlx``: ``flashhead_mlx.assets`` uses it, and the remote-code
+variant of a converted folder (``convert --model-file``) carries it beside ``flashhead_model.py``
+as ``flashhead_format.py``, so the model file reads the assets without ``flashhead_mlx``
+installed.
+"""
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+# The version of the asset format (docs/format.md) this file reads and flashhead_mlx writes.
+FORMAT_VERSION = 2
+
+
+def content_digest(arrays: dict) -> str:
+    """``"sha256:<hex>"`` over ``arrays`` in name order: for each, the header
+    ``"<name>:<dtype>:<d0,d1,...>:<nbytes>;"`` then its bytes (row-major, little-endian)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        data = np.ascontiguousarray(array.view(mx.uint8))
+        dtype = str(array.dtype).rsplit(".", 1)[-1]
+        shape = ",".join(str(n) for n in array.shape)
+        digest.update(f"{name}:{dtype}:{shape}:{data.nbytes};".encode())
+        digest.update(memoryview(data))
+    return "sha256:" + digest.hexdigest()
+
+
+def assets_file_name(digest: str) -> str:
+    """The content-addressed name of the assets file with ``digest``."""
+    return f"flashhead-{digest.removeprefix('sha256:')[:16]}.safetensors"
+
+
+def assets_section(folder: Path, config: dict) -> dict:
+    """The ``flashhead`` section of ``folder``'s ``config``, checked to be of this format."""
+    section = config.get("flashhead")
+    if section is None:
+        raise ValueError(
+            f"{folder} has no FlashHead assets (no 'flashhead' section in config.json): "
+            "convert it first with `flashhead-mlx convert`"
+        )
+    version = section.get("format_version")
+    if version == 1:
+        raise ValueError(
+            f"{folder} holds FlashHead assets of format_version 1 (flashhead.safetensors), which "
+            f"this version no longer reads: convert it again (`flashhead-mlx convert --model "
+            f"{folder} --output NEW_DIR`) for format_version {FORMAT_VERSION}"
+        )
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder}: FlashHead format_version {version!r} is not supported (this version "
+            f"reads {FORMAT_VERSION}): upgrade flashhead-mlx or convert the model again"
+        )
+    name, digest = section.get("assets_file"), section.get("assets_digest")
+    if not re.fullmatch("sha256:[0-9a-f]{64}", str(digest)) or name != assets_file_name(digest):
+        raise ValueError(
+            f"{folder}: config.json's flashhead section names the assets file {name!r}, which is "
+            f"not the name of its assets_digest {digest!r}: convert the model again"
+        )
+    return section
+
+
+def hub_snapshot(folder: Path) -> Optional[tuple]:
+    """``(cache_dir, repo_id, revision)`` of a folder in the hub's cache layout
+    (``<cache_dir>/models--ORG--NAME/snapshots/<revision>``), else ``None``."""
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return folder.parents[2], repo.removeprefix("models--").replace("--", "/"), folder.name
+
+
+def fetch_assets(folder: Path, section: dict) -> Path:
+    """The path of the assets file ``section`` names, downloaded first when ``folder`` is a hub
+    snapshot without it (mlx-lm downloads only its own files)."""
+    name = section["assets_file"]
+    path = folder / name
+    hub = None if path.is_file() else hub_snapshot(folder)
+    if hub is not None:
+        import huggingface_hub
+
+        cache_dir, repo_id, revision = hub
+        try:
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=[name]
+            )
+        except Exception as error:  # offline, refused, whatever the hub's version
+            raise ValueError(
+                f"{name} is missing from {folder} and could not be fetched from the hub repo "
+                f"{repo_id} ({type(error).__name__}): go online, or set FLASHHEAD_DISABLE=1 "
+                "for the dense head"
+            ) from error
+        if not path.is_file():
+            raise ValueError(f"{name} is missing from the hub repo {repo_id} at {revision}")
+    return path
+
+
+def read_assets(folder: Path, section: dict) -> dict:
+    """The arrays of the assets file ``section`` names (fetched when ``folder`` is a hub
+    snapshot without it), checked against the section's ``assets_digest``."""
+    path = fetch_assets(folder, section)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: re-run the conversion")
+    try:
+        arrays = mx.load(str(path))
+        digest = content_digest(arrays)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable (truncated or corrupt?): {error}") from error
+    if digest != section["assets_digest"]:
+        raise ValueError(
+            f"{path}: the arrays' digest {digest} is not config.json's {section['assets_digest']}: "
+            "the assets were changed or corrupted; download or convert the model again"
+        )
+    return arrays
