@@ -6,9 +6,7 @@ FlashHead off (the dense head) and on again at run time.
 
 import argparse
 
-from mlx_lm import stream_generate
-
-from flashhead_mlx import load, patch, unpatch
+from flashhead_mlx import load, patch, stream_generate, unpatch
 
 
 def stream(model, tokenizer, prompt: str, max_tokens: int) -> None:

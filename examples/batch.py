@@ -6,9 +6,7 @@
 
 import argparse
 
-from mlx_lm import batch_generate
-
-from flashhead_mlx import load
+from flashhead_mlx import batch_generate, load
 
 PROMPTS = ["It is a truth universally acknowledged", "Once upon a time", "The sea was calm"]
 

@@ -7,9 +7,7 @@
 import argparse
 import statistics
 
-from mlx_lm import stream_generate
-
-from flashhead_mlx import load, patch, unpatch
+from flashhead_mlx import load, patch, stream_generate, unpatch
 
 
 def decode_tokens_per_second(model, tokenizer, prompt: str, max_tokens: int) -> float:

@@ -9,10 +9,7 @@ terminal; with stdin piped it answers every line and exits at the end of the inp
 import argparse
 import sys
 
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
-
-from flashhead_mlx import load
+from flashhead_mlx import load, make_sampler, stream_generate
 
 
 def main() -> None:

@@ -6,10 +6,16 @@ and switch between FlashHead and the dense head at run time.
 
 import argparse
 
-from mlx_lm import batch_generate, generate, stream_generate
-from mlx_lm.sample_utils import make_sampler
-
-from flashhead_mlx import flash_head, load, patch, unpatch
+from flashhead_mlx import (
+    batch_generate,
+    flash_head,
+    generate,
+    load,
+    make_sampler,
+    patch,
+    stream_generate,
+    unpatch,
+)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ two (one warm-up run each first) and the medians are reported:
   FlashHead's stages on the same inputs: the centroid pass (``cluster_scores``), the selection of
   the ``n_probes`` best clusters (``top_clusters``), the gather and score of their rows
   (``cluster_logits``) and the scatter into full-vocabulary logits;
-- end to end: decode and prompt tokens/s of greedy ``mlx_lm.stream_generate``;
+- end to end: decode and prompt tokens/s of greedy ``flashhead_mlx.stream_generate``;
 - memory: resident bytes (every parameter; FlashHead's assets are parameters of its head) and the
   bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
@@ -26,10 +26,10 @@ from typing import Callable, Dict, List, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm import stream_generate
 
 from .decode import decoding
 from .calibration import TUNING_TEXT
+from .generation import stream_generate
 from .kernels import kernel_implementation, top_clusters
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model

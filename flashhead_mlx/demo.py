@@ -34,8 +34,9 @@ def converted_folder(source: str) -> Path:
 
 
 def generate_text(model, tokenizer, prompt: str, max_tokens: int):
-    """Greedy generation through mlx-lm; returns the text, its token ids and tokens per second."""
-    from mlx_lm import stream_generate
+    """Greedy generation (FlashHead's ``stream_generate``, mlx-lm's underneath); returns the text,
+    its token ids and tokens per second."""
+    from .generation import stream_generate
 
     text, tokens, response = "", [], None
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):

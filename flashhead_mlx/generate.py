@@ -1,86 +1,18 @@
-"""Generate text with mlx-lm's ``generate`` command, the model's head replaced by its FlashHead.
+"""Generate text with mlx-lm's ``generate`` command through FlashHead's decode route.
 
-``flashhead-mlx generate`` takes every flag of ``mlx_lm.generate`` (it runs mlx-lm's own
-``main``, with its parser and loader swapped for ours) plus ``--flashhead/--no-flashhead``,
-``--n-probes`` and ``--flashhead-draft``. The helpers here are shared with ``flashhead-mlx server``.
+``flashhead-mlx generate`` takes every flag of ``mlx_lm.generate`` plus ``--flashhead/--no-flashhead``,
+``--n-probes`` and ``--flashhead-draft``: it runs mlx-lm's own ``main`` with its parser, loader,
+``make_sampler`` and ``generate`` replaced by ours (:mod:`flashhead_mlx.generation`).
+
+The library never imports this module: importing it would make ``flashhead_mlx.generate`` this
+module instead of the function (the trap of ``mlx_lm.generate``).
 """
 
 import argparse
-import contextlib
-import importlib
-import logging
-from types import ModuleType
-from typing import Dict, Iterator, Optional
 
-from .patch import describe_head
-
-MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
-
-
-def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the FlashHead flags to one of mlx-lm's parsers (in their own group) and return it."""
-    group = parser.add_argument_group("FlashHead")
-    group.add_argument(
-        "--flashhead",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Score the model's head with its FlashHead (default); --no-flashhead: the dense head.",
-    )
-    group.add_argument(
-        "--n-probes",
-        type=int,
-        default=None,
-        help="Clusters scored exactly per token (default: the model's).",
-    )
-    group.add_argument(
-        "--flashhead-draft",
-        action="store_true",
-        help="Give the draft model its FlashHead too (default: it keeps its own dense head).",
-    )
-    return parser
-
-
-class Loader:
-    """``mlx_lm.load`` for mlx-lm's commands: the main model gets its FlashHead (``--flashhead``,
-    ``--n-probes``), a draft model keeps its own head unless ``--flashhead-draft``.
-
-    mlx-lm loads the main model with ``return_config=True`` and a draft model by its path alone,
-    which tells them apart even when both are the same folder. ``heads`` holds a ``Head: ...``
-    line for each, which is also logged.
-    """
-
-    def __init__(self, args: Optional[argparse.Namespace] = None):
-        self.args = args
-        self.heads: Dict[str, str] = {}
-
-    def __call__(self, path_or_hf_repo: str, *args, **kwargs):
-        from .loading import load
-
-        draft = not kwargs.get("return_config", False)
-        if draft:
-            requested = self.args.flashhead_draft
-            result = load(path_or_hf_repo, *args, flashhead=requested, **kwargs)
-        else:
-            requested = self.args.flashhead
-            n_probes = self.args.n_probes
-            result = load(path_or_hf_repo, *args, flashhead=requested, n_probes=n_probes, **kwargs)
-        label = "Draft head" if draft else "Head"
-        self.heads[label] = f"{label}: {describe_head(result[0], requested)}"
-        logging.info(self.heads[label])
-        return result
-
-
-@contextlib.contextmanager
-def patched(module: ModuleType, **attributes) -> Iterator[None]:
-    """Set attributes of ``module`` for the duration of the block, then restore them."""
-    saved = {name: getattr(module, name) for name in attributes}
-    try:
-        for name, value in attributes.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
+from .generation import MLX_GENERATE, generate, with_globals
+from .mlx_lm_commands import Loader, add_flashhead_arguments
+from .sample_utils import make_sampler
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -95,11 +27,17 @@ def main() -> None:
     parser = setup_arg_parser()
     args = parser.parse_args()
     loader = Loader(args)
-    with patched(MLX_GENERATE, load=loader, setup_arg_parser=lambda: parser):
-        try:
-            MLX_GENERATE.main()
-        except ValueError as error:
-            raise SystemExit(f"flashhead-mlx generate: error: {error}")
+    run = with_globals(
+        MLX_GENERATE.main,
+        setup_arg_parser=lambda: parser,
+        load=loader,
+        make_sampler=make_sampler,
+        generate=generate,
+    )
+    try:
+        run()
+    except ValueError as error:
+        raise SystemExit(f"flashhead-mlx generate: error: {error}")
     if args.verbose:
         print(*loader.heads.values(), sep="\n")
 

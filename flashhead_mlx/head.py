@@ -271,7 +271,8 @@ class FlashHead(nn.Module):
     def __call__(self, h: mx.array) -> mx.array:
         """Logits ``[..., L, V]`` for hidden states ``[..., L, d]``.
 
-        Inside mlx-lm's decode loops (:func:`flashhead_mlx.decode.decoding`) the sparse
+        In a decode step (:func:`flashhead_mlx.decode.decode_context`: FlashHead's generate
+        functions, :func:`flashhead_mlx.decoding`, or mlx-lm's own decode loops) the sparse
         :meth:`decode_logits`, a drop-in for mlx-lm's samplers and logits processors; everywhere
         else (perplexity, evaluation, any forward pass) the exact :meth:`dense_logits`.
         """

@@ -1,5 +1,6 @@
 """``flashhead-mlx generate``: mlx-lm's generate command, with the FlashHead, end to end."""
 
+import importlib
 import json
 import os
 import re
@@ -11,7 +12,8 @@ import mlx_lm
 import pytest
 
 from conftest import make_tiny_model
-from flashhead_mlx import load
+import flashhead_mlx
+from flashhead_mlx import decode, load
 from flashhead_mlx.pipeline import convert
 
 PROMPT = "It is a truth"
@@ -121,3 +123,21 @@ def test_python_api_example_runs(converted):
     )
     assert result.returncode == 0, result.stderr
     assert "greedy text identical to dense:" in result.stdout
+
+
+def test_generate_uses_the_decode_route(converted, monkeypatch, capsys):
+    """The command tells the head each step's settings itself: the fallback is never consulted."""
+    monkeypatch.setattr(flashhead_mlx, "generate", flashhead_mlx.generate)  # the import rebinds it
+    command = importlib.import_module("flashhead_mlx.generate")
+
+    def no_fallback(frame):
+        raise AssertionError("a head call consulted the fallback")
+
+    monkeypatch.setattr(decode, "_fallback_context", no_fallback)
+    monkeypatch.setattr(sys, "argv", [
+        "flashhead-mlx generate", "--model", str(converted), "--prompt", PROMPT,
+        "--max-tokens", "8", "--temp", "0.7", "--seed", "1",
+    ])
+    command.main()
+    output = capsys.readouterr().out
+    assert generated_text(output) and "Head: FlashHead (" in output

@@ -13,7 +13,8 @@ import mlx_lm
 import pytest
 
 from conftest import make_tiny_model
-from flashhead_mlx import load
+from flashhead_mlx import generation, load, sample_utils
+from flashhead_mlx import server as server_command
 from flashhead_mlx.pipeline import convert
 
 PROMPT = "It is a truth"
@@ -95,3 +96,23 @@ def test_help_lists_both_flag_sets():
     for flag in ("--port", "--draft-model", "--max-tokens", "--no-flashhead", "--n-probes",
                  "--flashhead-draft"):
         assert flag in result.stdout
+
+
+def test_the_server_runs_the_decode_route(monkeypatch):
+    """While mlx-lm's server runs, its module names are FlashHead's route; after, mlx-lm's."""
+    seen = {}
+    names = ("BatchGenerator", "stream_generate", "make_sampler", "make_logits_processors")
+
+    def main():
+        seen.update({name: getattr(server_command.MLX_SERVER, name) for name in names})
+
+    monkeypatch.setattr(server_command.MLX_SERVER, "main", main)
+    before = {name: getattr(server_command.MLX_SERVER, name) for name in names}
+    server_command.main()
+    assert seen == {
+        "BatchGenerator": generation.BatchGenerator,
+        "stream_generate": generation.stream_generate,
+        "make_sampler": sample_utils.make_sampler,
+        "make_logits_processors": sample_utils.make_logits_processors,
+    }
+    assert {name: getattr(server_command.MLX_SERVER, name) for name in names} == before

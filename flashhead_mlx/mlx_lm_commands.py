@@ -1,0 +1,75 @@
+"""What ``flashhead-mlx generate`` and ``flashhead-mlx server`` share: the FlashHead flags added to
+mlx-lm's parsers, and the loader they give mlx-lm's commands."""
+
+import argparse
+import contextlib
+import logging
+from types import ModuleType
+from typing import Dict, Iterator, Optional
+
+from .loading import load
+from .patch import describe_head
+
+
+def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the FlashHead flags to one of mlx-lm's parsers (in their own group) and return it."""
+    group = parser.add_argument_group("FlashHead")
+    group.add_argument(
+        "--flashhead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Score the model's head with its FlashHead (default); --no-flashhead: the dense head.",
+    )
+    group.add_argument(
+        "--n-probes",
+        type=int,
+        default=None,
+        help="Clusters scored exactly per token (default: the model's).",
+    )
+    group.add_argument(
+        "--flashhead-draft",
+        action="store_true",
+        help="Give the draft model its FlashHead too (default: it keeps its own dense head).",
+    )
+    return parser
+
+
+class Loader:
+    """``mlx_lm.load`` for mlx-lm's commands: the main model gets its FlashHead (``--flashhead``,
+    ``--n-probes``), a draft model keeps its own head unless ``--flashhead-draft``.
+
+    mlx-lm loads the main model with ``return_config=True`` and a draft model by its path alone,
+    which tells them apart even when both are the same folder. ``heads`` holds a ``Head: ...``
+    line for each, which is also logged.
+    """
+
+    def __init__(self, args: Optional[argparse.Namespace] = None):
+        self.args = args
+        self.heads: Dict[str, str] = {}
+
+    def __call__(self, path_or_hf_repo: str, *args, **kwargs):
+        draft = not kwargs.get("return_config", False)
+        if draft:
+            requested = self.args.flashhead_draft
+            result = load(path_or_hf_repo, *args, flashhead=requested, **kwargs)
+        else:
+            requested = self.args.flashhead
+            n_probes = self.args.n_probes
+            result = load(path_or_hf_repo, *args, flashhead=requested, n_probes=n_probes, **kwargs)
+        label = "Draft head" if draft else "Head"
+        self.heads[label] = f"{label}: {describe_head(result[0], requested)}"
+        logging.info(self.heads[label])
+        return result
+
+
+@contextlib.contextmanager
+def patched(module: ModuleType, **attributes) -> Iterator[None]:
+    """Set attributes of ``module`` for the duration of the block, then restore them."""
+    saved = {name: getattr(module, name) for name in attributes}
+    try:
+        for name, value in attributes.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
