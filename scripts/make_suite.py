@@ -182,6 +182,23 @@ def collected():
     yield "english", "mansfield-park", "MIT", "Mansfield Park (Austen)", austen_doc("mansfield_park"), "held-out"
 
 
+def written() -> dict:
+    """Manifest entries (without digests) of the texts written for the suite."""
+    entries = {}
+    for split in SPLITS:
+        entries[f"chat/{split}/prompts.txt"] = {
+            "domain": "chat", "split": split, "licence": "MIT", "origins": [],
+            "source": "instructions written for the suite, one per line (the positions are "
+            "the model's own dense replies)",
+        }
+        for kind in ("verse", "dialogue"):
+            entries[f"verse-dialogue/{split}/{kind}.txt"] = {
+                "domain": "verse-dialogue", "split": split, "licence": "MIT", "origins": [],
+                "source": f"{kind} written for the suite",
+            }
+    return entries
+
+
 def collect(tokenizer) -> dict:
     """Write the collected files; their manifest entries (without digests) by path."""
     import math_problems
@@ -217,6 +234,51 @@ def collect(tokenizer) -> dict:
     return entries
 
 
+def licence_texts(files: dict) -> str:
+    """LICENSES.md: which licence covers which file, then the notices and licence texts."""
+    rust = RUST_DOC / "licenses"
+    shadow = Path("/usr/share/doc/passwd/copyright").read_text()
+    bsd = shadow[shadow.index("License: BSD-3-clause\n") :].split("\n\n")[0]
+    packages = sorted({
+        o.split("/node_modules/")[2].split("/")[0]
+        for e in files.values() for o in e["origins"] if "/node_modules/" in o
+    })
+    lines = [
+        "# Licences of the evaluation suite's texts", "",
+        "Every file below is redistributed under the licence of its source, recorded per file in "
+        "`manifest.json` (`licence`, `source`, `origins`). Texts written for the suite are MIT, "
+        "as flashhead-mlx. Nothing whose licence was unclear was kept.", "",
+        "| file | licence | source |", "|---|---|---|",
+        *(f"| `{n}` | {e['licence']} | {e['source']} |" for n, e in sorted(files.items())), "",
+        "## PSF-2.0: CPython 3.11 (standard library modules, C headers)", "",
+        "Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.", "",
+        "```", (PYTHON / "lib/python3.11/LICENSE.txt").read_text().strip(), "```", "",
+        "## MIT OR Apache-2.0: the Rust standard library, The Rust Programming Language, The Cargo Book", "",
+        "Copyright (c) The Rust Project Contributors. Used under the MIT licence (the Apache-2.0 "
+        f"alternative is in the Rust toolchain's `licenses/Apache-2.0.txt`).", "",
+        "```", (rust / "MIT.txt").read_text().strip(), "```", "",
+        "## MIT / ISC: npm's dependencies (JavaScript)", "",
+    ]
+    for package in packages:
+        licence = sorted((NPM / "node_modules" / package).glob("LICENSE*"))[0]
+        lines += [f"### {package}", "", "```", licence.read_text().strip(), "```", ""]
+    lines += [
+        "## Artistic-1.0-Perl OR GPL-1.0-or-later: Perl 5.36 core modules", "",
+        "Perl is Copyright (C) 1987-2022 by Larry Wall and others; each module is distributed "
+        "under the same terms as Perl itself. Used under the Artistic License:", "",
+        "```", Path("/usr/share/common-licenses/Artistic").read_text().strip(), "```", "",
+        "## BSD-3-Clause: shadow's manual pages (German, French, Italian, Russian, Chinese, Japanese)", "",
+        "Copyright 1989-1994, Julianne Frances Haugh; 2016-2022, Serge Hallyn; translations "
+        "1999-2015, Free Software Foundation, Inc., and the Debian l10n teams "
+        "(`/usr/share/doc/passwd/copyright`).", "",
+        "```", bsd.replace("\n .\n", "\n\n").strip(), "```", "",
+        "## MIT: Jane Austen's novels (public domain text, packaged by janeaustenr)", "",
+        "Persuasion and Mansfield Park, from the janeaustenr data package (MIT), as in "
+        "`../shared/data/austen`.", "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="An mlx-lm folder of SmolLM2-135M.")
@@ -227,7 +289,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
     manifest_path = SUITE / "manifest.json"
     old = json.loads(manifest_path.read_text())["files"] if manifest_path.exists() else {}
-    entries = {**old, **(collect(tokenizer) if args.collect else {})}
+    entries = {**old, **written(), **(collect(tokenizer) if args.collect else {})}
     files = {}
     for path in sorted(p for p in SUITE.rglob("*.txt")):
         key = str(path.relative_to(SUITE))
@@ -248,6 +310,7 @@ def main() -> None:
         "files": files,
     }
     manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    (SUITE / "LICENSES.md").write_text(licence_texts(files))
     for split in SPLITS:
         counts = {}
         for entry in files.values():

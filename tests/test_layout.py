@@ -17,7 +17,9 @@ COMMANDS = {
     "tune", "bench",
 }
 # The offline pipeline and the measurements: libraries the commands call.
-LIBRARY = {"pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf"}
+LIBRARY = {
+    "pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf", "suite",
+}
 # What a FlashHead needs at run time: it knows nothing of the pipeline or the commands. The
 # loader clusters on the fly through the pipeline (``load(flashhead={"convert": True})``).
 RUNTIME_EXCEPTIONS = {("loading", "pipeline")}
