@@ -27,6 +27,8 @@ CHAT = "chat"
 CHAT_CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "chat"
 # Tokens of reply generated per prompt.
 REPLY_TOKENS = 256
+# Prompts per batch_generate call (mlx-lm's own completion batch size).
+REPLY_BATCH = 32
 # Files of a model folder that decide its dense replies (config.json without FlashHead's keys).
 FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FLASHHEAD_CONFIG_KEYS = ("flashhead", "model_file")
@@ -116,17 +118,24 @@ def dense_replies(
         cached = json.loads(path.read_text())
         return cached["replies"], cached["stopped"]
     tokens = [chat_prompt_tokens(tokenizer, p) for p in prompts]
+    replies, texts = [], []
     patched = is_patched(model)
     if patched:
         unpatch(model)
     try:
-        response = batch_generate(
-            model, tokenizer, tokens, max_tokens=max_tokens, return_token_ids=True
-        )
+        for start in tqdm(range(0, len(tokens), REPLY_BATCH), desc="Dense chat replies"):
+            response = batch_generate(
+                model,
+                tokenizer,
+                tokens[start : start + REPLY_BATCH],
+                max_tokens=max_tokens,
+                return_token_ids=True,
+            )
+            replies += [list(map(int, r)) for r in response.token_ids]
+            texts += response.texts
     finally:
         if patched:
             patch(model)
-    replies = [list(map(int, r)) for r in response.token_ids]
     stopped = [len(r) < max_tokens for r in replies]
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -134,7 +143,7 @@ def dense_replies(
         "max_tokens": max_tokens,
         "replies": replies,
         "stopped": stopped,
-        "texts": response.texts,
+        "texts": texts,
     }
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(record, ensure_ascii=False) + "\n")
