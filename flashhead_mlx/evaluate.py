@@ -151,9 +151,8 @@ def run(
             hidden = text_hidden_states(lm, tokenizer, read_text(files), limit)
         rows, text_stats = evaluate(head, hidden, probes, tv_positions)
         stats.append(text_stats)
-        domains.append(
-            {"name": name, "files": [str(f) for f in files], "tokens": hidden.shape[0], "results": rows}
-        )
+        files = [str(f) for f in files]
+        domains.append({"name": name, "files": files, "tokens": hidden.shape[0], "results": rows})
     total = sum(d["tokens"] for d in domains)
     overall = pool_rows([d["results"] for d in domains])
     names = [*texts, suite and f"suite ({suite})", chat and f"chat: {chat}"]
@@ -245,7 +244,10 @@ def main() -> None:
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx eval: error: {error}")
-    print(f"{result['model']} on {result['text']}: {result['tokens']} positions, {result['device']}")
+    print(
+        f"{result['model']} on {result['text']}: {result['tokens']} positions, "
+        f"{result['device']}"
+    )
     rows, labels = [], []
     domains = result["domains"]
     for domain in domains if len(domains) > 1 else []:

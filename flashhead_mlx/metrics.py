@@ -307,7 +307,8 @@ def pool_rows(tables: Sequence[List[dict]]) -> List[dict]:
 
 def pool_stats(stats: Sequence[dict]) -> dict:
     """:func:`dense_pass`'s statistics of several texts as those of one."""
-    pooled = {k: np.concatenate([s[k] for s in stats]) for k in ("targets", "top1_ranks", "top5_ranks")}
+    keys = ("targets", "top1_ranks", "top5_ranks")
+    pooled = {k: np.concatenate([s[k] for s in stats]) for k in keys}
     sizes = np.array([s["targets"].size for s in stats])
     curves = np.stack([s["mass_curve"] for s in stats])
     pooled["mass_curve"] = (sizes[:, None] * curves).sum(axis=0) / sizes.sum()
