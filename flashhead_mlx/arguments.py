@@ -66,10 +66,16 @@ def add_upload_arguments(parser: argparse.ArgumentParser, required: bool) -> arg
     return parser
 
 
-def add_text_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--text`` and ``--max-tokens`` (shared with ``tune``)."""
+def add_text_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``--text`` and ``--max-tokens`` (shared with ``tune``); ``several``: ``--text`` takes
+    several files or folders."""
     parser.add_argument(
-        "--text", default=None, help="A text file (default: a built-in Austen excerpt)."
+        "--text",
+        default=None,
+        nargs="+" if several else None,
+        help="Text files or folders of them, one row each (default: a built-in Austen excerpt)."
+        if several
+        else "A text file (default: a built-in Austen excerpt).",
     )
     parser.add_argument(
         "--max-tokens", type=int, default=4096, help="Positions of the text to measure."

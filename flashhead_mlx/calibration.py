@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,12 +67,13 @@ def calibration_hidden_states(
 
 
 def text_hidden_states(
-    model: nn.Module, tokenizer, text: str, max_tokens: int, seq_len: int = 512
+    model: nn.Module, tokenizer, text: str, max_tokens: Optional[int], seq_len: int = 512
 ) -> mx.array:
     """Hidden states ``[N, d]`` of up to ``max_tokens`` positions of ``text`` (all of it when
-    shorter), in windows of ``seq_len`` tokens spread over the text."""
+    shorter or when ``max_tokens`` is ``None``), in windows of ``seq_len`` tokens spread over the
+    text."""
     n_text = len(tokenizer.encode(text, add_special_tokens=False))
-    n_tokens = min(max_tokens, n_text)
+    n_tokens = n_text if max_tokens is None else min(max_tokens, n_text)
     if n_tokens < 2:
         raise ValueError(f"the text has {n_text} tokens: at least 2 are needed")
     return calibration_hidden_states(

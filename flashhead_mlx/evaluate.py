@@ -1,10 +1,12 @@
-"""``flashhead-mlx eval``: how closely a FlashHead follows its dense head on a text (the
-metrics: :mod:`flashhead_mlx.metrics`)."""
+"""``flashhead-mlx eval``: how closely a FlashHead follows its dense head on texts (the
+metrics: :mod:`flashhead_mlx.metrics`): a text, several, the frozen suite (``--suite``,
+:mod:`flashhead_mlx.suite`) or the model's own replies to prompts (``--chat``); one row per text
+or domain and an overall row."""
 
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -12,8 +14,28 @@ from .arguments import add_text_arguments
 from .calibration import TUNING_TEXT, text_hidden_states
 from .clustering import scored_fraction
 from .head import FlashHead
-from .metrics import containment_curve, default_n_probes, evaluate, format_rows, load_head
+from .loading import download
+from .metrics import (
+    containment_curve,
+    default_n_probes,
+    evaluate,
+    format_rows,
+    load_head,
+    pool_rows,
+    pool_stats,
+)
+from .patch import flash_head
 from .report import device_description, pyplot
+from .suite import (
+    CHAT,
+    SPLITS,
+    chat_hidden_states,
+    dense_replies,
+    model_fingerprint,
+    read_prompts,
+    read_text,
+    suite_files,
+)
 
 def plot(rows: List[dict], stats: dict, head: FlashHead, path: str, title: str) -> None:
     """Containment and candidate mass against the scored fraction, the measured rows marked."""
@@ -53,38 +75,98 @@ def plot(rows: List[dict], stats: dict, head: FlashHead, path: str, title: str) 
     plt.close(fig)
 
 
+# Positions measured per text when --max-tokens is not given (the suite and chat: all).
+TEXT_TOKENS = 4096
+# Sampling-distance positions per text when --tv-positions is not given (several texts: none).
+TV_POSITIONS = 128
+
+
+def text_sources(texts: Sequence[str]) -> List[Tuple[str, List[Path]]]:
+    """One ``(name, [file])`` per file of ``texts`` (files, or folders of files)."""
+    sources = []
+    for text in texts:
+        path = Path(text)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise ValueError(f"{path} has no files")
+            sources += [(str(f), [f]) for f in files]
+        elif path.is_file():
+            sources.append((str(path), [path]))
+        else:
+            raise ValueError(f"{path} is not a file or a folder")
+    return sources
+
+
 def run(
     model: str,
-    text: Optional[str] = None,
-    max_tokens: int = 4096,
+    text: Union[str, Sequence[str], None] = None,
+    max_tokens: Optional[int] = None,
     n_probes: Optional[Sequence[int]] = None,
-    tv_positions: int = 128,
+    tv_positions: Optional[int] = None,
     plot_path: Optional[str] = None,
+    suite: Optional[str] = None,
+    chat: Optional[str] = None,
 ) -> dict:
-    """Evaluate the FlashHead folder ``model`` on the file ``text`` (default: the built-in
-    text): the JSON object ``eval --json`` writes."""
-    text_path = Path(text) if text else TUNING_TEXT
-    if not text_path.is_file():
-        raise ValueError(f"{text_path} is not a file")
-    lm, tokenizer, head = load_head(model)
-    hidden = text_hidden_states(lm, tokenizer, text_path.read_text(), max_tokens)
-    rows, stats = evaluate(
-        head, hidden, n_probes or default_n_probes(head.n_probes, head.n_clusters), tv_positions
-    )
+    """Evaluate the FlashHead folder ``model`` on texts, each measured on its own: the files (or
+    folders of files) ``text`` (default: the built-in text, unless ``suite`` or ``chat`` is
+    given), the suite's ``suite`` split (``dev``, ``held-out`` or ``all``: one text per domain)
+    and the model's own dense replies to the prompts of the file ``chat``. Returns the JSON
+    object ``eval --json`` writes: ``domains`` (each text's rows) and ``results`` (the overall
+    rows: :func:`flashhead_mlx.metrics.pool_rows`).
+
+    ``max_tokens``: positions per text (default :data:`TEXT_TOKENS`; the suite's and chat's: all);
+    ``tv_positions``: sampling-distance positions per text (default :data:`TV_POSITIONS` for a
+    single text, else 0).
+    """
+    texts = [text] if isinstance(text, str) else list(text or [])
+    if suite is not None and texts:
+        raise ValueError("--suite and --text cannot be combined")
+    if not (texts or suite or chat):
+        texts = [str(TUNING_TEXT)]
+    sources = [(name, files, False) for name, files in text_sources(texts)]
+    if suite is not None:
+        sources += [(d, files, d == CHAT) for d, files in suite_files(suite).items()]
+    if chat is not None:
+        if not Path(chat).is_file():
+            raise ValueError(f"{chat} is not a file")
+        sources.append((f"chat: {chat}", [Path(chat)], True))
+    if tv_positions is None:
+        tv_positions = TV_POSITIONS if len(sources) == 1 else 0
+    lm, tokenizer, _ = load_head(model)
+    replies = {}
+    for name, files, is_chat in sources:  # first: generation takes the FlashHead off and back
+        if is_chat:
+            prompts = read_prompts(files)
+            fingerprint = model_fingerprint(download(model))
+            replies[name] = (prompts, *dense_replies(lm, tokenizer, prompts, fingerprint))
+    head = flash_head(lm)
+    probes = n_probes or default_n_probes(head.n_probes, head.n_clusters)
+    domains, stats = [], []
+    for name, files, is_chat in sources:
+        if is_chat:
+            hidden = chat_hidden_states(lm, tokenizer, *replies[name], max_tokens)
+        else:
+            limit = max_tokens or (None if suite is not None else TEXT_TOKENS)
+            hidden = text_hidden_states(lm, tokenizer, read_text(files), limit)
+        rows, text_stats = evaluate(head, hidden, probes, tv_positions)
+        stats.append(text_stats)
+        files = [str(f) for f in files]
+        domains.append({"name": name, "files": files, "tokens": hidden.shape[0], "results": rows})
+    total = sum(d["tokens"] for d in domains)
+    overall = pool_rows([d["results"] for d in domains])
+    names = [*texts, suite and f"suite ({suite})", chat and f"chat: {chat}"]
+    description = ", ".join(filter(None, names))
     if plot_path:
-        plot(
-            rows,
-            stats,
-            head,
-            plot_path,
-            f"{Path(model).name} on {text_path.name}, " f"{hidden.shape[0]} positions",
-        )
+        title = f"{Path(model).name} on {Path(description).name}, {total} positions"
+        plot(overall, pool_stats(stats), head, plot_path, title)
     return {
         "model": model,
-        "text": str(text_path),
-        "tokens": hidden.shape[0],
+        "text": description,
+        "tokens": total,
         "device": device_description(),
-        "results": rows,
+        "results": overall,
+        "domains": domains,
     }
 
 
@@ -102,10 +184,28 @@ def probe_list(value: str) -> List[int]:
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashhead-mlx eval",
-        description="Measure a FlashHead against its dense head on a text (teacher forcing).",
+        description="Measure a FlashHead against its dense head on texts (teacher forcing): "
+        "one row per text or suite domain, and an overall row.",
     )
     parser.add_argument("--model", required=True, help="A converted FlashHead folder or repo.")
-    add_text_arguments(parser)
+    add_text_arguments(parser, several=True)
+    parser.set_defaults(max_tokens=None)
+    parser.add_argument(
+        "--suite",
+        nargs="?",
+        const="held-out",
+        choices=[*SPLITS, "all"],
+        default=None,
+        help="Run the frozen evaluation suite's split (default held-out): one row per domain "
+        "(docs/suite.md).",
+    )
+    parser.add_argument(
+        "--chat",
+        default=None,
+        metavar="PROMPTS_FILE",
+        help="Measure on the model's own dense greedy replies (through its chat template) to the "
+        "prompts of this file, one per line.",
+    )
     parser.add_argument(
         "--n-probes",
         type=probe_list,
@@ -115,9 +215,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tv-positions",
         type=int,
-        default=128,
-        help="Positions of the text's second half the sampling distances are averaged over "
-        "(0: skip them).",
+        default=None,
+        help=f"Positions of each text's second half the sampling distances are averaged over "
+        f"(0: skip them; default {TV_POSITIONS} for a single text, else 0).",
     )
     parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Draw containment and mass to this PNG.")
@@ -127,13 +227,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = setup_arg_parser()
     args = parser.parse_args()
-    if args.max_tokens < 2 or args.tv_positions < 0:
+    if (args.max_tokens is not None and args.max_tokens < 2) or (args.tv_positions or 0) < 0:
         parser.error("--max-tokens must be at least 2 and --tv-positions at least 0")
     try:
         if args.plot:
             pyplot()  # fail now, not after the measurements
         result = run(
-            args.model, args.text, args.max_tokens, args.n_probes, args.tv_positions, args.plot
+            args.model,
+            args.text,
+            args.max_tokens,
+            args.n_probes,
+            args.tv_positions,
+            args.plot,
+            suite=args.suite,
+            chat=args.chat,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx eval: error: {error}")
@@ -141,9 +248,16 @@ def main() -> None:
         f"{result['model']} on {result['text']}: {result['tokens']} positions, "
         f"{result['device']}"
     )
-    print(format_rows(result["results"]))
-    if args.tv_positions:
-        rows = result["results"]
+    rows, labels = [], []
+    domains = result["domains"]
+    for domain in domains if len(domains) > 1 else []:
+        rows += domain["results"]
+        labels += [f"{domain['name']} ({domain['tokens']})"] * len(domain["results"])
+    rows += result["results"]
+    labels += [f"overall ({result['tokens']})" if len(domains) > 1 else ""] * len(result["results"])
+    print(format_rows(rows, labels if len(domains) > 1 else None))
+    print("Containment: share of positions [Wilson 95% interval].")
+    if "sampling_tv_t1" in rows[0]:
         print(
             f"TV: exact per position, mean over {rows[0]['sampling_positions']} positions of the "
             "text's second half ± its standard error, to the last decimal above it; mass_bias "

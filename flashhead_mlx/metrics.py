@@ -18,6 +18,10 @@ logits:
   the folder's serve its own ``n_probes``, and are refitted on the text's first half for any
   other.
 
+Every containment figure comes with its Wilson 95% score interval (``top1_interval``,
+``top5_interval``), from the count of positions (``positions``) and of those contained.
+:func:`pool_rows` merges the rows of several texts (the suite's domains) into their overall row.
+
 Stage 1 is the head's own (its stored centroids, its kernels' ranking), so a containment figure
 is what the head does at run time.
 """
@@ -45,6 +49,34 @@ DEFAULT_PROBE_FACTORS = (0.5, 1.0, 2.0)
 SAMPLING_SETTINGS = {"sampling_tv_t1": (1.0, None), "sampling_tv_t07_p09": (0.7, 0.9)}
 # Positions of the text's first half that mass_bias is refitted on, for other n_probes.
 REFIT_POSITIONS = 256
+# The standard normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+# The counts behind the containment shares: JSON key of the count -> key of the share.
+COUNTS = {"top1_contained": "top1_containment", "top5_contained": "top5_containment"}
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> Tuple[float, float]:
+    """The Wilson score interval of a binomial proportion, ``successes`` out of ``n`` (95% by
+    default): the proportions ``p`` whose score test ``|k/n - p| <= z sqrt(p(1-p)/n)`` accepts."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At 0 (n) successes the bound is 0 (1) exactly; the float difference may miss it by an ulp.
+    low = 0.0 if successes == 0 else centre - half
+    high = 1.0 if successes == n else centre + half
+    return low, high
+
+
+def add_intervals(row: dict) -> dict:
+    """Set a row's containment shares and Wilson intervals from its counts; returns ``row``."""
+    for count, share in COUNTS.items():
+        row[share] = row[count] / row["positions"]
+        row[share.replace("containment", "interval")] = list(
+            wilson_interval(row[count], row["positions"])
+        )
+    return row
 
 
 def load_head(model_path: str) -> Tuple[object, object, FlashHead]:
@@ -135,21 +167,24 @@ def greedy_agreement(
 
 
 def head_row(head: FlashHead, hidden: mx.array, stats: dict, n_probes: int) -> dict:
-    """The containment metrics of ``n_probes`` (from :func:`dense_pass`'s ``stats``)."""
+    """The containment metrics of ``n_probes`` (from :func:`dense_pass`'s ``stats``), with the
+    counts and Wilson intervals behind the containment shares."""
     with probing(head, n_probes):
         greedy = greedy_agreement(head, hidden, stats["targets"])
-    return {
+    row = {
         "n_probes": n_probes,
         "n_clusters": head.n_clusters,
         "cluster_size": head.cluster_size,
         "scored_fraction": scored_fraction(
             head.n_clusters, head.cluster_size, n_probes, head.vocab_size
         ),
-        "top1_containment": float(np.mean(stats["top1_ranks"] < n_probes)),
-        "top5_containment": float(np.mean(stats["top5_ranks"] < n_probes)),
+        "positions": int(stats["targets"].size),
+        "top1_contained": int(np.sum(stats["top1_ranks"] < n_probes)),
+        "top5_contained": int(np.sum(stats["top5_ranks"] < n_probes)),
         "greedy_agreement": greedy,
         "candidate_mass": float(stats["mass_curve"][n_probes - 1]),
     }
+    return add_intervals(row)
 
 
 def dense_probs(head: FlashHead, h: mx.array, temperature: float, top_p) -> np.ndarray:
@@ -244,24 +279,57 @@ def evaluate(
     return rows, stats
 
 
+def pool_rows(tables: Sequence[List[dict]]) -> List[dict]:
+    """The overall rows of several texts measured at the same ``n_probes`` (one list of
+    :func:`evaluate` rows per text): counts added, the other shares and the sampling distances
+    averaged over positions (their standard errors combined as for a stratified mean)."""
+    pooled = []
+    for rows in zip(*tables):
+        if len({row["n_probes"] for row in rows}) != 1:
+            raise ValueError("the texts were measured at different n_probes")
+        n = sum(row["positions"] for row in rows)
+        row = {k: v for k, v in rows[0].items() if k not in ("positions", *COUNTS)}
+        row["positions"] = n
+        for count in COUNTS:
+            row[count] = sum(r[count] for r in rows)
+        for key in ("greedy_agreement", "candidate_mass"):
+            row[key] = sum(r[key] * r["positions"] for r in rows) / n
+        if "sampling_positions" in row:
+            m = sum(r["sampling_positions"] for r in rows)
+            for key in SAMPLING_SETTINGS:
+                row[key] = sum(r[key] * r["sampling_positions"] for r in rows) / m
+                variance = sum((r[f"{key}_stderr"] * r["sampling_positions"]) ** 2 for r in rows)
+                row[f"{key}_stderr"] = math.sqrt(variance) / m
+            row["sampling_positions"] = m
+        pooled.append(add_intervals(row))
+    return pooled
+
+
+def pool_stats(stats: Sequence[dict]) -> dict:
+    """:func:`dense_pass`'s statistics of several texts as those of one."""
+    keys = ("targets", "top1_ranks", "top5_ranks")
+    pooled = {k: np.concatenate([s[k] for s in stats]) for k in keys}
+    sizes = np.array([s["targets"].size for s in stats])
+    curves = np.stack([s["mass_curve"] for s in stats])
+    pooled["mass_curve"] = (sizes[:, None] * curves).sum(axis=0) / sizes.sum()
+    return pooled
+
+
 def format_rows(rows: List[dict], labels: Optional[List[str]] = None) -> str:
-    """The human table of :func:`evaluate`'s rows (each after its label, when given)."""
-    header = ["n_probes", "scored", "top-1", "top-5", "greedy", "cand. mass"]
+    """The human table of :func:`evaluate`'s rows (each after its label, when given): the
+    containment shares with their Wilson 95% intervals."""
+    header = ["n_probes", "scored", "top-1 [95% CI]", "top-5 [95% CI]", "greedy", "cand. mass"]
     sampling = "sampling_tv_t1" in rows[0]
     if sampling:
         header += ["TV T=1", "TV T=0.7 top_p=0.9", "mass_bias"]
     cells = []
     for row in rows:
         cell = [str(row["n_probes"]), f"{100 * row['scored_fraction']:.1f}%"]
-        cell += [
-            f"{100 * row[key]:.2f}%"
-            for key in (
-                "top1_containment",
-                "top5_containment",
-                "greedy_agreement",
-                "candidate_mass",
-            )
-        ]
+        for key in ("top1", "top5"):
+            low, high = row[f"{key}_interval"]
+            share = row[f"{key}_containment"]
+            cell.append(f"{100 * share:.2f}% [{100 * low:.2f}, {100 * high:.2f}]")
+        cell += [f"{100 * row[key]:.2f}%" for key in ("greedy_agreement", "candidate_mass")]
         if sampling:
             for key in SAMPLING_SETTINGS:
                 digits = decimals(row[f"{key}_stderr"])

@@ -18,7 +18,7 @@ COMMANDS = {
 }
 # The offline pipeline and the measurements: libraries the commands call.
 LIBRARY = {
-    "pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf",
+    "pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf", "suite",
     "mlx_lm_commands",
 }
 # What a FlashHead needs at run time: it knows nothing of the pipeline or the commands. The

@@ -1,0 +1,181 @@
+"""The frozen evaluation suite (``flashhead_mlx/data/suite``, described in docs/suite.md): texts
+by domain, split once into a development part (tune and decide on it) and a held-out part (report
+on it), and chat prompts whose positions are the model's own dense greedy replies.
+
+``manifest.json`` lists every file with its domain, split, source, licence and SHA-256.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from .calibration import DATA_DIR
+from .model_head import final_hidden_states
+from .patch import is_patched, patch, unpatch
+
+SUITE_DIR = DATA_DIR / "suite"
+MANIFEST = SUITE_DIR / "manifest.json"
+SPLITS = ("dev", "held-out")
+# The domain whose files are prompts: its positions are the model's own replies.
+CHAT = "chat"
+# Where the dense replies are cached, by model fingerprint.
+CHAT_CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "chat"
+# Tokens of reply generated per prompt.
+REPLY_TOKENS = 256
+# Prompts per batch_generate call (mlx-lm's own completion batch size).
+REPLY_BATCH = 32
+# Files of a model folder that decide its dense replies (config.json without FlashHead's keys).
+FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+FLASHHEAD_CONFIG_KEYS = ("flashhead", "model_file")
+
+
+def manifest() -> dict:
+    """The suite's manifest: ``files`` maps each file (relative to :data:`SUITE_DIR`) to its
+    ``domain``, ``split``, ``source``, ``licence`` and ``sha256``."""
+    return json.loads(MANIFEST.read_text())
+
+
+def suite_files(split: str = "held-out") -> Dict[str, List[Path]]:
+    """The suite's files of ``split`` (``dev``, ``held-out`` or ``all``) by domain, in order."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}, all")
+    domains: Dict[str, List[Path]] = {}
+    for name, entry in sorted(manifest()["files"].items()):
+        if split in ("all", entry["split"]):
+            domains.setdefault(entry["domain"], []).append(SUITE_DIR / name)
+    return dict(sorted(domains.items(), key=lambda item: (item[0] == CHAT, item[0])))
+
+
+def read_text(paths: Sequence[Path]) -> str:
+    """The texts of ``paths``, one after the other, a blank line between them."""
+    return "\n\n".join(Path(p).read_text().strip("\n") for p in paths)
+
+
+def read_prompts(paths: Sequence[Path]) -> List[str]:
+    """The prompts of ``paths``: one per non-empty line."""
+    prompts = [line.strip() for p in paths for line in Path(p).read_text().splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"no prompts in {', '.join(map(str, paths))}")
+    return prompts
+
+
+def model_fingerprint(folder: Path) -> str:
+    """SHA-256 of what decides a model folder's dense replies: its weights, tokenizer and chat
+    template, and its ``config.json`` without FlashHead's entries (so clustering or tuning the
+    head again keeps the fingerprint)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    config = json.loads((folder / "config.json").read_text())
+    for key in FLASHHEAD_CONFIG_KEYS:
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    names = sorted(p.name for p in folder.glob("model*.safetensors"))
+    names += [n for n in FINGERPRINT_FILES if (folder / n).is_file()]
+    for name in names:
+        digest.update(name.encode())
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def chat_prompt_tokens(tokenizer, prompt: str) -> List[int]:
+    """``prompt`` as a user turn through the model's chat template, ready for the reply."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the model's tokenizer has no chat template: chat prompts need one")
+    messages = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def dense_replies(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    fingerprint: str,
+    max_tokens: Optional[int] = None,
+    cache_dir: Optional[Path] = None,
+) -> Tuple[List[List[int]], List[bool]]:
+    """The model's dense greedy replies to ``prompts`` through its chat template (mlx-lm's
+    ``batch_generate``, FlashHead taken off for it and put back), cached under ``cache_dir``
+    (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`),
+    the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
+
+    Returns the reply tokens (without the stop token) and whether each reply stopped on a stop
+    token (else it ran to ``max_tokens``).
+    """
+    from mlx_lm import batch_generate
+
+    max_tokens = max_tokens or REPLY_TOKENS
+    key = hashlib.sha256(json.dumps([list(prompts), max_tokens]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        return cached["replies"], cached["stopped"]
+    tokens = [chat_prompt_tokens(tokenizer, p) for p in prompts]
+    replies, texts = [], []
+    patched = is_patched(model)
+    if patched:
+        unpatch(model)
+    try:
+        for start in tqdm(range(0, len(tokens), REPLY_BATCH), desc="Dense chat replies"):
+            response = batch_generate(
+                model,
+                tokenizer,
+                tokens[start : start + REPLY_BATCH],
+                max_tokens=max_tokens,
+                return_token_ids=True,
+            )
+            replies += [list(map(int, r)) for r in response.token_ids]
+            texts += response.texts
+    finally:
+        if patched:
+            patch(model)
+    stopped = [len(r) < max_tokens for r in replies]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "prompts": list(prompts),
+        "max_tokens": max_tokens,
+        "replies": replies,
+        "stopped": stopped,
+        "texts": texts,
+    }
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    partial.rename(path)
+    return replies, stopped
+
+
+def chat_hidden_states(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    replies: Sequence[Sequence[int]],
+    stopped: Sequence[bool],
+    max_tokens: Optional[int] = None,
+) -> mx.array:
+    """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``:
+    for each prompt, from its last token (which predicts the reply's first token) to the reply's
+    last token when the reply stopped there (it predicts the stop token), else to the one before.
+    At most ``max_tokens`` positions, taken in prompt order."""
+    states, count = [], 0
+    for prompt, reply, stop in tqdm(
+        list(zip(prompts, replies, stopped)), desc="Chat replies forward"
+    ):
+        if max_tokens is not None and count >= max_tokens:
+            break
+        tokens = chat_prompt_tokens(tokenizer, prompt)
+        start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
+        h = final_hidden_states(model, mx.array([tokens + list(reply)]))[0, start:end]
+        h = h.astype(mx.float32)
+        mx.eval(h)
+        states.append(h)
+        count += h.shape[0]
+    hidden = mx.concatenate(states)
+    return hidden if max_tokens is None else hidden[:max_tokens]
+
