@@ -130,8 +130,9 @@ def reexec_with_openblas(argv: List[str]) -> None:
     say in one line on the standard error which BLAS runs."""
     if not sys.platform.startswith("linux"):
         return
-    if blas_name() != REFERENCE:
-        print(f"[INFO] BLAS: {blas_name()}, preloaded for MLX's CPU matmuls", file=sys.stderr)
+    name = blas_name()
+    if name != REFERENCE:
+        print(f"[INFO] BLAS: {name}, preloaded for MLX's CPU matmuls", file=sys.stderr)
         return
     library, env, notes = choose_openblas()
     if library is None:
