@@ -36,7 +36,7 @@ def main() -> None:
         sys.exit(f"flashhead-mlx: unknown subcommand {subcommand!r}; choose from {list(SUBCOMMANDS)}")
     # "import-assets" is import_assets.py; MODULES names the others that differ.
     module = f"flashhead_mlx.{MODULES.get(subcommand, subcommand.replace('-', '_'))}"
-    reexec_with_openblas(["-m", module, *sys.argv[2:]])
+    reexec_with_openblas(["-m", "flashhead_mlx.cli", *sys.argv[1:]])
     sys.argv = [f"flashhead-mlx {subcommand}", *sys.argv[2:]]
     importlib.import_module(module).main()
 

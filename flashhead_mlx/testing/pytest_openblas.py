@@ -1,5 +1,6 @@
 """A pytest plugin (``-p flashhead_mlx.testing.pytest_openblas``, set in pyproject.toml) that
-re-executes pytest with the system OpenBLAS preloaded, before pytest captures any output."""
+re-executes pytest with the commands' fast OpenBLAS preloaded (:mod:`flashhead_mlx.blas`),
+before pytest captures any output."""
 
 import sys
 

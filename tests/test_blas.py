@@ -1,0 +1,91 @@
+"""The BLAS that MLX's CPU matmuls run with on Linux (flashhead_mlx/blas.py).
+
+``test_fresh_machine`` is also CI's fresh-machine step: a tiny conversion with the system OpenBLAS
+ignored (``FLASHHEAD_OPENBLAS=0``) and an empty ``HOME`` must run on the OpenBLAS that the
+project's own install brought, far faster than MLX's bundled reference BLAS."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from flashhead_mlx import blas
+
+LINUX_X86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+needs_wheel = pytest.mark.skipif(
+    not LINUX_X86, reason="the cpu extra brings an OpenBLAS on Linux x86_64 only"
+)
+
+# GFLOP/s of a 512^3 float32 matmul (best of 5) under the BLAS that reexec_with_openblas picks.
+MATMUL_SPEED = """
+import sys, time
+from flashhead_mlx.blas import reexec_with_openblas
+reexec_with_openblas(sys.argv)
+import mlx.core as mx
+a, b = mx.random.normal((512, 512)), mx.random.normal((512, 512))
+mx.eval(a @ b)
+seconds = []
+for _ in range(5):
+    start = time.perf_counter()
+    mx.eval(a @ b)
+    seconds.append(time.perf_counter() - start)
+print(2 * 512**3 / min(seconds) / 1e9)
+"""
+
+
+def matmul_gflops(env: dict, tmp_path) -> float:
+    script = tmp_path / "matmul_speed.py"
+    script.write_text(MATMUL_SPEED)
+    run = subprocess.run(
+        [sys.executable, str(script)], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    return float(run.stdout.split()[-1])
+
+
+@needs_wheel
+def test_the_wheel_comes_first_and_the_switch_ignores_the_system(monkeypatch):
+    monkeypatch.delenv("FLASHHEAD_OPENBLAS", raising=False)
+    library, env, notes = blas.choose_openblas()
+    assert library == blas.wheel_openblas() is not None, notes
+    assert env["LD_PRELOAD"].split(":")[0] == str(library)
+    assert str(blas.LINK_DIR) in env["LD_LIBRARY_PATH"].split(":")
+
+    monkeypatch.setattr(blas, "wheel_openblas", lambda: None)
+    assert blas.choose_openblas()[0] == blas.system_openblas()
+    monkeypatch.setenv("FLASHHEAD_OPENBLAS", "0")
+    assert blas.choose_openblas()[0] is None
+    monkeypatch.setenv("FLASHHEAD_OPENBLAS", "none")
+    monkeypatch.setattr(blas, "wheel_openblas", lambda: pytest.fail("none preloads nothing"))
+    assert blas.choose_openblas()[0] is None
+
+
+@needs_wheel
+def test_a_wheel_library_that_does_not_load_is_passed_over(monkeypatch, tmp_path):
+    broken = tmp_path / "libopenblas.so.0"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setattr(blas, "wheel_openblas", lambda: broken)
+    monkeypatch.setenv("FLASHHEAD_OPENBLAS", "0")
+    library, _, notes = blas.choose_openblas()
+    assert library is None and "does not load" in notes[0]
+
+
+@needs_wheel
+def test_fresh_machine(tiny_llama, tmp_path):
+    fresh = {"FLASHHEAD_OPENBLAS": "0", "HOME": str(tmp_path / "home"), "LD_PRELOAD": "", "LD_LIBRARY_PATH": ""}
+    out = tmp_path / "out"
+    result = run_cli("convert", "--model", str(tiny_llama), "--output", str(out),
+                     "--calibration-tokens", "256", "--n-probes", "5", env=fresh)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["flashhead"]["assets_file"]
+    blas_lines = [line for line in result.stderr.splitlines() if "BLAS:" in line]
+    assert blas_lines == [f"[INFO] BLAS: OpenBLAS from the {blas.WHEEL} wheel, preloaded for MLX's CPU matmuls"]
+
+    fast = matmul_gflops(fresh, tmp_path)
+    reference = matmul_gflops({**fresh, "FLASHHEAD_OPENBLAS": "none"}, tmp_path)
+    assert fast > 3 * reference, f"{fast:.1f} GFLOP/s with the wheel's OpenBLAS, {reference:.1f} without"
