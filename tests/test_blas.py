@@ -2,7 +2,9 @@
 
 ``test_fresh_machine`` is also CI's fresh-machine step: a tiny conversion with the system OpenBLAS
 ignored (``FLASHHEAD_OPENBLAS=0``) and an empty ``HOME`` must run on the OpenBLAS that the
-project's own install brought, far faster than MLX's bundled reference BLAS."""
+project's own install brought: the process that runs MLX's matmuls has the wheel's OpenBLAS
+mapped, and without preloading it has none (the speed ratio is in docs/setup.md: a timed
+assertion here would fail on a loaded machine)."""
 
 import json
 import os
@@ -20,32 +22,28 @@ needs_wheel = pytest.mark.skipif(
     not LINUX_X86, reason="the cpu extra brings an OpenBLAS on Linux x86_64 only"
 )
 
-# GFLOP/s of a 512^3 float32 matmul (best of 5) under the BLAS that reexec_with_openblas picks.
-MATMUL_SPEED = """
-import sys, time
+# The shared libraries mapped in a process that ran a float32 matmul, under the BLAS that
+# reexec_with_openblas picks.
+MAPPED_AFTER_MATMUL = """
+import sys
 from flashhead_mlx.blas import reexec_with_openblas
 reexec_with_openblas(sys.argv)
 import mlx.core as mx
-a, b = mx.random.normal((512, 512)), mx.random.normal((512, 512))
-mx.eval(a @ b)
-seconds = []
-for _ in range(5):
-    start = time.perf_counter()
-    mx.eval(a @ b)
-    seconds.append(time.perf_counter() - start)
-print(2 * 512**3 / min(seconds) / 1e9)
+a = mx.random.normal((256, 256))
+mx.eval(a @ a)
+print(open("/proc/self/maps").read())
 """
 
 
-def matmul_gflops(env: dict, tmp_path) -> float:
-    script = tmp_path / "matmul_speed.py"
-    script.write_text(MATMUL_SPEED)
+def mapped_libraries(env: dict, tmp_path) -> set:
+    script = tmp_path / "mapped.py"
+    script.write_text(MAPPED_AFTER_MATMUL)
     run = subprocess.run(
         [sys.executable, str(script)], env={**os.environ, **env},
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    return float(run.stdout.split()[-1])
+    return {os.path.realpath(line.split()[-1]) for line in run.stdout.splitlines() if ".so" in line}
 
 
 @needs_wheel
@@ -86,6 +84,8 @@ def test_fresh_machine(tiny_llama, tmp_path):
     blas_lines = [line for line in result.stderr.splitlines() if "BLAS:" in line]
     assert blas_lines == [f"[INFO] BLAS: OpenBLAS from the {blas.WHEEL} wheel, preloaded for MLX's CPU matmuls"]
 
-    fast = matmul_gflops(fresh, tmp_path)
-    reference = matmul_gflops({**fresh, "FLASHHEAD_OPENBLAS": "none"}, tmp_path)
-    assert fast > 3 * reference, f"{fast:.1f} GFLOP/s with the wheel's OpenBLAS, {reference:.1f} without"
+    wheel = str(blas.wheel_openblas().resolve())
+    assert wheel in mapped_libraries(fresh, tmp_path)
+    # numpy's own OpenBLAS (scipy_openblas: prefixed names) may be mapped; no cblas_* one is.
+    plain = mapped_libraries({**fresh, "FLASHHEAD_OPENBLAS": "none"}, tmp_path)
+    assert not [p for p in plain if "libopenblas" in p and "scipy_openblas" not in p], plain
