@@ -215,3 +215,19 @@ def test_generate_command_verifies(converted):
     assert default.returncode == 0, default.stderr
     assert "verified greedy (K=8," in default.stdout
     assert generated_text(default.stdout) == expected
+
+
+REAL_PROMPTS = ["Once upon a time", "The three laws of robotics are", "def add(a, b):"]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_verified_greedy_is_dense_on_real_models(name, request):
+    """Two probes of random clusters: FlashHead's own text differs, the verified one must not."""
+    dense, model, tokenizer = flash_pair(request.getfixturevalue(f"{name}_dir"))
+    differs = 0
+    for text in REAL_PROMPTS:
+        prompt = mx.array(tokenizer.encode(text))
+        expected, _ = run(dense, prompt, 10)
+        assert run(model, prompt, 10, flashhead_verify=4)[0] == expected, text
+        differs += run(model, prompt, 10, flashhead_verify=0)[0] != expected
+    assert differs == len(REAL_PROMPTS)
