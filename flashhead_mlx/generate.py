@@ -1,7 +1,8 @@
 """Generate text with mlx-lm's ``generate`` command through FlashHead's decode route.
 
 ``flashhead-mlx generate`` takes every flag of ``mlx_lm.generate`` plus ``--flashhead/--no-flashhead``,
-``--n-probes`` and ``--flashhead-draft``: it runs mlx-lm's own ``main`` with its parser, loader,
+``--n-probes``, ``--flashhead-draft`` and ``--flashhead-verify [K]`` (greedy decoding verified by
+the dense head, K tokens at a time): it runs mlx-lm's own ``main`` with its parser, loader,
 ``make_sampler`` and ``generate`` replaced by ours (:mod:`flashhead_mlx.generation`).
 
 The library never imports this module: importing it would make ``flashhead_mlx.generate`` this
@@ -11,7 +12,7 @@ module instead of the function (the trap of ``mlx_lm.generate``).
 import argparse
 
 from .generation import MLX_GENERATE, generate, with_globals
-from .mlx_lm_commands import Loader, add_flashhead_arguments
+from .mlx_lm_commands import Loader, add_flashhead_arguments, add_verify_argument
 from .sample_utils import make_sampler
 
 
@@ -20,7 +21,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = MLX_GENERATE.setup_arg_parser()
     parser.prog = "flashhead-mlx generate"
     parser.description = "Generate text with mlx-lm, the model's head replaced by its FlashHead."
-    return add_flashhead_arguments(parser)
+    return add_verify_argument(add_flashhead_arguments(parser))
 
 
 def main() -> None:

@@ -8,6 +8,12 @@ processors' ``biased_tokens`` around each step of mlx-lm's loops only, never acr
 the caller's own model calls between two steps get the exact dense logits. ``generate``,
 ``stream_generate`` and ``batch_generate`` are mlx-lm's functions run with ours in place of the
 functions they call (:func:`with_globals`), so nothing of mlx-lm is patched.
+
+``generate_step`` (and so ``stream_generate`` and ``generate``) takes ``flashhead_verify=K``:
+greedy decoding verified by the dense head ``K`` tokens at a time
+(:func:`flashhead_mlx.verified.verified_generate_step`), also the default of a model loaded
+with ``load(..., flashhead={"verify": K})``. The other functions do not verify: they raise a
+``ValueError`` for a model whose default is verified.
 """
 
 import importlib
@@ -21,6 +27,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .decode import DecodeContext, batch_context, in_context, make_context, settings_context
+from .verified import verified_generate_step, verify_block
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 generation_stream = MLX_GENERATE.generation_stream
@@ -35,6 +42,15 @@ def with_globals(fn: Callable, **names) -> Callable:
     )
     copy.__kwdefaults__ = fn.__kwdefaults__
     return copy
+
+
+def unverified(model: nn.Module, what: str) -> None:
+    """A ``ValueError`` when ``model``'s default is verified decoding, which ``what`` lacks."""
+    if verify_block(model):
+        raise ValueError(
+            f"FlashHead's verified decoding does not run with {what}: load the model without "
+            "the verify option (or call flashhead_mlx.verified.set_verification(model, None))"
+        )
 
 
 def in_steps(steps: Iterator, context: Optional[DecodeContext]) -> Generator:
@@ -68,9 +84,32 @@ def generate_step(
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     input_embeddings: Optional[mx.array] = None,
+    flashhead_verify: Optional[int] = None,
 ) -> Generator[Tuple[mx.array, mx.array], None, None]:
     """``mlx_lm.generate_step``: a generator of ``(token, logprobs)``, each step told the
-    sampler's temperature and the processors' biased tokens. Takes mlx-lm's arguments."""
+    sampler's temperature and the processors' biased tokens. Takes mlx-lm's arguments, plus
+    ``flashhead_verify`` (int, optional): verify greedy decoding with the dense head, this many
+    tokens at a time (``0``: unverified). Default: the model's (``load``'s ``verify`` option)."""
+    block = verify_block(model, flashhead_verify)
+    if block:
+        if input_embeddings is not None:
+            raise ValueError("FlashHead's verified decoding does not take input_embeddings")
+        return verified_generate_step(
+            prompt,
+            model,
+            stream,
+            block=block,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            max_kv_size=max_kv_size,
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            prompt_progress_callback=prompt_progress_callback,
+        )
     steps = MLX_GENERATE.generate_step(
         prompt,
         model,
@@ -108,7 +147,9 @@ def speculative_generate_step(
 ) -> Generator[Tuple[mx.array, mx.array, bool], None, None]:
     """``mlx_lm.generate.speculative_generate_step``: a generator of ``(token, logprobs,
     from_draft)``, each step (drafts and verification) told the sampler's temperature and the
-    processors' biased tokens. Takes mlx-lm's arguments."""
+    processors' biased tokens. Takes mlx-lm's arguments; a ``ValueError`` for a model whose
+    default is verified decoding (:func:`unverified`)."""
+    unverified(model, "a draft model")
     steps = MLX_GENERATE.speculative_generate_step(
         prompt,
         model,
@@ -137,7 +178,8 @@ def stream_generate(
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """``mlx_lm.stream_generate`` (speculative with ``draft_model``) over :func:`generate_step`
-    and :func:`speculative_generate_step`: yields mlx-lm's ``GenerationResponse``."""
+    and :func:`speculative_generate_step`: yields mlx-lm's ``GenerationResponse``.
+    ``flashhead_verify=K`` verifies greedy decoding (:func:`generate_step`)."""
     run = with_globals(
         MLX_GENERATE.stream_generate,
         generate_step=generate_step,
@@ -214,6 +256,7 @@ class BatchGenerator(MLX_GENERATE.BatchGenerator):
             max_kv_size=max_kv_size,
             stream=stream,
         )
+        unverified(model, "batches (BatchGenerator, batch_generate)")
         self._prompt_batch = PromptBatch.empty(
             self.model, self.sampler, prefill_step_size=prefill_step_size
         )

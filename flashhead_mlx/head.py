@@ -86,6 +86,8 @@ class FlashHead(nn.Module):
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
         self.softcap = softcap
+        # Verified decoding's default and counts (flashhead_mlx.verified.Verification), or None.
+        self.verification = None
         self.freeze()
 
     @classmethod

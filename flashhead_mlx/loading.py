@@ -15,11 +15,12 @@ from .assets import (
     save_assets,
 )
 from .model_head import head_module
-from .patch import apply_flashhead, disabled
+from .patch import apply_flashhead, disabled, is_patched
 from .pipeline import cluster_model
+from .verified import DEFAULT_BLOCK, set_verification
 
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "clusters"
-LOAD_OPTIONS = ("convert", "n_probes")
+LOAD_OPTIONS = ("convert", "n_probes", "verify")
 
 
 def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -82,7 +83,9 @@ def load(
     Args:
         flashhead (bool or dict): ``False`` loads the dense head. A dict sets options:
             ``{"convert": True}`` clusters a folder without assets on the fly (cached under
-            ``~/.cache/flashhead-mlx/clusters``), ``{"n_probes": 256}`` overrides the probes.
+            ``~/.cache/flashhead-mlx/clusters``), ``{"n_probes": 256}`` overrides the probes,
+            ``{"verify": 8}`` makes greedy decoding verified by the dense head 8 tokens at a
+            time the default of FlashHead's ``generate`` functions (``True``: the default K).
             Default: ``True`` (FlashHead when the folder has assets, dense otherwise).
         n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
     """
@@ -119,4 +122,6 @@ def load(
                 f"{path_or_hf_repo} has no FlashHead assets: loaded with its dense head "
                 "(convert it with `flashhead-mlx convert`, or pass flashhead={'convert': True})"
             )
+    if options.get("verify") and is_patched(model):
+        set_verification(model, DEFAULT_BLOCK if options["verify"] is True else options["verify"])
     return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -9,6 +9,7 @@ from typing import Dict, Iterator, Optional
 
 from .loading import load
 from .patch import describe_head
+from .verified import DEFAULT_BLOCK
 
 
 def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,18 +35,40 @@ def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     return parser
 
 
+def add_verify_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--flashhead-verify [K]`` (greedy decoding verified by the dense head) and return
+    the parser."""
+    parser.add_argument(
+        "--flashhead-verify",
+        type=int,
+        nargs="?",
+        const=DEFAULT_BLOCK,
+        default=None,
+        metavar="K",
+        help="Verify FlashHead's greedy tokens with the dense head, K at a time (default K: "
+        f"{DEFAULT_BLOCK}): the output is the dense head's. Greedy only.",
+    )
+    return parser
+
+
 class Loader:
     """``mlx_lm.load`` for mlx-lm's commands: the main model gets its FlashHead (``--flashhead``,
     ``--n-probes``), a draft model keeps its own head unless ``--flashhead-draft``.
 
     mlx-lm loads the main model with ``return_config=True`` and a draft model by its path alone,
-    which tells them apart even when both are the same folder. ``heads`` holds a ``Head: ...``
-    line for each, which is also logged.
+    which tells them apart even when both are the same folder. The main model is verified with
+    ``--flashhead-verify``. ``heads`` holds a ``Head: ...`` line for each (as of now: verified
+    decoding's counts grow as it runs), which is also logged at load.
     """
 
     def __init__(self, args: Optional[argparse.Namespace] = None):
         self.args = args
-        self.heads: Dict[str, str] = {}
+        self.models: Dict[str, tuple] = {}
+
+    @property
+    def heads(self) -> Dict[str, str]:
+        """A ``Head: ...`` line for each model loaded (``Head``, ``Draft head``)."""
+        return {label: f"{label}: {describe_head(*model)}" for label, model in self.models.items()}
 
     def __call__(self, path_or_hf_repo: str, *args, **kwargs):
         draft = not kwargs.get("return_config", False)
@@ -54,10 +77,12 @@ class Loader:
             result = load(path_or_hf_repo, *args, flashhead=requested, **kwargs)
         else:
             requested = self.args.flashhead
+            verify = getattr(self.args, "flashhead_verify", None)
+            flashhead = {"verify": verify} if requested and verify else requested
             n_probes = self.args.n_probes
-            result = load(path_or_hf_repo, *args, flashhead=requested, n_probes=n_probes, **kwargs)
+            result = load(path_or_hf_repo, *args, flashhead=flashhead, n_probes=n_probes, **kwargs)
         label = "Draft head" if draft else "Head"
-        self.heads[label] = f"{label}: {describe_head(result[0], requested)}"
+        self.models[label] = (result[0], requested)
         logging.info(self.heads[label])
         return result
 

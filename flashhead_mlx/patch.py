@@ -75,13 +75,15 @@ def is_patched(model: nn.Module) -> bool:
 
 def describe_head(model, requested: bool = True) -> str:
     """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 10.0%
-    of the vocabulary scored)`` or ``dense``; ``requested``: whether a FlashHead was asked for."""
+    of the vocabulary scored)`` (with ``, verified greedy (K=8, 12.5 rollbacks per 1000
+    tokens)`` in verified mode) or ``dense``; ``requested``: whether a FlashHead was asked for."""
     if is_patched(model):
         head = flash_head(model)
         scored = scored_fraction(head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size)
+        verified = "" if head.verification is None else f", {head.verification.describe()}"
         return (
             f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
-            f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored)"
+            f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored){verified}"
         )
     if requested and disabled():
         return "dense (FLASHHEAD_DISABLE is set)"

@@ -51,7 +51,8 @@ GLOBALS = {
     "mlx_lm.generate.batch_generate": ["BatchGenerator"],
     "mlx_lm.generate.main": ["setup_arg_parser", "load", "make_sampler", "generate"],
 }
-# Functions of the route whose signature is mlx-lm's.
+# Functions of the route whose signature is mlx-lm's (plus FlashHead's own ``flashhead_*``
+# keyword arguments, e.g. ``generate_step``'s ``flashhead_verify``).
 SIGNATURES = {
     "mlx_lm.generate.generate_step": generation.generate_step,
     "mlx_lm.generate.speculative_generate_step": generation.speculative_generate_step,
@@ -75,7 +76,12 @@ def lookup(modules: dict, path: str):
 
 
 def parameters(fn) -> list:
-    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    """``fn``'s parameters, FlashHead's own ``flashhead_*`` ones left out."""
+    return [
+        (p.name, p.kind, p.default)
+        for p in inspect.signature(fn).parameters.values()
+        if not p.name.startswith("flashhead_")
+    ]
 
 
 def closure(fn) -> dict:

@@ -1,0 +1,267 @@
+"""Verified greedy decoding: FlashHead's tokens checked by the dense head, a block at a time.
+
+The body's hidden states do not depend on the head, so a block of ``K`` tokens decoded with the
+FlashHead can be checked afterwards by one dense head pass over their ``K`` stored hidden
+states. At the first position whose dense argmax differs from FlashHead's token, the tokens
+before it and the dense token are kept, the caches are rolled back to just after it, and decoding
+continues from there. Nothing unverified is yielded, and the log-probabilities yielded are the
+dense ones of the verify pass: the output is the dense head's.
+
+Caches: ``KVCache`` and ``QuantizedKVCache`` are trimmed. A ``RotatingKVCache`` overwrites its
+oldest slot in place once full, so before a block's steps overwrite slots, evaluated copies of
+those slots are saved (at most ``K - 1`` per layer) and written back on rollback. Other caches
+(``ArraysCache`` of hybrid models, ...) cannot be rolled back: a ``ValueError``.
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+from .decode import in_context, sampler_temperature, settings_context
+from .head import FlashHead
+from .model_head import final_hidden_states
+from .patch import flash_head, is_patched
+
+MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
+DEFAULT_BLOCK = 8
+CACHES = (KVCache, QuantizedKVCache, RotatingKVCache)
+
+
+@dataclass
+class Verification:
+    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check, and the
+    verified ``tokens`` yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
+
+    block: int = DEFAULT_BLOCK
+    tokens: int = 0
+    rollbacks: int = 0
+
+    def describe(self) -> str:
+        """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)``."""
+        rate = 1000 * self.rollbacks / self.tokens if self.tokens else 0.0
+        return f"verified greedy (K={self.block}, {rate:.1f} rollbacks per 1000 tokens)"
+
+
+def set_verification(model: nn.Module, block: Optional[int] = DEFAULT_BLOCK) -> None:
+    """Make verified decoding the default of ``model``'s FlashHead, ``block`` tokens per dense
+    check (``None`` or ``0``: off), for :mod:`flashhead_mlx.generation`'s functions."""
+    flash_head(model).verification = Verification(block) if block else None
+
+
+def verify_block(model: nn.Module, flashhead_verify: Optional[int] = None) -> Optional[int]:
+    """The block size of a generation call: ``flashhead_verify`` when given (``0``: off), else
+    the default of ``model``'s FlashHead (:func:`set_verification`); ``None``: unverified."""
+    if flashhead_verify is not None:
+        if flashhead_verify < 0:
+            raise ValueError(f"flashhead_verify must be >= 0, got {flashhead_verify}")
+        if flashhead_verify:
+            flash_head(model)  # a clear error for a model without one
+        return flashhead_verify or None
+    verification = flash_head(model).verification if is_patched(model) else None
+    return None if verification is None else verification.block
+
+
+@dataclass
+class RotatingCheckpoint:
+    """What undoing the next single-token updates of a ``RotatingKVCache`` needs: its offset,
+    each update's ``(index before, slot written)``, and copies of the slots it overwrites."""
+
+    offset: int
+    writes: List[Tuple[int, int]]
+    slots: List[int]
+    keys: mx.array
+    values: mx.array
+
+
+def checkpoint(cache: RotatingKVCache, steps: int) -> RotatingCheckpoint:
+    """Save what the next ``steps`` single-token updates of ``cache`` overwrite (its buffer is at
+    most ``max_size`` long, as after any single-token update)."""
+    writes, index = [], cache._idx
+    for _ in range(steps):
+        slot = cache.keep if index == cache.max_size else index
+        writes.append((index, slot))
+        index = slot + 1
+    slots = sorted({slot for _, slot in writes if slot < cache.keys.shape[2]})
+    positions = mx.array(slots, mx.int32)
+    keys, values = (mx.take(a, positions, axis=2) for a in (cache.keys, cache.values))
+    mx.eval(keys, values)  # evaluated now: the updates then overwrite the buffer in place
+    return RotatingCheckpoint(cache.offset, writes, slots, keys, values)
+
+
+def rewind(cache: RotatingKVCache, saved: RotatingCheckpoint, n: int) -> None:
+    """Undo the last ``n`` of the updates ``saved`` was made for (all of them were made)."""
+    if n == 0:
+        return
+    undone = saved.writes[len(saved.writes) - n :]
+    for slot in {slot for _, slot in undone} & set(saved.slots):
+        i = saved.slots.index(slot)
+        cache.keys[..., slot : slot + 1, :] = saved.keys[..., i : i + 1, :]
+        cache.values[..., slot : slot + 1, :] = saved.values[..., i : i + 1, :]
+    cache.offset = saved.offset + len(saved.writes) - n
+    cache._idx = undone[0][0]
+
+
+def roll_back(cache: List[Any], saved: dict, n: int) -> None:
+    """Remove the last ``n`` entries of every layer's cache."""
+    for layer, c in enumerate(cache):
+        if isinstance(c, RotatingKVCache):
+            rewind(c, saved[layer], n)
+        elif n:
+            c.trim(n)
+
+
+def block_size(
+    block: int, cache: List[Any], remaining: int, kv_bits: Optional[int], quantized_kv_start: int
+) -> int:
+    """The tokens of the next block: at most ``block`` and the ``remaining`` ones (``-1``: no
+    limit); a rotating cache's updates after the first must hit distinct slots; and a cache
+    that dense decoding would quantize within the block ends the block there, so that the
+    quantization happens at the offset where dense decoding does it."""
+    k = block if remaining < 0 else min(block, remaining)
+    for c in cache:
+        if isinstance(c, RotatingKVCache):
+            k = min(k, c.max_size - c.keep + 1)
+        elif kv_bits is not None and hasattr(c, "to_quantized") and c.offset < quantized_kv_start:
+            k = min(k, quantized_kv_start - c.offset)
+    return max(k, 1)
+
+
+def process(processors: Optional[list], tokens: Optional[mx.array], logits: mx.array) -> mx.array:
+    """``logits`` through the logits processors, which see the ``tokens`` so far."""
+    for processor in processors or ():
+        logits = processor(tokens, logits)
+    return logits
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """mlx-lm's log-probabilities: ``logits - logsumexp(logits)`` over the vocabulary."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def verify(
+    model: nn.Module,
+    head: FlashHead,
+    cache: List[Any],
+    token: mx.array,
+    k: int,
+    sampler: Callable,
+    processors: Optional[list],
+    tokens: Optional[mx.array],
+) -> Tuple[List[int], mx.array, bool]:
+    """One block: ``k`` FlashHead steps from ``token`` (the last one, not yet in the cache),
+    then one dense pass over their hidden states.
+
+    Returns the verified tokens (FlashHead's up to the first it got wrong, then the dense one),
+    their dense log-probabilities ``[n, V]``, and whether a token was corrected; the caches
+    hold the entries of the tokens before the last verified one.
+    """
+    context = settings_context([sampler], [processors])
+    hidden, proposed, saved = [], [], {}
+    for step in range(k):
+        h = final_hidden_states(model, token[None], cache)
+        if step == 0:
+            saved = {i: checkpoint(c, k - 1) for i, c in enumerate(cache)
+                     if isinstance(c, RotatingKVCache)}
+        if processors:
+            tokens = mx.concatenate([tokens, token])
+        with in_context(context):
+            logits = head(h)[:, -1, :]
+        token = sampler(log_softmax(process(processors, tokens, logits)))
+        mx.async_eval(token)
+        hidden.append(h)
+        proposed.append(token)
+    logits = head.dense_logits(mx.concatenate(hidden, axis=1))[0]
+    if processors:  # row i sees the tokens up to the one it was computed from
+        rows = tokens.size - k + 1
+        logits = mx.concatenate(
+            [process(processors, tokens[: rows + i], logits[i : i + 1]) for i in range(k)]
+        )
+    logprobs = log_softmax(logits)
+    dense = sampler(logprobs).reshape(-1).tolist()
+    flash = mx.concatenate(proposed).reshape(-1).tolist()
+    wrong = next((i for i in range(k) if dense[i] != flash[i]), None)
+    n = k if wrong is None else wrong + 1
+    roll_back(cache, saved, k - n)
+    return dense[:n], logprobs[:n], wrong is not None
+
+
+def verified_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    stream=MLX_GENERATE.generation_stream,
+    *,
+    block: int = DEFAULT_BLOCK,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    max_kv_size: Optional[int] = None,
+    prompt_cache: Optional[Any] = None,
+    prefill_step_size: int = 2048,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = MLX_GENERATE.DEFAULT_QUANTIZED_KV_START,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[Tuple[int, mx.array], None, None]:
+    """``mlx_lm.generate_step`` with FlashHead's tokens verified by the dense head, ``block``
+    at a time: a generator of ``(token, logprobs)``, exactly those of greedy dense decoding
+    (up to the rounding of a ``block``-row matrix product against a one-row one at near-ties).
+
+    Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``. Greedy only:
+    a sampler with a nonzero temperature is a ``ValueError``.
+    """
+    temperature = sampler_temperature(sampler)
+    if temperature != 0:
+        raise ValueError(
+            "FlashHead's verified decoding is greedy only for now; the sampler's temperature "
+            f"is {temperature} (pass flashhead_verify=0 to sample unverified)"
+        )
+    if block < 1:
+        raise ValueError(f"the verified block must be >= 1, got {block}")
+    head = flash_head(model)
+    verification = head.verification or Verification(block)
+    sampler = sampler or MLX_GENERATE.greedy_sampler
+    cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
+    for c in cache:
+        if not isinstance(c, CACHES):
+            raise ValueError(
+                f"FlashHead's verified decoding cannot roll back a {type(c).__name__} "
+                "(it supports KVCache, QuantizedKVCache and RotatingKVCache)"
+            )
+
+    def quantize():
+        MLX_GENERATE.maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+
+    progress = prompt_progress_callback or (lambda *_: None)
+    total = len(prompt)
+    tokens = prompt[:-1] if logits_processors else None
+    with mx.stream(stream):
+        progress(0, total)
+        for start in range(0, total - 1, prefill_step_size):
+            end = min(start + prefill_step_size, total - 1)
+            final_hidden_states(model, prompt[start:end][None], cache)
+            quantize()
+            mx.eval([c.state for c in cache])
+            progress(end, total)
+            mx.clear_cache()
+    token, n = prompt[-1:], 0
+    while n != max_tokens:
+        with mx.stream(stream):
+            k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)
+            verified, logprobs, corrected = verify(
+                model, head, cache, token, k, sampler, logits_processors, tokens
+            )
+            quantize()
+        if n == 0:
+            progress(total, total)
+        if logits_processors:
+            tokens = mx.concatenate([tokens, token, mx.array(verified[:-1], token.dtype)])
+        token = mx.array(verified[-1:], prompt.dtype)
+        verification.rollbacks += corrected
+        for i, t in enumerate(verified):
+            verification.tokens += 1
+            yield t, logprobs[i]
+        n += len(verified)
