@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flashhead_mlx.cli import MODULES, SUBCOMMANDS
-from flashhead_mlx.generate import add_flashhead_arguments
+from flashhead_mlx.generation import MLX_GENERATE
+from flashhead_mlx.mlx_lm_commands import add_flashhead_arguments
 
 CLI_DOC = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
 # generate and server are mlx-lm's commands: the page documents the flags they add.
@@ -19,11 +20,15 @@ def flags(parser: argparse.ArgumentParser) -> set:
     return {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
 
 
-def parser_of(subcommand: str) -> argparse.ArgumentParser:
-    if subcommand in SECTIONS:
-        return add_flashhead_arguments(argparse.ArgumentParser())
+def added_flags(subcommand: str) -> set:
+    """The flags of ``subcommand``; for generate and server, those they add to mlx-lm's."""
+    if subcommand == "generate":
+        command = importlib.import_module("flashhead_mlx.generate")  # the package's is a function
+        return flags(command.setup_arg_parser()) - flags(MLX_GENERATE.setup_arg_parser())
+    if subcommand == "server":
+        return flags(add_flashhead_arguments(argparse.ArgumentParser()))
     module = MODULES.get(subcommand, subcommand.replace("-", "_"))
-    return importlib.import_module(f"flashhead_mlx.{module}").setup_arg_parser()
+    return flags(importlib.import_module(f"flashhead_mlx.{module}").setup_arg_parser())
 
 
 @pytest.mark.parametrize("subcommand", SUBCOMMANDS)
@@ -32,7 +37,7 @@ def test_every_flag_is_documented(subcommand):
     assert heading in CLI_DOC, f"docs/cli.md has no section {heading.strip()!r}"
     section = CLI_DOC.split(heading)[1].split("\n## ")[0]
     missing = [
-        flag for flag in sorted(flags(parser_of(subcommand)))
+        flag for flag in sorted(added_flags(subcommand))
         if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", section)
     ]
     assert not missing, f"docs/cli.md, section {subcommand}: undocumented flags {missing}"
