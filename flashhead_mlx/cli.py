@@ -16,8 +16,9 @@ SUBCOMMANDS = {
     "tune": "Store the smallest n_probes that meets a containment target on a text.",
     "bench": "Time the dense head and the FlashHead side by side.",
 }
-# Subcommands whose module is named otherwise (``eval`` is a builtin; mlx_lm has ``evaluate``).
-MODULES = {"eval": "evaluate"}
+# Subcommands whose module is named otherwise (``eval`` is a builtin; mlx_lm has ``evaluate``;
+# ``flashhead_mlx.generate`` is the function).
+MODULES = {"eval": "evaluate", "generate": "generate_command"}
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def flags(parser: argparse.ArgumentParser) -> set:
 def added_flags(subcommand: str) -> set:
     """The flags of ``subcommand``; for generate and server, those they add to mlx-lm's."""
     if subcommand == "generate":
-        command = importlib.import_module("flashhead_mlx.generate")  # the package's is a function
+        command = importlib.import_module("flashhead_mlx.generate_command")
         return flags(command.setup_arg_parser()) - flags(MLX_GENERATE.setup_arg_parser())
     if subcommand == "server":
         return flags(add_flashhead_arguments(argparse.ArgumentParser()))

@@ -103,7 +103,7 @@ def test_quiet_output_is_the_text_alone(converted):
 
 def test_help_and_bad_flags(converted):
     result = subprocess.run(
-        [sys.executable, "-m", "flashhead_mlx.generate", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "flashhead_mlx.generate_command", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--max-tokens", "--temp", "--draft-model", "--flashhead", "--no-flashhead",
@@ -127,8 +127,7 @@ def test_python_api_example_runs(converted):
 
 def test_generate_uses_the_decode_route(converted, monkeypatch, capsys):
     """The command tells the head each step's settings itself: the fallback is never consulted."""
-    monkeypatch.setattr(flashhead_mlx, "generate", flashhead_mlx.generate)  # the import rebinds it
-    command = importlib.import_module("flashhead_mlx.generate")
+    command = importlib.import_module("flashhead_mlx.generate_command")
 
     def no_fallback(frame):
         raise AssertionError("a head call consulted the fallback")

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flashhead_mlx"
 
 # The commands: one per ``flashhead-mlx`` subcommand, plus the dispatcher. Nothing imports them.
 COMMANDS = {
-    "cli", "convert", "demo", "generate", "server", "upload", "import_assets", "evaluate",
+    "cli", "convert", "demo", "generate_command", "server", "upload", "import_assets", "evaluate",
     "tune", "bench",
 }
 # The offline pipeline and the measurements: libraries the commands call.

@@ -5,8 +5,8 @@
 the dense head, K tokens at a time): it runs mlx-lm's own ``main`` with its parser, loader,
 ``make_sampler`` and ``generate`` replaced by ours (:mod:`flashhead_mlx.generation`).
 
-The library never imports this module: importing it would make ``flashhead_mlx.generate`` this
-module instead of the function (the trap of ``mlx_lm.generate``).
+The module is not named ``generate``: ``flashhead_mlx.generate`` is the function, and importing a
+submodule of that name would rebind it (the trap of ``mlx_lm.generate``).
 """
 
 import argparse
