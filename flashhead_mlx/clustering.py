@@ -298,7 +298,7 @@ def fit_centroids(
         [hidden_states.astype(mx.float32), mx.ones((hidden_states.shape[0], 1))], axis=1
     )
     moments = mx.zeros((h.shape[1], n_clusters))
-    for i in tqdm(range(0, h.shape[0], chunk_size), desc="Fitting probes"):
+    for i in tqdm(range(0, h.shape[0], chunk_size), desc="Fitting centroids"):
         logits = h[i : i + chunk_size, :-1] @ rows.T + padding
         best = logits.reshape(-1, n_clusters, cluster_size).max(axis=-1)
         moments = moments + h[i : i + chunk_size].T @ best
