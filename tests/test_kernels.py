@@ -69,6 +69,19 @@ def store(rows: np.ndarray, dtype, bits, group_size):
     return mx.quantize(rows, group_size=group_size, bits=bits)
 
 
+def test_order_key_sorts_like_the_floats():
+    """order_key against numpy's bits: increasing along sorted floats, -0 just below +0."""
+    rng = np.random.default_rng(0)
+    special = [-np.inf, -3.4e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3.4e38, np.inf]
+    x = np.concatenate([special, rng.normal(size=1000) * 10.0 ** rng.integers(-30, 30, 1000)])
+    x = np.sort(x.astype(np.float32), kind="stable")  # -0.0 stays before 0.0
+    keys = np.array(order_key(mx.array(x))).astype(np.int64)
+    assert np.all(np.diff(keys) > 0)
+    bits = x.view(np.uint32)
+    expected = np.where(bits >= 0x80000000, ~bits, bits | np.uint32(0x80000000))
+    np.testing.assert_array_equal(keys, expected)
+
+
 def test_unpack_matches_mlx_dequantize():
     w = mx.random.normal((8, 128), key=mx.random.key(0))
     for bits in (2, 4, 8):
