@@ -60,7 +60,7 @@ def position(weight, name):
     proposal = SampledProposal(head, make_sampler(**options), processors)
     assert proposal.kind == kind
     rng = np.random.default_rng(1)
-    h = mx.array(1.5 * weight[rng.integers(VOCAB)] + rng.normal(0, 0.5, DIMS), mx.float32)
+    h = mx.array(0.6 * weight[rng.integers(VOCAB)] + rng.normal(0, 0.3, DIMS), mx.float32)
     logprobs = log_softmax(process(processors, None, h[None] @ mx.array(weight).T))
     return proposal, h, logprobs
 
