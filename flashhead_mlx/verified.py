@@ -119,11 +119,12 @@ def rewind(cache: RotatingKVCache, saved: RotatingCheckpoint, n: int) -> None:
     cache._idx = undone[0][0]
 
 
-def roll_back(cache: List[Any], saved: dict, n: int) -> None:
-    """Remove the last ``n`` entries of every layer's cache."""
+def roll_back(cache: List[Any], saved: dict, n: int, removed: int = 0) -> None:
+    """Remove the last ``n`` entries of every layer's cache, ``removed`` of the entries the
+    checkpoints ``saved`` were made for having been removed already."""
     for layer, c in enumerate(cache):
         if isinstance(c, RotatingKVCache):
-            rewind(c, saved[layer], n)
+            rewind(c, saved[layer], removed + n)
         elif n:
             c.trim(n)
 
@@ -237,8 +238,9 @@ def verify(
     then one dense pass over their hidden states.
 
     Returns the verified tokens (FlashHead's up to the first the check replaced, then its
-    replacement), their dense log-probabilities ``[n, V]``, and whether a token was replaced;
-    the caches hold the entries of the tokens before the last verified one.
+    replacement), their dense log-probabilities ``[n, V]``, whether a token was replaced, and
+    the rotating caches' checkpoints (for :func:`roll_back`); the caches hold the entries of
+    the tokens before the last verified one.
     """
     hidden, proposed, saved = [], [], {}
     proposal.start(k)
@@ -266,7 +268,7 @@ def verify(
     wrong = next((i for i in range(k) if checked[i] != flash[i]), None)
     n = k if wrong is None else wrong + 1
     roll_back(cache, saved, k - n)
-    return checked[:n], logprobs[:n], wrong is not None
+    return checked[:n], logprobs[:n], wrong is not None, saved
 
 
 def verified_generate_step(
@@ -292,7 +294,9 @@ def verified_generate_step(
     product against a one-row one at near-ties). Sampling (a sampler of
     :func:`flashhead_mlx.make_sampler`; another is a ``ValueError``): tokens distributed exactly
     as mlx-lm's sampler on the dense logits (:mod:`flashhead_mlx.acceptance`). The
-    log-probabilities are the dense ones.
+    log-probabilities are the dense ones. When the consumer stops (or ``max_tokens`` is
+    reached), ``prompt_cache`` holds the prompt and the tokens yielded, as mlx-lm's leaves it,
+    so that it can be reused (a chat's next turn, the server's prompt cache).
 
     Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``.
     """
@@ -329,11 +333,24 @@ def verified_generate_step(
             mx.eval([c.state for c in cache])
             progress(end, total)
             mx.clear_cache()
+
+    def settle(k: int, verified: List[int], saved: dict, kept: int) -> None:
+        """The consumer stops after ``kept`` of the block's ``verified`` tokens: the caches then
+        hold the prompt and exactly the tokens yielded, as after ``mlx_lm.generate_step``."""
+        with mx.stream(stream):
+            if kept == len(verified):
+                final_hidden_states(model, token[None], cache)
+                quantize()
+            else:
+                roll_back(cache, saved, len(verified) - kept - 1, k - len(verified))
+            mx.eval([c.state for c in cache])
+
     token, n = prompt[-1:], 0
+    k, verified, saved = 0, [], {}
     while n != max_tokens:
         with mx.stream(stream):
             k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)
-            verified, logprobs, corrected = verify(
+            verified, logprobs, corrected, saved = verify(
                 model, head, cache, token, k, proposal, logits_processors, tokens
             )
             quantize()
@@ -345,5 +362,10 @@ def verified_generate_step(
         verification.rollbacks += corrected
         for i, t in enumerate(verified):
             verification.tokens += 1
-            yield t, logprobs[i]
+            try:
+                yield t, logprobs[i]
+            except GeneratorExit:
+                settle(k, verified, saved, i + 1)
+                raise
         n += len(verified)
+    settle(k, verified, saved, len(verified))

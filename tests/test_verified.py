@@ -108,7 +108,9 @@ def assert_same_cache(actual, expected):
             assert a._idx == e._idx
             arrays = [(a.keys, e.keys), (a.values, e.values)]
         else:
-            arrays = [(x, y) for (_, x), (_, y) in zip(tree_flatten(a.state), tree_flatten(e.state))]
+            pairs = zip(tree_flatten([a.keys, a.values]), tree_flatten([e.keys, e.values]))
+            # The entries up to the offset: a trimmed buffer keeps stale ones after it.
+            arrays = [(x[..., : a.offset, :], y[..., : e.offset, :]) for (_, x), (_, y) in pairs]
         for x, y in arrays:
             np.testing.assert_array_equal(np.array(x), np.array(y))
 
@@ -154,7 +156,7 @@ def test_rollback_leaves_the_cache_of_incremental_dense_decoding(kind, tmp_path)
         kv_group_size=options.get("kv_group_size"),
         kv_bits=options.get("kv_bits"),
     )
-    reference = incremental_cache(dense, prompt, tokens[:-1], make_cache(dense, max_size), quantize)
+    reference = incremental_cache(dense, prompt, tokens, make_cache(dense, max_size), quantize)
     assert_same_cache(cache, reference)
 
 
@@ -164,9 +166,16 @@ def test_eos_inside_a_block_ends_where_dense_ends(tmp_path):
     eos = expected[10]
     stop = expected.index(eos)
     tokenizer._eos_token_ids = {eos}
-    responses = list(stream_generate(model, tokenizer, LONG, max_tokens=20, flashhead_verify=8))
+    cache = make_prompt_cache(model)
+    responses = list(
+        stream_generate(model, tokenizer, LONG, max_tokens=20, flashhead_verify=8, prompt_cache=cache)
+    )
     assert [r.token for r in responses] == expected[: stop + 1]
     assert responses[-1].finish_reason == "stop"
+    # The caches hold the prompt and the tokens yielded, as dense decoding leaves them.
+    dense_cache = make_prompt_cache(dense)
+    list(stream_generate(dense, tokenizer, LONG, max_tokens=20, prompt_cache=dense_cache))
+    assert_same_cache(cache, dense_cache)
 
 
 def test_unreadable_samplers_and_batches_are_refused(pair):
