@@ -2,9 +2,14 @@
 
 ``flashhead-mlx server`` runs ``mlx_lm.server``'s own ``main`` with its loader swapped for ours,
 the FlashHead flags added to its parser (``--flashhead/--no-flashhead``, ``--n-probes``,
-``--flashhead-draft``), and FlashHead's decode route in place of mlx-lm's (``BatchGenerator``,
-``stream_generate``, ``make_sampler``, ``make_logits_processors``): every request, batched or not,
-tells the head its sampling settings. Each model it loads logs a ``Head: ...`` line.
+``--flashhead-draft``, ``--flashhead-verify [K]``), and FlashHead's decode route in place of
+mlx-lm's (``BatchGenerator``, ``stream_generate``, ``make_sampler``, ``make_logits_processors``):
+every request, batched or not, tells the head its sampling settings. Each model it loads logs a
+``Head: ...`` line.
+
+Verified decoding does not batch: with ``--flashhead-verify`` the model is not batchable
+(:class:`ModelProvider`), so mlx-lm's server serves its requests one at a time through
+``stream_generate``, each verified.
 """
 
 import argparse
@@ -12,10 +17,20 @@ import importlib
 import types
 
 from .generation import BatchGenerator, stream_generate
-from .mlx_lm_commands import Loader, add_flashhead_arguments, patched
+from .mlx_lm_commands import Loader, add_flashhead_arguments, add_verify_argument, patched
 from .sample_utils import make_logits_processors, make_sampler
+from .verified import verify_block
 
 MLX_SERVER = importlib.import_module("mlx_lm.server")
+
+
+class ModelProvider(MLX_SERVER.ModelProvider):
+    """mlx-lm's model provider; a model whose default is verified decoding is not batchable,
+    so that the server serves its requests one at a time (``stream_generate``, verified)."""
+
+    def _load(self, *args, **kwargs) -> None:
+        super()._load(*args, **kwargs)
+        self.is_batchable = self.is_batchable and not verify_block(self.model)
 
 
 def main() -> None:
@@ -29,7 +44,7 @@ def main() -> None:
             super().__init__(*args, **kwargs)
             self.prog = "flashhead-mlx server"
             self.description = "Serve a model with mlx-lm's HTTP server, with its FlashHead."
-            add_flashhead_arguments(self)
+            add_verify_argument(add_flashhead_arguments(self))
 
         def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
             loader.args = super().parse_args(args, namespace)
@@ -43,7 +58,7 @@ def main() -> None:
         make_sampler=make_sampler,
         make_logits_processors=make_logits_processors,
     )
-    with patched(MLX_SERVER, argparse=shim, load=loader, **route):
+    with patched(MLX_SERVER, argparse=shim, load=loader, ModelProvider=ModelProvider, **route):
         MLX_SERVER.main()
 
 

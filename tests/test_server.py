@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,12 +39,25 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(converted, tmp_path_factory):
     """A running ``flashhead-mlx server`` on ``converted``: its base URL and log file."""
+    yield from run_server(converted, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def verified_server(converted, tmp_path_factory):
+    """The server with a FlashHead of one probe, verified 4 tokens at a time."""
+    flags = ["--n-probes", "1", "--flashhead-verify", "4"]
+    yield from run_server(converted, tmp_path_factory, *flags)
+
+
+def run_server(folder: Path, tmp_path_factory, *flags: str):
+    """Start ``flashhead-mlx server`` on ``folder`` with ``flags``, yield its base URL and log
+    file, stop it."""
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flashhead_mlx.cli", "server", "--model", str(converted),
-             "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "flashhead_mlx.cli", "server", "--model", str(folder),
+             "--host", "127.0.0.1", "--port", str(port), *flags],
             stdout=output,
             stderr=subprocess.STDOUT,
         )
@@ -88,13 +102,36 @@ def test_completion_comes_from_the_flashhead(server, converted):
     assert "Head: FlashHead (n_probes=" in log.read_text()
 
 
+def complete(url: str, prompt: str, max_tokens: int = 12) -> str:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return post(f"{url}/v1/completions", body)["choices"][0]["text"]
+
+
+def test_verified_server_completes_as_the_dense_head(verified_server, converted):
+    """With one probe the FlashHead's text differs from the dense head's; verified, the
+    server's is the dense one: repeated (the prompt cache), continued, and concurrent."""
+    url, log = verified_server
+    dense, tokenizer = mlx_lm.load(str(converted))
+    model, _ = load(str(converted), n_probes=1)
+    expected = mlx_lm.generate(dense, tokenizer, PROMPT, max_tokens=12)
+    assert mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=12) != expected
+    assert complete(url, PROMPT) == expected
+    assert complete(url, PROMPT) == expected  # from the prompt cache the first request left
+    longer = PROMPT + expected + " and"
+    assert complete(url, longer) == mlx_lm.generate(dense, tokenizer, longer, max_tokens=12)
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda _: complete(url, PROMPT), range(3)))
+    assert texts == [expected] * 3
+    assert "verified greedy (K=4" in log.read_text()
+
+
 def test_help_lists_both_flag_sets():
     result = subprocess.run(
         [sys.executable, "-m", "flashhead_mlx.server", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--port", "--draft-model", "--max-tokens", "--no-flashhead", "--n-probes",
-                 "--flashhead-draft"):
+                 "--flashhead-draft", "--flashhead-verify"):
         assert flag in result.stdout
 
 
