@@ -8,7 +8,10 @@ two (one warm-up run each first) and the medians are reported:
   FlashHead's stages on the same inputs: the centroid pass (``cluster_scores``), the selection of
   the ``n_probes`` best clusters (``top_clusters``), the gather and score of their rows
   (``cluster_logits``) and the scatter into full-vocabulary logits;
-- end to end: decode and prompt tokens/s of greedy ``flashhead_mlx.stream_generate``;
+- end to end: decode and prompt tokens/s of greedy ``flashhead_mlx.stream_generate``; with
+  ``verify_blocks``, also verified greedy decoding (:mod:`flashhead_mlx.verified`) at each K in
+  the same alternation: its decode tokens/s, the share of FlashHead's decode gain over dense it
+  keeps (``(verified - dense) / (flash - dense)``) and its rollbacks per 1000 tokens;
 - memory: resident bytes (every parameter; FlashHead's assets are parameters of its head) and the
   bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
@@ -21,11 +24,12 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.generate import GenerationResponse
 
 from .decode import decoding
 from .calibration import TUNING_TEXT
@@ -35,6 +39,7 @@ from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
+from .verified import Verification
 
 # Different hidden states the head is timed on, in turn.
 N_INPUTS = 64
@@ -143,37 +148,86 @@ def head_latency(dense, flash, tokenizer, runs: int) -> Dict[int, dict]:
     return result
 
 
-def decode_speed(models: dict, tokenizer, prompt, max_tokens: int, runs: int) -> dict:
-    """Median decode and prompt tokens/s of greedy ``stream_generate`` per model (and the tokens
-    generated), runs alternated after one warm-up run each."""
-    responses = {name: [] for name in models}
+def generation_run(
+    model: nn.Module, tokenizer, prompt, max_tokens: int, block: int
+) -> Tuple[GenerationResponse, int]:
+    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified):
+    its last response and its rollbacks (``0`` unverified)."""
+    counts = Verification(block)
+    if block:
+        flash_head(model).verification = counts
+    try:
+        for response in stream_generate(
+            model, tokenizer, prompt, max_tokens=max_tokens, flashhead_verify=block
+        ):
+            pass
+    finally:
+        if block:
+            flash_head(model).verification = None
+    return response, counts.rollbacks
+
+
+def decode_speed(
+    models: Dict[str, Tuple[nn.Module, int]], tokenizer, prompt, max_tokens: int, runs: int
+) -> dict:
+    """Median decode and prompt tokens/s of greedy ``stream_generate`` per ``name -> (model,
+    K)`` (``K``: verified ``K`` tokens at a time, ``0``: unverified), the tokens generated and
+    the rollbacks per 1000 tokens, runs alternated after one warm-up run each."""
+    results = {name: [] for name in models}
     for run in range(runs + 1):
-        for name, model in models.items():
-            for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-                pass
+        for name, (model, block) in models.items():
+            result = generation_run(model, tokenizer, prompt, max_tokens, block)
             if run:
-                responses[name].append(response)
-    return {
-        name: {
-            "decode_tok_s": statistics.median(r.generation_tps for r in runs_),
-            "prompt_tok_s": statistics.median(r.prompt_tps for r in runs_),
-            "tokens": statistics.median(r.generation_tokens for r in runs_),
-            "decode_runs": [r.generation_tps for r in runs_],
+                results[name].append(result)
+    speeds = {}
+    for name, runs_ in results.items():
+        responses = [r for r, _ in runs_]
+        tokens = sum(r.generation_tokens for r in responses)
+        speeds[name] = {
+            "decode_tok_s": statistics.median(r.generation_tps for r in responses),
+            "prompt_tok_s": statistics.median(r.prompt_tps for r in responses),
+            "tokens": statistics.median(r.generation_tokens for r in responses),
+            "decode_runs": [r.generation_tps for r in responses],
+            "rollbacks_per_1000_tokens": 1000 * sum(n for _, n in runs_) / tokens,
         }
-        for name, runs_ in responses.items()
-    }
+    return speeds
 
 
-def bench(model: str, prompt_tokens: int = 32, gen_tokens: int = 128, runs: int = 5) -> dict:
-    """Benchmark the FlashHead folder ``model`` against its dense head: the JSON object
-    ``bench --json`` writes."""
+def verified_speeds(speed: dict, blocks: Sequence[int]) -> Dict[str, dict]:
+    """Per K of ``blocks``: verified decode tokens/s, its speedup over dense, the share of
+    FlashHead's decode gain it keeps and its rollbacks per 1000 tokens."""
+    dense, flash = speed["dense"]["decode_tok_s"], speed["flash"]["decode_tok_s"]
+    result = {}
+    for block in blocks:
+        verified = speed[f"verified K={block}"]
+        tok_s = verified["decode_tok_s"]
+        result[str(block)] = {
+            "decode_tok_s": tok_s,
+            "speedup": tok_s / dense,
+            "share_of_flash_gain": (tok_s - dense) / (flash - dense) if flash != dense else None,
+            "rollbacks_per_1000_tokens": verified["rollbacks_per_1000_tokens"],
+        }
+    return result
+
+
+def bench(
+    model: str,
+    prompt_tokens: int = 32,
+    gen_tokens: int = 128,
+    runs: int = 5,
+    verify_blocks: Sequence[int] = (),
+) -> dict:
+    """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
+    each K of ``verify_blocks``): the JSON object ``bench --json`` writes."""
     dense, tokenizer = load(model, flashhead=False)
     flash, _ = load(model)
     if not is_patched(flash):
         raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
     latency = head_latency(dense, flash, tokenizer, runs)
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
-    speed = decode_speed({"dense": dense, "flash": flash}, tokenizer, prompt, gen_tokens, runs)
+    models = {"dense": (dense, 0), "flash": (flash, 0)}
+    models.update({f"verified K={block}": (flash, block) for block in verify_blocks})
+    speed = decode_speed(models, tokenizer, prompt, gen_tokens, runs)
     read = {name: bytes_per_token(m) for name, m in (("dense", dense), ("flash", flash))}
     ceiling = read["dense"] / read["flash"]
     decode_speedup = speed["flash"]["decode_tok_s"] / speed["dense"]["decode_tok_s"]
@@ -198,6 +252,7 @@ def bench(model: str, prompt_tokens: int = 32, gen_tokens: int = 128, runs: int 
         "prompt_dense_tok_s": speed["dense"]["prompt_tok_s"],
         "prompt_flash_tok_s": speed["flash"]["prompt_tok_s"],
         "end_to_end": speed,
+        "verified": verified_speeds(speed, verify_blocks),
         "prompt_tokens": len(prompt),
         "gen_tokens": gen_tokens,
         "runs": runs,
@@ -254,6 +309,29 @@ def format_result(result: dict) -> str:
             ),
         ],
     )
+    verified = result["verified"]
+    rows = [
+        ["dense", f"{e2e['dense']['decode_tok_s']:.1f}", "1.00x", "", ""],
+        [
+            "FlashHead",
+            f"{e2e['flash']['decode_tok_s']:.1f}",
+            f"{result['decode_speedup']:.2f}x",
+            "100%",
+            "",
+        ],
+    ] + [
+        [
+            f"verified K={block}",
+            f"{v['decode_tok_s']:.1f}",
+            f"{v['speedup']:.2f}x",
+            "n/a" if v["share_of_flash_gain"] is None else f"{100 * v['share_of_flash_gain']:.0f}%",
+            f"{v['rollbacks_per_1000_tokens']:.1f}",
+        ]
+        for block, v in verified.items()
+    ]
+    header = ["verified greedy", "decode tok/s", "vs dense", "of FlashHead's gain",
+              "rollbacks per 1000 tokens"]
+    verified_table = [table(header, rows)] if verified else []
     share = result["share_of_ceiling"]
     summary = (
         f"Measured decode speedup {result['decode_speedup']:.2f}x = "
@@ -262,7 +340,7 @@ def format_result(result: dict) -> str:
         f"{result['ceiling_speedup']:.2f}x); tokens generated: dense {e2e['dense']['tokens']:g}, "
         f"FlashHead {e2e['flash']['tokens']:g}; medians of {result['runs']} alternated runs."
     )
-    return "\n\n".join([head, stages, speed, memory, summary])
+    return "\n\n".join([head, stages, speed, *verified_table, memory, summary])
 
 
 def plot(result: dict, path: str, title: str) -> None:
@@ -295,6 +373,17 @@ def plot(result: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def blocks(text: str) -> List[int]:
+    """``--verify-blocks``: comma-separated positive integers."""
+    try:
+        values = [int(k) for k in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 4,8,16, got {text!r}")
+    return values
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashhead-mlx bench",
@@ -304,6 +393,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="Prompt length.")
     parser.add_argument("--gen-tokens", type=int, default=128, help="Tokens to generate.")
     parser.add_argument("--runs", type=int, default=5, help="Timed runs of each head.")
+    parser.add_argument(
+        "--verify-blocks",
+        type=blocks,
+        default=(),
+        metavar="K,K,...",
+        help="Also time verified greedy decoding at each K, e.g. 4,8,16,32 (default: none).",
+    )
     parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Draw the comparison to this PNG.")
     return parser
@@ -317,7 +413,9 @@ def main() -> None:
     try:
         if args.plot:
             pyplot()  # fail now, not after the measurements
-        result = bench(args.model, args.prompt_tokens, args.gen_tokens, args.runs)
+        result = bench(
+            args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks
+        )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx bench: error: {error}")
     print(f"{result['model']}: {result['head']}")

@@ -1,6 +1,7 @@
 """``flashhead-mlx bench``: a smoke run on a tiny model (no timing assertions), its JSON keys,
 and the bytes a decode step reads, counted by hand."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -8,11 +9,12 @@ import pytest
 
 from conftest import make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import bytes_per_token, parameter_bytes
+from flashhead_mlx.bench import blocks, bytes_per_token, parameter_bytes
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
 
 JSON_KEYS = set(BENCH_KEYS)  # the issue's keys, which the model card reads
+VERIFIED_KEYS = {"decode_tok_s", "speedup", "share_of_flash_gain", "rollbacks_per_1000_tokens"}
 VOCAB, DIMS = 1000, 64
 
 
@@ -57,9 +59,12 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         str(out),
         "--plot",
         str(png),
+        "--verify-blocks",
+        "2,4",
     )
     assert result.returncode == 0, result.stderr
-    for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read"):
+    for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
+                 "verified K=4"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -71,6 +76,17 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for key in JSON_KEYS - {"device", "kernels", "share_of_ceiling"}:
         assert report[key] > 0, key
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report["verified"]) == {"2", "4"}
+    for verified in report["verified"].values():
+        assert set(verified) == VERIFIED_KEYS
+        assert verified["decode_tok_s"] > 0 and verified["rollbacks_per_1000_tokens"] >= 0
+
+
+def test_verify_blocks_are_positive_integers():
+    assert blocks("4,8,16,32") == [4, 8, 16, 32]
+    for text in ("", "4,x", "0,4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            blocks(text)
 
 
 def test_folder_without_flashhead_is_refused(tmp_path):
