@@ -37,16 +37,26 @@ def token_clusters(order: mx.array, cluster_size: int) -> mx.array:
     return mx.array(clusters)
 
 
+def dense_targets(
+    head: FlashHead, hidden: mx.array
+) -> Iterator[Tuple[mx.array, mx.array, mx.array]]:
+    """For each chunk ``h`` of :data:`CHUNK_SIZE` rows of ``hidden`` ``[N, d]``: ``h``, its exact
+    slot logits ``[n, slots]`` (float32, cluster order, ``-inf`` at padding) and its dense argmax
+    token ``[n]``."""
+    for start in range(0, hidden.shape[0], CHUNK_SIZE):
+        h = hidden[start : start + CHUNK_SIZE]
+        logits = head.slot_logits(h).astype(mx.float32)
+        yield h, logits, best_token(head.order, logits)
+
+
 def ranked_chunks(
     head: FlashHead, hidden: mx.array
 ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For each chunk of :data:`CHUNK_SIZE` rows of ``hidden`` ``[N, d]``: the exact slot logits ``[n, slots]`` (float32,
     cluster order, ``-inf`` at padding), every cluster's stage-1 rank ``[n, n_clusters]`` and the
     dense argmax token ``[n]``, as numpy arrays."""
-    for start in range(0, hidden.shape[0], CHUNK_SIZE):
-        h = hidden[start : start + CHUNK_SIZE]
-        logits = head.slot_logits(h).astype(mx.float32)
-        ranks, targets = cluster_ranks(head.cluster_scores(h)), best_token(head.order, logits)
+    for h, logits, targets in dense_targets(head, hidden):
+        ranks = cluster_ranks(head.cluster_scores(h))
         mx.eval(logits, ranks, targets)
         yield np.array(logits, copy=False), np.array(ranks), np.array(targets)
 
@@ -56,9 +66,7 @@ def target_ranks(head: FlashHead, hidden: mx.array) -> np.ndarray:
     is a candidate with ``n_probes`` probes exactly when its rank is below ``n_probes``."""
     owner = token_clusters(head.order, head.cluster_size)
     ranks = []
-    for start in range(0, hidden.shape[0], CHUNK_SIZE):
-        h = hidden[start : start + CHUNK_SIZE]
-        targets = best_token(head.order, head.slot_logits(h).astype(mx.float32))
+    for h, _, targets in dense_targets(head, hidden):
         ranks.append(cluster_rank(head.cluster_scores(h), owner[targets]))
         mx.eval(ranks[-1])
     return np.array(mx.concatenate(ranks))

@@ -90,30 +90,7 @@ def generate_step(
     sampler's temperature and the processors' biased tokens. Takes mlx-lm's arguments, plus
     ``flashhead_verify`` (int, optional): verify decoding (greedy or sampled) with the dense
     head, this many tokens at a time (``0``: unverified). Default: the model's (``load``'s ``verify`` option)."""
-    block = verify_block(model, flashhead_verify)
-    if block:
-        if input_embeddings is not None:
-            raise ValueError("FlashHead's verified decoding does not take input_embeddings")
-        return verified_generate_step(
-            prompt,
-            model,
-            stream,
-            block=block,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=logits_processors,
-            max_kv_size=max_kv_size,
-            prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            quantized_kv_start=quantized_kv_start,
-            prompt_progress_callback=prompt_progress_callback,
-        )
-    steps = MLX_GENERATE.generate_step(
-        prompt,
-        model,
-        stream,
+    options = dict(
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=logits_processors,
@@ -124,7 +101,14 @@ def generate_step(
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
         prompt_progress_callback=prompt_progress_callback,
-        input_embeddings=input_embeddings,
+    )
+    block = verify_block(model, flashhead_verify)
+    if block:
+        if input_embeddings is not None:
+            raise ValueError("FlashHead's verified decoding does not take input_embeddings")
+        return verified_generate_step(prompt, model, stream, block=block, **options)
+    steps = MLX_GENERATE.generate_step(
+        prompt, model, stream, input_embeddings=input_embeddings, **options
     )
     return in_steps(steps, settings_context([sampler], [logits_processors]))
 
