@@ -20,7 +20,7 @@ def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "Clusters scored exactly per token (default: the fewest with 99.9%% top-1 "
-            "containment on the tuning text, --tuning-text)."
+            "containment on every domain of the development suite, or on --tuning-text)."
         ),
     )
     parser.add_argument(

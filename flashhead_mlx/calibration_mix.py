@@ -1,5 +1,5 @@
 """The calibration mix a conversion clusters, fits its centroids and its mass offsets on, and the
-development suite it tunes ``n_probes`` on (docs/calibration.md).
+development suite it tunes ``n_probes`` on (docs/clustering.md).
 
 The mix: the model's own dense greedy replies through its chat template to the shipped
 calibration prompts (the hidden states of decode), shipped source code and the shipped novel,
@@ -28,7 +28,7 @@ from .suite import (
 CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.txt"
 # Source code the suite does not use (scripts/make_calibration_code.py).
 CALIBRATION_CODE = DATA_DIR / "calibration_code.txt"
-# Share of the calibration positions from each source (measured in docs/calibration.md).
+# Share of the calibration positions from each source (measured in docs/clustering.md).
 MIX = {"chat": 0.25, "code": 0.25, "prose": 0.5}
 # Tokens of each calibration reply: enough to cover a reply's start, middle and end.
 CALIBRATION_REPLY_TOKENS = 128

@@ -1,7 +1,7 @@
 """How the calibration mix's code (``flashhead_mlx/data/calibration_code.txt``) was made:
 provenance, not a step of the package. It concatenates the start of installed source files that
 the evaluation suite does not use (neither split: ``manifest.json``'s ``origins``), under the
-licences the suite already records (docs/calibration.md).
+licences the suite already records (docs/clustering.md).
 
     python scripts/make_calibration_code.py
 """
