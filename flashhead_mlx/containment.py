@@ -9,7 +9,7 @@ clusters, scores its dense argmax.
 """
 
 import bisect
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +18,8 @@ from .clustering import scored_fraction
 from .head import FlashHead
 from .kernels import best_token, cluster_ranks
 
-# The top-1 containment a conversion's default n_probes meets on the tuning text.
+# The top-1 containment a conversion's default n_probes meets on every domain of the development
+# suite (or on a tuning text).
 TARGET_CONTAINMENT = 0.999
 # Positions of the tuning text a conversion measures (all of the built-in text's ~7k tokens).
 TUNING_TOKENS = 8192
@@ -96,3 +97,15 @@ def tuned_n_probes(
     ranks = target_ranks(head, hidden)
     n_probes = smallest_n_probes(ranks, target, head.n_clusters)
     return n_probes, float(np.mean(ranks < n_probes))
+
+
+def domains_n_probes(
+    ranks: Dict[str, np.ndarray], target: float, n_clusters: int
+) -> Tuple[int, Dict[str, float]]:
+    """The smallest ``n_probes`` whose top-1 containment is at least ``target`` on every domain
+    (the minimum over domains: the largest of the domains' own smallest), from each domain's
+    target ranks (:func:`target_ranks`), and each domain's containment with it."""
+    if not ranks:
+        raise ValueError("no domains to tune on")
+    n_probes = max(smallest_n_probes(r, target, n_clusters) for r in ranks.values())
+    return n_probes, {domain: float(np.mean(r < n_probes)) for domain, r in ranks.items()}

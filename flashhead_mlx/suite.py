@@ -97,14 +97,14 @@ def dense_replies(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    fingerprint: str,
+    fingerprint: Optional[str],
     max_tokens: Optional[int] = None,
     cache_dir: Optional[Path] = None,
 ) -> Tuple[List[List[int]], List[bool]]:
     """The model's dense greedy replies to ``prompts`` through its chat template (mlx-lm's
     ``batch_generate``, FlashHead taken off for it and put back), cached under ``cache_dir``
-    (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`),
-    the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
+    (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`;
+    ``None``: not cached), the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
 
     Returns the reply tokens (without the stop token) and whether each reply stopped on a stop
     token (else it ran to ``max_tokens``).
@@ -113,8 +113,8 @@ def dense_replies(
 
     max_tokens = max_tokens or REPLY_TOKENS
     key = hashlib.sha256(json.dumps([list(prompts), max_tokens]).encode()).hexdigest()[:16]
-    path = Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
-    if path.is_file():
+    path = fingerprint and Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
+    if path and path.is_file():
         cached = json.loads(path.read_text())
         return cached["replies"], cached["stopped"]
     tokens = [chat_prompt_tokens(tokenizer, p) for p in prompts]
@@ -137,6 +137,8 @@ def dense_replies(
         if patched:
             patch(model)
     stopped = [len(r) < max_tokens for r in replies]
+    if not path:
+        return replies, stopped
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "prompts": list(prompts),
