@@ -32,6 +32,9 @@ CALIBRATION_CODE = DATA_DIR / "calibration_code.txt"
 MIX = {"chat": 0.25, "code": 0.25, "prose": 0.5}
 # Tokens of each calibration reply: enough to cover a reply's start, middle and end.
 CALIBRATION_REPLY_TOKENS = 128
+# Calibration prompts replied to: one batch_generate call, the mix's dearest positions (its
+# replies' shortfall on the chat share goes to the last source).
+CALIBRATION_REPLIES = REPLY_BATCH
 # Positions per domain of the development suite that tuning measures.
 TUNING_DOMAIN_TOKENS = 2048
 # Tokens of each dev reply tuning measures (the first prompts' replies, a batch at a time).
@@ -91,29 +94,33 @@ def mix_hidden_states(
     fingerprint: Optional[str] = None,
 ) -> mx.array:
     """Final hidden states ``[n_tokens, d]`` (float32) of the calibration mix: ``mix``'s shares
-    of the model's replies to the calibration prompts (``chat``, in ``seed``'s order), the
-    calibration code (``code``) and the calibration novel (``prose``); a model without a chat
-    template has no replies, the other sources share its positions. The replies are cached by
-    ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`; ``None``: not cached)."""
+    of the model's replies to the first :data:`CALIBRATION_REPLIES` calibration prompts
+    (``chat``, in ``seed``'s order), the calibration code (``code``) and the calibration novel
+    (``prose``); the positions the replies fall short of their share go to the last source, and
+    a model without a chat template has no replies (the other sources share their positions). The
+    replies are cached by ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`;
+    ``None``: not cached)."""
     if not has_chat_template(tokenizer):
         mix = {source: share for source, share in mix.items() if source != "chat"}
     budget = mix_budget(n_tokens, mix)
     unknown = set(budget) - {"chat", "code", "prose"}
     if unknown:
         raise ValueError(f"unknown calibration sources: {', '.join(sorted(unknown))}")
-    parts = []
+    parts, last = [], list(budget)[-1]
     for source, count in budget.items():
+        if source == last:
+            count = n_tokens - sum(part.shape[0] for part in parts)
         if count == 0:
             continue
-        print(f"[INFO] Calibrating on {count} positions of {source}")
         if source == "chat":
-            prompts = calibration_prompts(seed)
+            prompts = calibration_prompts(seed)[:CALIBRATION_REPLIES]
             states = reply_states(
                 model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
             )
         else:
             text = (CALIBRATION_CODE if source == "code" else CALIBRATION_TEXT).read_text()
             states = calibration_hidden_states(model, tokenizer, text, n_tokens=count)
+        print(f"[INFO] Calibration: {states.shape[0]} positions of {source}")
         parts.append(states)
     return mx.concatenate(parts)
 

@@ -21,13 +21,7 @@ from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_asset
 from .calibration import text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
 from .clustering import cluster_head, scored_fraction
-from .containment import (
-    TARGET_CONTAINMENT,
-    TUNING_TOKENS,
-    domains_n_probes,
-    target_ranks,
-    tuned_n_probes,
-)
+from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
 from .head import FlashHead
 from .model_card import CARD_FILE, render_folder_card, write_card
 from .model_head import head_module, head_rows
@@ -161,7 +155,10 @@ def tune_n_probes(
     """The fewest probes with :data:`~flashhead_mlx.containment.TARGET_CONTAINMENT` top-1
     containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1: on
     every domain of the development suite (:func:`flashhead_mlx.calibration_mix.dev_suite_states`,
-    chat replies cached by ``fingerprint``), or on the file ``tuning_text`` when given."""
+    chat replies cached by ``fingerprint``) within
+    :data:`~flashhead_mlx.containment.MAX_SCORED_FRACTION` of the vocabulary scored
+    (:func:`flashhead_mlx.containment.suite_n_probes`), or on the file ``tuning_text`` when
+    given."""
     if tuning_text:
         hidden = text_hidden_states(model, tokenizer, Path(tuning_text).read_text(), TUNING_TOKENS)
         n_probes, reached = tuned_n_probes(head, hidden)
@@ -170,9 +167,8 @@ def tune_n_probes(
         return n_probes
     states = dev_suite_states(model, tokenizer, fingerprint)
     ranks = {domain: target_ranks(head, hidden) for domain, hidden in states.items()}
-    n_probes, reached = domains_n_probes(ranks, TARGET_CONTAINMENT, head.n_clusters)
-    shares = ", ".join(f"{domain} {share:.4f}" for domain, share in reached.items())
-    print(f"[INFO] Tuned n_probes to {n_probes} on the development suite: top-1 {shares}")
+    n_probes, line = suite_n_probes(head, ranks)
+    print(f"[INFO] Tuned on the development suite: {line}")
     return n_probes
 
 
@@ -190,8 +186,8 @@ def finish_assets(
     """The arguments of :func:`flashhead_mlx.assets.save_assets` for ``clusters`` (from
     ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head, with the
     sampling mass offsets fitted on ``hidden``. ``n_probes`` defaults to the fewest probes with
-    99.9% top-1 containment on every domain of the development suite, or on ``tuning_text``
-    (:func:`tune_n_probes`)."""
+    99.9% top-1 containment on every domain of the development suite within the scored-fraction
+    cap, or on ``tuning_text`` (:func:`tune_n_probes`)."""
     n_clusters = clusters["cluster_bias"].shape[0]
     if n_probes is not None and not 1 <= n_probes <= n_clusters:
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
@@ -283,7 +279,8 @@ def convert(
     end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
     ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
     Without ``n_probes``, the fewest probes with 99.9% top-1 containment on every domain of the
-    development suite (or on the file ``tuning_text``) are chosen (:func:`tune_n_probes`).
+    development suite within the scored-fraction cap (or on the file ``tuning_text``) are chosen
+    (:func:`tune_n_probes`).
     """
     if tuning_text is not None and n_probes is not None:
         raise ValueError("--tuning-text tunes n_probes: give it or --n-probes, not both")

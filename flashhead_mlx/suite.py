@@ -29,6 +29,9 @@ CHAT_CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "chat"
 REPLY_TOKENS = 256
 # Prompts per batch_generate call (mlx-lm's own completion batch size).
 REPLY_BATCH = 32
+# Prompts with their replies per forward pass for their hidden states (right-padded: a causal
+# model's positions do not see the padding after them).
+FORWARD_BATCH = 8
 # Files of a model folder that decide its dense replies (config.json without FlashHead's keys).
 FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FLASHHEAD_CONFIG_KEYS = ("flashhead", "model_file")
@@ -164,20 +167,24 @@ def chat_hidden_states(
     """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``:
     for each prompt, from its last token (which predicts the reply's first token) to the reply's
     last token when the reply stopped there (it predicts the stop token), else to the one before.
-    At most ``max_tokens`` positions, taken in prompt order."""
-    states, count = [], 0
-    for prompt, reply, stop in tqdm(
-        list(zip(prompts, replies, stopped)), desc="Chat replies forward"
-    ):
+    At most ``max_tokens`` positions, taken in prompt order; :data:`FORWARD_BATCH` prompts per
+    forward pass."""
+    rows, count = [], 0
+    for prompt, reply, stop in zip(prompts, replies, stopped):
         if max_tokens is not None and count >= max_tokens:
             break
         tokens = chat_prompt_tokens(tokenizer, prompt)
         start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
-        h = final_hidden_states(model, mx.array([tokens + list(reply)]))[0, start:end]
-        h = h.astype(mx.float32)
-        mx.eval(h)
-        states.append(h)
-        count += h.shape[0]
+        rows.append((tokens + list(reply), start, end))
+        count += end - start
+    states = []
+    for i in tqdm(range(0, len(rows), FORWARD_BATCH), desc="Chat replies forward"):
+        batch = rows[i : i + FORWARD_BATCH]
+        width = max(len(tokens) for tokens, _, _ in batch)
+        padded = mx.array([tokens + [0] * (width - len(tokens)) for tokens, _, _ in batch])
+        h = final_hidden_states(model, padded).astype(mx.float32)
+        states += [h[j, start:end] for j, (_, start, end) in enumerate(batch)]
+        mx.eval(states[-len(batch) :])
     hidden = mx.concatenate(states)
     return hidden if max_tokens is None else hidden[:max_tokens]
 

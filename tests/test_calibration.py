@@ -4,6 +4,7 @@ development suite keeps the fewest probes that meet the target on every domain."
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from conftest import make_tiny_model
 from flashhead_mlx import calibration_mix, flash_head, load, suite
-from flashhead_mlx.containment import TARGET_CONTAINMENT
+from flashhead_mlx.clustering import most_probes, scored_fraction
+from flashhead_mlx.containment import TARGET_CONTAINMENT, suite_n_probes
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.tune import tune
 
@@ -55,7 +57,7 @@ def test_mix_budget():
         calibration_mix.mix_budget(0)
 
 
-def test_mix_is_deterministic_for_a_seed(chat_source, tmp_path):
+def test_mix_is_deterministic_for_a_seed(chat_source, capsys):
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(chat_source))
@@ -65,6 +67,13 @@ def test_mix_is_deterministic_for_a_seed(chat_source, tmp_path):
     assert first.shape == (96, 64)
     assert mx.array_equal(first, again).item()
     assert not mx.array_equal(first, other).item()  # other prompts come first
+    # Replies short of their share: the novel takes the rest.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(calibration_mix, "CALIBRATION_REPLIES", 1)
+        patch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 4)
+        short = calibration_mix.mix_hidden_states(model, tokenizer, 96, seed=0)
+    assert short.shape == (96, 64)  # one reply of 4 positions, 24 of code, the novel's 68
+    assert "68 positions of prose" in capsys.readouterr().out.splitlines()[-1]
     # Without a chat template the other sources share the replies' positions.
     tokenizer._tokenizer.chat_template = None
     assert calibration_mix.mix_hidden_states(model, tokenizer, 96).shape == (96, 64)
@@ -100,7 +109,7 @@ def test_tuning_on_the_development_suite_meets_the_target_on_every_domain(
 ):
     monkeypatch.setattr(suite, "CHAT_CACHE_DIR", tmp_path / "cache")
     converted = convert(str(chat_source), str(tmp_path / "out"), calibration_tokens=256, n_probes=1)
-    rows = tune(str(converted), target=target, max_tokens=64)
+    rows = tune(str(converted), target=target, max_tokens=64, max_scored_fraction=2)
     n_probes = json.loads((converted / "config.json").read_text())["flashhead"]["n_probes"]
     assert rows["after"]["n_probes"] == n_probes > 1
     assert set(rows["domains"]) == set(suite.suite_files("dev"))
@@ -122,3 +131,36 @@ def test_convert_tunes_on_the_development_suite_by_default(chat_source, tmp_path
     rows = tune(str(converted))
     assert rows["after"]["n_probes"] == rows["before"]["n_probes"]
     assert (converted / "config.json").read_bytes() == before
+
+
+def test_most_probes_is_the_cap_on_the_scored_fraction():
+    for n_clusters, size, vocab in [(3072, 16, 49152), (16384, 16, 262144), (63, 16, 1000)]:
+        for fraction in (0.10, 0.12, 0.15, scored_fraction(n_clusters, size, 7, vocab)):
+            p = most_probes(fraction, n_clusters, size, vocab)
+            assert scored_fraction(n_clusters, size, p, vocab) <= fraction
+            assert scored_fraction(n_clusters, size, p + 1, vocab) > fraction
+    assert most_probes(0.12, 3072, 16, 49152) == 176 and most_probes(0.15, 3072, 16, 49152) == 268
+    assert most_probes(0.01, 63, 16, 1000) == 1 and most_probes(2, 63, 16, 1000) == 63
+
+
+def test_tuning_keeps_the_cap_where_a_domain_needs_more_and_says_so():
+    head = SimpleNamespace(n_clusters=63, cluster_size=16, vocab_size=1000)
+    easy, hard = np.zeros(1000, dtype=int), np.arange(1000) % 63  # hard: rank 62 needs 63 probes
+    ranks = {"easy": easy, "hard": hard}
+    n_probes, line = suite_n_probes(head, ranks, 0.999, None)
+    assert n_probes == 63 and "capped" not in line
+    n_probes, line = suite_n_probes(head, ranks, 0.999, 0.15)
+    assert n_probes == most_probes(0.15, 63, 16, 1000) == 5
+    assert "capped at 15% of the vocabulary scored" in line and "(hard 63)" in line
+    assert suite_n_probes(head, {"easy": easy}, 0.999, 0.15)[0] == 1  # under the cap: the fewest
+
+
+def test_tune_on_the_development_suite_keeps_the_cap(chat_source, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "CHAT_CACHE_DIR", tmp_path / "cache")
+    converted = convert(str(chat_source), str(tmp_path / "out"), calibration_tokens=256, n_probes=1)
+    uncapped = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=2)
+    cap = most_probes(0.15, 63, 16, 1000)
+    assert uncapped["after"]["n_probes"] > cap  # the tiny random model needs more for 100%
+    rows = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=0.15)
+    assert rows["after"]["n_probes"] == cap
+    assert "capped at 15% of the vocabulary scored" in capsys.readouterr().out
