@@ -16,7 +16,7 @@ import numpy as np
 
 from .clustering import most_probes, scored_fraction
 from .head import FlashHead
-from .kernels import best_token, cluster_ranks
+from .kernels import best_token, cluster_rank, cluster_ranks
 
 # The top-1 containment a conversion's default n_probes meets on every domain of the development
 # suite (within the cap below) or on a tuning text.
@@ -58,12 +58,14 @@ def ranked_chunks(
 def target_ranks(head: FlashHead, hidden: mx.array) -> np.ndarray:
     """The stage-1 rank ``[N]`` of the cluster holding the dense argmax at each hidden state: it
     is a candidate with ``n_probes`` probes exactly when its rank is below ``n_probes``."""
-    owner = np.array(token_clusters(head.order, head.cluster_size))
-    ranks = [
-        ranks[np.arange(ranks.shape[0]), owner[targets]]
-        for _, ranks, targets in ranked_chunks(head, hidden)
-    ]
-    return np.concatenate(ranks)
+    owner = token_clusters(head.order, head.cluster_size)
+    ranks = []
+    for start in range(0, hidden.shape[0], CHUNK_SIZE):
+        h = hidden[start : start + CHUNK_SIZE]
+        targets = best_token(head.order, head.slot_logits(h).astype(mx.float32))
+        ranks.append(cluster_rank(head.cluster_scores(h), owner[targets]))
+        mx.eval(ranks[-1])
+    return np.array(mx.concatenate(ranks))
 
 
 def containment(head: FlashHead, hidden: mx.array, n_probes: List[int]) -> List[dict]:

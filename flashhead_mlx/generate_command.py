@@ -1,7 +1,7 @@
 """Generate text with mlx-lm's ``generate`` command through FlashHead's decode route.
 
 ``flashhead-mlx generate`` takes every flag of ``mlx_lm.generate`` plus ``--flashhead/--no-flashhead``,
-``--n-probes``, ``--flashhead-draft`` and ``--flashhead-verify [K]`` (greedy decoding verified by
+``--n-probes``, ``--flashhead-draft`` and ``--flashhead-verify [K]`` (decoding verified by
 the dense head, K tokens at a time): it runs mlx-lm's own ``main`` with its parser, loader,
 ``make_sampler`` and ``generate`` replaced by ours (:mod:`flashhead_mlx.generation`).
 

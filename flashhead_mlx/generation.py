@@ -10,7 +10,7 @@ the caller's own model calls between two steps get the exact dense logits. ``gen
 functions they call (:func:`with_globals`), so nothing of mlx-lm is patched.
 
 ``generate_step`` (and so ``stream_generate`` and ``generate``) takes ``flashhead_verify=K``:
-greedy decoding verified by the dense head ``K`` tokens at a time
+greedy or sampled decoding verified by the dense head ``K`` tokens at a time
 (:func:`flashhead_mlx.verified.verified_generate_step`), also the default of a model loaded
 with ``load(..., flashhead={"verify": K})``. The other functions do not verify: they raise a
 ``ValueError`` for a model whose default is verified.
@@ -88,8 +88,8 @@ def generate_step(
 ) -> Generator[Tuple[mx.array, mx.array], None, None]:
     """``mlx_lm.generate_step``: a generator of ``(token, logprobs)``, each step told the
     sampler's temperature and the processors' biased tokens. Takes mlx-lm's arguments, plus
-    ``flashhead_verify`` (int, optional): verify greedy decoding with the dense head, this many
-    tokens at a time (``0``: unverified). Default: the model's (``load``'s ``verify`` option)."""
+    ``flashhead_verify`` (int, optional): verify decoding (greedy or sampled) with the dense
+    head, this many tokens at a time (``0``: unverified). Default: the model's (``load``'s ``verify`` option)."""
     block = verify_block(model, flashhead_verify)
     if block:
         if input_embeddings is not None:
@@ -179,7 +179,7 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """``mlx_lm.stream_generate`` (speculative with ``draft_model``) over :func:`generate_step`
     and :func:`speculative_generate_step`: yields mlx-lm's ``GenerationResponse``.
-    ``flashhead_verify=K`` verifies greedy decoding (:func:`generate_step`)."""
+    ``flashhead_verify=K`` verifies decoding (:func:`generate_step`)."""
     run = with_globals(
         MLX_GENERATE.stream_generate,
         generate_step=generate_step,

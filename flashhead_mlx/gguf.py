@@ -18,6 +18,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from .gguf_file import GGUFFile
+
 # GGUF architecture -> mlx-lm model_type.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
@@ -100,7 +102,7 @@ def import_gguf(
     float_type = getattr(mx, dtype, None)
     if not isinstance(float_type, mx.Dtype) or not mx.issubdtype(float_type, mx.floating):
         raise ValueError(f"dtype must be a float type such as 'float32', got {dtype!r}")
-    reader = gguf.GGUFReader(gguf_path)
+    reader = GGUFFile(gguf_path)
     architecture = metadata(reader, "general.architecture")
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -120,15 +122,12 @@ def import_gguf(
     return output_dir
 
 
-def metadata(reader: gguf.GGUFReader, key: str, default=None):
+def metadata(reader: GGUFFile, key: str, default=None):
     """The value of the metadata ``key`` (a scalar, a string or a list), or ``default``."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.fields.get(key, default)
 
 
-def model_config(reader: gguf.GGUFReader, architecture: str) -> dict:
+def model_config(reader: GGUFFile, architecture: str) -> dict:
     """The mlx-lm ``config.json`` of the model, from the GGUF hyperparameters."""
 
     def hparam(name, default=None):
@@ -187,7 +186,7 @@ def model_config(reader: gguf.GGUFReader, architecture: str) -> dict:
     return config
 
 
-def tensor_shape(reader: gguf.GGUFReader, name: str) -> tuple[int, ...]:
+def tensor_shape(reader: GGUFFile, name: str) -> tuple[int, ...]:
     """The ``(rows, columns)`` shape of a GGUF tensor (GGUF lists dimensions innermost first)."""
     for tensor in reader.tensors:
         if tensor.name == name:
@@ -243,7 +242,7 @@ def affine_from_blocks(tensor) -> tuple[np.ndarray, ...]:
 
 
 def convert_tensors(
-    reader: gguf.GGUFReader,
+    reader: GGUFFile,
     architecture: str,
     config: dict,
     float_type: mx.Dtype,
@@ -302,7 +301,7 @@ def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
     return [(l, r) for _, l, r in merges]
 
 
-def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+def build_tokenizer(reader: GGUFFile) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
     tokenizer_model = metadata(reader, "tokenizer.ggml.model")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
@@ -369,7 +368,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     return tokenizer
 
 
-def save_tokenizer(reader: gguf.GGUFReader, output_dir: Path) -> None:
+def save_tokenizer(reader: GGUFFile, output_dir: Path) -> None:
     """Save the GGUF's tokenizer (special tokens, BOS/EOS behaviour, chat template) in
     Hugging Face format."""
     from transformers import PreTrainedTokenizerFast

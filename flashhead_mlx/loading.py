@@ -84,7 +84,7 @@ def load(
         flashhead (bool or dict): ``False`` loads the dense head. A dict sets options:
             ``{"convert": True}`` clusters a folder without assets on the fly (cached under
             ``~/.cache/flashhead-mlx/clusters``), ``{"n_probes": 256}`` overrides the probes,
-            ``{"verify": 8}`` makes greedy decoding verified by the dense head 8 tokens at a
+            ``{"verify": 8}`` makes decoding verified by the dense head 8 tokens at a
             time the default of FlashHead's ``generate`` functions (``True``: the default K).
             Default: ``True`` (FlashHead when the folder has assets, dense otherwise).
         n_probes (int, optional): clusters scored exactly per token. Default: the folder's.

@@ -36,7 +36,7 @@ def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
 
 
 def add_verify_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--flashhead-verify [K]`` (greedy decoding verified by the dense head) and return
+    """Add ``--flashhead-verify [K]`` (decoding verified by the dense head) and return
     the parser."""
     parser.add_argument(
         "--flashhead-verify",
@@ -45,8 +45,9 @@ def add_verify_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         const=DEFAULT_BLOCK,
         default=None,
         metavar="K",
-        help="Verify FlashHead's greedy tokens with the dense head, K at a time (default K: "
-        f"{DEFAULT_BLOCK}): the output is the dense head's. Greedy only.",
+        help="Verify FlashHead's tokens with the dense head, K at a time (default K: "
+        f"{DEFAULT_BLOCK}): greedy output is the dense head's, sampled output is distributed "
+        "as the dense head's.",
     )
     return parser
 

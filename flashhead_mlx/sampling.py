@@ -14,8 +14,15 @@ from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-# Temperatures the mass offsets are fitted at.
-FIT_TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0)
+# Temperatures the mass offsets are fitted at: with ``e = exp(z - max z)`` computed once, their
+# ``exp((z - max z) / T)`` are ``e ** 2``, ``e`` and ``sqrt(e)``, far cheaper than new exps.
+FIT_TEMPERATURES = (0.5, 1.0, 2.0)
+POWERS = {2.0: mx.square, 1.0: lambda e: e, 0.5: mx.sqrt}
+
+
+def _power(e: mx.array, exponent: float) -> mx.array:
+    """``e ** exponent``, by :data:`POWERS` when it has the exponent."""
+    return POWERS[exponent](e) if exponent in POWERS else e**exponent
 
 
 def mass_offsets(mass_bias: mx.array, temperature) -> mx.array:
@@ -44,18 +51,23 @@ def _greedy_rows(temperature) -> Tuple[mx.array, mx.array]:
 
 
 def sampling_logits(
-    head, h: mx.array, temperature, key: Optional[mx.array] = None
+    head,
+    h: mx.array,
+    temperature,
+    key: Optional[mx.array] = None,
+    scores: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Token ids and logits ``[M, (n_probes + 1) * cluster_size]`` of one draw's categorical.
 
     The candidates, then the tokens of one non-probed cluster ``k`` drawn with probability
     ``q_k``; the logits are already divided by ``temperature`` (a float, or an array ``[M, 1]``
     of per-row temperatures where ``0`` marks a greedy row: its drawn cluster gets ``-inf``).
-    Sampling ``softmax(logits)`` draws from the full-vocabulary sampler.
+    Sampling ``softmax(logits)`` draws from the full-vocabulary sampler. ``scores``: the
+    stage-1 scores ``[M, n_clusters]`` of ``h`` when already computed.
     """
     h = h.reshape(-1, h.shape[-1])
     greedy, temperature = _greedy_rows(temperature)
-    scores = head.cluster_scores(h)
+    scores = head.cluster_scores(h) if scores is None else scores
     probes = head.probe(h, scores)
     tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
     drawn = mx.random.categorical(tail_log_probs, key=key)[:, None]
@@ -70,10 +82,17 @@ def sampling_logits(
     return tokens, mx.concatenate([logits[:, :n_candidates], tail], axis=-1)
 
 
-def sample(head, h: mx.array, temperature: float, key: Optional[mx.array] = None) -> mx.array:
-    """Draw one token per hidden state ``[..., d]`` from the full vocabulary at ``temperature``."""
+def sample(
+    head,
+    h: mx.array,
+    temperature: float,
+    key: Optional[mx.array] = None,
+    scores: Optional[mx.array] = None,
+) -> mx.array:
+    """Draw one token per hidden state ``[..., d]`` from the full vocabulary at ``temperature``
+    (``scores``: as :func:`sampling_logits`)."""
     cluster_key, token_key = (None, None) if key is None else mx.random.split(key)
-    tokens, logits = sampling_logits(head, h, temperature, cluster_key)
+    tokens, logits = sampling_logits(head, h, temperature, cluster_key, scores)
     choice = mx.random.categorical(logits, key=token_key)
     return mx.take_along_axis(tokens, choice[:, None], axis=-1).reshape(h.shape[:-1])
 
@@ -92,19 +111,25 @@ def full_vocabulary_logits(
 
 
 def sampler_distribution(head, h: mx.array, temperature: float) -> mx.array:
-    """The exact distribution ``[..., V]`` that :func:`sample` draws from (at dense cost).
+    """The exact distribution ``[..., V]`` that :func:`sample` draws from (at dense cost)."""
+    flat = h.reshape(-1, h.shape[-1])
+    probs = tail_marginal(head, head.slot_logits(flat), head.cluster_scores(flat), temperature)
+    return probs.reshape(*h.shape[:-1], head.vocab_size)
+
+
+def tail_marginal(head, logits: mx.array, scores: mx.array, temperature: float) -> mx.array:
+    """The distribution ``[M, V]`` that :func:`sample` draws from, given the logits of every
+    slot ``[M, n_clusters * cluster_size]`` (in cluster order, ``-inf`` at padding; a shift per
+    row changes nothing) and the stage-1 ``scores`` ``[M, n_clusters]`` it draws with.
 
     A token of a non-probed cluster ``k`` is drawn with probability ``exp(z / T) / (Z_c + Z_k /
     q_k)`` and a candidate with ``exp(z / T) * sum_k q_k / (Z_c + Z_k / q_k)``, where ``Z_c`` and
     ``Z_k`` are the exact masses of the candidates and of cluster ``k``.
     """
-    lead = h.shape[:-1]
-    h = h.reshape(-1, h.shape[-1])
-    scores = head.cluster_scores(h)
-    probes = head.probe(h, scores)
+    probes = head.probe(None, scores)
     tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
     probed = mx.isinf(tail_log_probs)
-    logits = head.slot_logits(h).astype(mx.float32) / temperature
+    logits = logits.astype(mx.float32) / temperature
     logits = logits.reshape(*scores.shape, head.cluster_size)
     cluster_mass = mx.logsumexp(logits, axis=-1)
     candidate_mass = mx.logsumexp(mx.where(probed, cluster_mass, -mx.inf), axis=-1, keepdims=True)
@@ -115,8 +140,8 @@ def sampler_distribution(head, h: mx.array, temperature: float) -> mx.array:
         mx.logsumexp(tail_log_probs - denominator, axis=-1, keepdims=True),
     )
     log_weight = mx.where(probed, candidate_factor, -denominator)
-    log_probs = (logits + log_weight[..., None]).reshape(h.shape[0], -1)
-    return mx.exp(mx.take(log_probs, head.inverse, axis=-1)).reshape(*lead, head.vocab_size)
+    log_probs = (logits + log_weight[..., None]).reshape(scores.shape[0], -1)
+    return mx.exp(mx.take(log_probs, head.inverse, axis=-1))
 
 
 def fit_mass_bias(
@@ -142,7 +167,12 @@ def fit_mass_bias(
         probes = head.probe(h, scores).astype(mx.int32)
         tail = mx.put_along_axis(mx.ones(scores.shape, mx.bool_), probes, mx.array(False), axis=-1)
         logits = head.slot_logits(h).astype(mx.float32).reshape(*scores.shape, head.cluster_size)
-        gaps = mx.stack([mx.logsumexp(logits / t, axis=-1) - scores / t for t in temperatures])
+        peak = logits.max(axis=-1)
+        e = mx.exp(logits - peak[..., None])
+        gaps = mx.stack([
+            (peak - scores) / t + mx.log(_power(e, 1 / t).sum(axis=-1))
+            for t in temperatures
+        ])
         tail_sum = tail_sum + mx.where(tail, gaps, 0.0).sum(axis=1)
         all_sum = all_sum + gaps.sum(axis=1)
         tail_count = tail_count + tail.sum(axis=0)

@@ -1,11 +1,13 @@
-"""Verified greedy decoding: FlashHead's tokens checked by the dense head, a block at a time.
+"""Verified decoding: FlashHead's tokens checked by the dense head, a block at a time.
 
 The body's hidden states do not depend on the head, so a block of ``K`` tokens decoded with the
 FlashHead can be checked afterwards by one dense head pass over their ``K`` stored hidden
-states. At the first position whose dense argmax differs from FlashHead's token, the tokens
-before it and the dense token are kept, the caches are rolled back to just after it, and decoding
-continues from there. Nothing unverified is yielded, and the log-probabilities yielded are the
-dense ones of the verify pass: the output is the dense head's.
+states. Greedy: at the first position whose dense argmax differs from FlashHead's token, the
+tokens before it and the dense token are kept, the caches are rolled back to just after it, and
+decoding continues from there. Sampling: the same, a position's token being kept or replaced by
+speculative sampling's rule (:mod:`flashhead_mlx.acceptance`), so that every token follows
+mlx-lm's sampler on the dense logits. Nothing unverified is yielded, and the log-probabilities
+yielded are the dense ones of the verify pass.
 
 Caches: ``KVCache`` and ``QuantizedKVCache`` are trimmed. A ``RotatingKVCache`` overwrites its
 oldest slot in place once full, so before a block's steps overwrite slots, evaluated copies of
@@ -15,16 +17,26 @@ those slots are saved (at most ``K - 1`` per layer) and written back on rollback
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, List, Optional, Tuple
+from typing import Any, Callable, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
-from .decode import in_context, sampler_temperature, settings_context
+from .acceptance import (
+    accept,
+    proposal_kind,
+    sampler_logits,
+    sampler_settings,
+    tail_distribution,
+    xtc_coins,
+)
+from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
+from .sample_utils import Sampler
+from .sampling import sample
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 DEFAULT_BLOCK = 8
@@ -33,17 +45,19 @@ CACHES = (KVCache, QuantizedKVCache, RotatingKVCache)
 
 @dataclass
 class Verification:
-    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check, and the
-    verified ``tokens`` yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
+    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check, the ``mode``
+    of the last generation (``"greedy"`` or ``"sampling"``), and the verified ``tokens``
+    yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
 
     block: int = DEFAULT_BLOCK
     tokens: int = 0
     rollbacks: int = 0
+    mode: str = "greedy"
 
     def describe(self) -> str:
         """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)``."""
         rate = 1000 * self.rollbacks / self.tokens if self.tokens else 0.0
-        return f"verified greedy (K={self.block}, {rate:.1f} rollbacks per 1000 tokens)"
+        return f"verified {self.mode} (K={self.block}, {rate:.1f} rollbacks per 1000 tokens)"
 
 
 def set_verification(model: nn.Module, block: Optional[int] = DEFAULT_BLOCK) -> None:
@@ -142,25 +156,92 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+class GreedyProposal:
+    """Greedy verified decoding: FlashHead's argmax, checked against the dense argmax."""
+
+    def __init__(self, head: FlashHead, sampler: Callable, processors: Optional[list]):
+        self.head, self.sampler, self.processors = head, sampler, processors
+        self.context = settings_context([sampler], [processors])
+
+    def start(self, k: int) -> None:
+        """A block of ``k`` positions begins."""
+
+    def draw(self, h: mx.array, tokens: Optional[mx.array]) -> mx.array:
+        """FlashHead's token ``[1]`` at the hidden state ``h`` ``[1, 1, d]`` (the processors see
+        ``tokens``)."""
+        with in_context(self.context):
+            logits = self.head(h)[:, -1, :]
+        return self.sampler(log_softmax(process(self.processors, tokens, logits)))
+
+    def check(self, logprobs: mx.array, proposed: mx.array) -> mx.array:
+        """The token ``[k]`` dense decoding takes at each position of the block, given its dense
+        log-probabilities ``[k, V]`` and FlashHead's tokens ``[k]``."""
+        return self.sampler(logprobs)
+
+
+class SampledProposal:
+    """Verified sampling (:mod:`flashhead_mlx.acceptance`): FlashHead draws from a proposal
+    whose exact probabilities the block keeps (the stage-1 scores of a ``"tail"`` draw, the
+    logits of a ``"candidates"`` one); the check keeps each token or replaces it so that the
+    kept token follows mlx-lm's sampler on the dense logits. ``draw`` also takes several
+    positions' hidden states ``[m, 1, d]`` at once (one per row)."""
+
+    def __init__(self, head: FlashHead, settings: Sampler, processors: Optional[list]):
+        self.head, self.settings, self.processors = head, settings, processors
+        self.kind = proposal_kind(head, settings, processors)
+        self.context = settings_context([None], [processors])  # candidates, biased tokens
+        self.start(0)
+
+    def start(self, k: int) -> None:
+        self.drawn: List[mx.array] = []  # each draw's stage-1 scores or sampler logits
+        self.xtc = xtc_coins(self.settings, k)  # one coin per position, for both heads
+
+    def draw(self, h: mx.array, tokens: Optional[mx.array]) -> mx.array:
+        if self.kind == "tail":
+            h = h[:, -1, :]
+            scores = self.head.cluster_scores(h)
+            self.drawn.append(scores)
+            return sample(self.head, h, self.settings.temperature, scores=scores)
+        with in_context(self.context):
+            logits = self.head(h)[:, -1, :]
+        logprobs = log_softmax(process(self.processors, tokens, logits))
+        done = sum(d.shape[0] for d in self.drawn)
+        xtc = self.xtc[done : done + logprobs.shape[0]]
+        self.drawn.append(sampler_logits(self.settings, logprobs, xtc))
+        return mx.random.categorical(self.drawn[-1])
+
+    def distributions(self, logprobs: mx.array) -> Tuple[mx.array, mx.array]:
+        """The target ``p`` and the proposal ``q`` ``[k, V]`` at the block's positions, given
+        their dense log-probabilities ``[k, V]``."""
+        p = mx.softmax(sampler_logits(self.settings, logprobs, self.xtc), axis=-1)
+        drawn = mx.concatenate(self.drawn)
+        if self.kind == "tail":
+            return p, tail_distribution(self.head, logprobs, drawn, self.settings.temperature)
+        return p, mx.softmax(drawn, axis=-1)
+
+    def check(self, logprobs: mx.array, proposed: mx.array) -> mx.array:
+        return accept(*self.distributions(logprobs), proposed)
+
+
 def verify(
     model: nn.Module,
     head: FlashHead,
     cache: List[Any],
     token: mx.array,
     k: int,
-    sampler: Callable,
+    proposal: Union[GreedyProposal, SampledProposal],
     processors: Optional[list],
     tokens: Optional[mx.array],
 ) -> Tuple[List[int], mx.array, bool]:
     """One block: ``k`` FlashHead steps from ``token`` (the last one, not yet in the cache),
     then one dense pass over their hidden states.
 
-    Returns the verified tokens (FlashHead's up to the first it got wrong, then the dense one),
-    their dense log-probabilities ``[n, V]``, and whether a token was corrected; the caches
-    hold the entries of the tokens before the last verified one.
+    Returns the verified tokens (FlashHead's up to the first the check replaced, then its
+    replacement), their dense log-probabilities ``[n, V]``, and whether a token was replaced;
+    the caches hold the entries of the tokens before the last verified one.
     """
-    context = settings_context([sampler], [processors])
     hidden, proposed, saved = [], [], {}
+    proposal.start(k)
     for step in range(k):
         h = final_hidden_states(model, token[None], cache)
         if step == 0:
@@ -168,9 +249,7 @@ def verify(
                      if isinstance(c, RotatingKVCache)}
         if processors:
             tokens = mx.concatenate([tokens, token])
-        with in_context(context):
-            logits = head(h)[:, -1, :]
-        token = sampler(log_softmax(process(processors, tokens, logits)))
+        token = proposal.draw(h, tokens)
         mx.async_eval(token)
         hidden.append(h)
         proposed.append(token)
@@ -181,12 +260,13 @@ def verify(
             [process(processors, tokens[: rows + i], logits[i : i + 1]) for i in range(k)]
         )
     logprobs = log_softmax(logits)
-    dense = sampler(logprobs).reshape(-1).tolist()
-    flash = mx.concatenate(proposed).reshape(-1).tolist()
-    wrong = next((i for i in range(k) if dense[i] != flash[i]), None)
+    flash = mx.concatenate(proposed).reshape(-1)
+    checked = proposal.check(logprobs, flash).tolist()
+    flash = flash.tolist()
+    wrong = next((i for i in range(k) if checked[i] != flash[i]), None)
     n = k if wrong is None else wrong + 1
     roll_back(cache, saved, k - n)
-    return dense[:n], logprobs[:n], wrong is not None
+    return checked[:n], logprobs[:n], wrong is not None
 
 
 def verified_generate_step(
@@ -207,23 +287,25 @@ def verified_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """``mlx_lm.generate_step`` with FlashHead's tokens verified by the dense head, ``block``
-    at a time: a generator of ``(token, logprobs)``, exactly those of greedy dense decoding
-    (up to the rounding of a ``block``-row matrix product against a one-row one at near-ties).
+    at a time: a generator of ``(token, logprobs)``. Greedy (a sampler of temperature ``0``):
+    exactly the tokens of greedy dense decoding (up to the rounding of a ``block``-row matrix
+    product against a one-row one at near-ties). Sampling (a sampler of
+    :func:`flashhead_mlx.make_sampler`; another is a ``ValueError``): tokens distributed exactly
+    as mlx-lm's sampler on the dense logits (:mod:`flashhead_mlx.acceptance`). The
+    log-probabilities are the dense ones.
 
-    Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``. Greedy only:
-    a sampler with a nonzero temperature is a ``ValueError``.
+    Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``.
     """
-    temperature = sampler_temperature(sampler)
-    if temperature != 0:
-        raise ValueError(
-            "FlashHead's verified decoding is greedy only for now; the sampler's temperature "
-            f"is {temperature} (pass flashhead_verify=0 to sample unverified)"
-        )
+    settings = sampler_settings(sampler)
     if block < 1:
         raise ValueError(f"the verified block must be >= 1, got {block}")
     head = flash_head(model)
     verification = head.verification or Verification(block)
-    sampler = sampler or MLX_GENERATE.greedy_sampler
+    if settings is None:
+        proposal = GreedyProposal(head, sampler or MLX_GENERATE.greedy_sampler, logits_processors)
+    else:
+        proposal = SampledProposal(head, settings, logits_processors)
+    verification.mode = "greedy" if settings is None else "sampling"
     cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
     for c in cache:
         if not isinstance(c, CACHES):
@@ -252,7 +334,7 @@ def verified_generate_step(
         with mx.stream(stream):
             k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)
             verified, logprobs, corrected = verify(
-                model, head, cache, token, k, sampler, logits_processors, tokens
+                model, head, cache, token, k, proposal, logits_processors, tokens
             )
             quantize()
         if n == 0:

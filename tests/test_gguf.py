@@ -8,12 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import AUSTEN_DIR, TINY_TEXT, make_tiny_model
+from conftest import AUSTEN_DIR, TINY_TEXT, gguf_path, make_tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_sampler
 
 from flashhead_mlx.gguf import affine_from_blocks, build_tokenizer, import_gguf
+from flashhead_mlx.gguf_file import GGUFFile
 
 Q = gguf.GGMLQuantizationType
 ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
@@ -279,7 +280,7 @@ def test_sentencepiece_tokenizer_matches_trained_one(tmp_path):
     writer.write_kv_data_to_file()
     writer.close()
 
-    tokenizer = build_tokenizer(gguf.GGUFReader(tmp_path / "spm.gguf"))
+    tokenizer = build_tokenizer(GGUFFile(tmp_path / "spm.gguf"))
     held_out = (AUSTEN_DIR / "calibration.txt").read_text()[300_000:310_000] + " 😀 ∮"
     for line in held_out.splitlines():
         assert tokenizer.encode(line).ids == trained.encode(line).ids
@@ -335,3 +336,51 @@ def test_gemma3_speaks_english(gemma3_dir):
     text, ids = greedy(model, tokenizer, "Once upon a time, there was a")
     assert_plausible_english(text, ids)
     assert perplexity(model, tokenizer) < 30
+
+
+def assert_same_file(path) -> None:
+    """GGUFFile reads what the gguf package's own reader reads: every field, every tensor."""
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.fields == {key: field.contents() for key, field in theirs.fields.items()
+                           if not key.startswith("GGUF.")}
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert mine.tensor_type == reference.tensor_type
+        assert mine.shape == tuple(int(n) for n in reference.shape)
+        assert mine.data.dtype == reference.data.dtype
+        np.testing.assert_array_equal(mine.data, reference.data)
+
+
+def test_gguf_file_reads_what_gguf_reads(tmp_path):
+    """Every metadata type, arrays of strings and numbers, plain and quantized tensors, and a
+    non-default alignment."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    writer.add_uint32("general.alignment", 64)
+    for name, add, value in [("u8", writer.add_uint8, 7), ("i8", writer.add_int8, -7),
+                             ("u16", writer.add_uint16, 700), ("i16", writer.add_int16, -700),
+                             ("i32", writer.add_int32, -70000), ("f32", writer.add_float32, 0.25),
+                             ("u64", writer.add_uint64, 2**40), ("i64", writer.add_int64, -2**40),
+                             ("f64", writer.add_float64, 1e-300), ("b", writer.add_bool, True),
+                             ("s", writer.add_string, "Ünïcödé 🙂")]:
+        add(f"test.{name}", value)
+    writer.add_array("test.strings", ["a", "", "Ünï", "🙂" * 3])
+    writer.add_array("test.floats", [0.5, -1.5, 3.0])
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_tensor("plain", rng.normal(size=(3, 5)).astype(np.float32))
+    writer.add_tensor("half", rng.normal(size=(4, 64)).astype(np.float16))
+    blocks = gguf.quants.quantize(rng.normal(size=(2, 64)).astype(np.float32), Q.Q4_0)
+    writer.add_tensor("q4", blocks, raw_shape=blocks.shape, raw_dtype=Q.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_same_file(tmp_path / "all.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)
+    with pytest.raises(ValueError, match="bad.gguf is not a readable GGUF file"):
+        GGUFFile(tmp_path / "bad.gguf")
+
+
+@pytest.mark.slow
+def test_gguf_file_reads_the_real_model_as_gguf_does():
+    assert_same_file(gguf_path("smollm2"))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_clusters
-from flashhead_mlx.kernels import centroid_topk, cluster_argmax
+from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
+from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
@@ -66,6 +67,19 @@ def store(rows: np.ndarray, dtype, bits, group_size):
     if bits is None:
         return rows, None, None
     return mx.quantize(rows, group_size=group_size, bits=bits)
+
+
+def test_order_key_sorts_like_the_floats():
+    """order_key against numpy's bits: increasing along sorted floats, -0 just below +0."""
+    rng = np.random.default_rng(0)
+    special = [-np.inf, -3.4e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3.4e38, np.inf]
+    x = np.concatenate([special, rng.normal(size=1000) * 10.0 ** rng.integers(-30, 30, 1000)])
+    x = np.sort(x.astype(np.float32), kind="stable")  # -0.0 stays before 0.0
+    keys = np.array(order_key(mx.array(x))).astype(np.int64)
+    assert np.all(np.diff(keys) > 0)
+    bits = x.view(np.uint32)
+    expected = np.where(bits >= 0x80000000, ~bits, bits | np.uint32(0x80000000))
+    np.testing.assert_array_equal(keys, expected)
 
 
 def test_unpack_matches_mlx_dequantize():
@@ -155,6 +169,34 @@ def test_centroid_topk_breaks_ties_by_lowest_cluster_id(dtype, bits):
         np.testing.assert_array_equal(metal[1][row], exact[row, best])
     for a, b in zip(metal, reference):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cluster_scores_of_many_rows_on_the_cpu(bits):
+    """From CPU_DEQUANTIZE_ROWS rows on, the CPU scores by dequantized centroids: within float32
+    rounding of the float64 scores, and of the quantized matmul the rows get one at a time."""
+    B = CPU_DEQUANTIZE_ROWS + 3
+    h, centroids, scales, biases, cluster_bias = centroid_case(9, B, 128, 200, mx.bfloat16, bits, 64)
+    args = (centroids, scales, biases, cluster_bias, 64, bits)
+    many = np.array(cluster_scores(h, *args), dtype=np.float64)
+    single = np.concatenate([np.array(cluster_scores(h[i : i + 1], *args)) for i in range(B)])
+    rows, magnitude = rows64(centroids, scales, biases, 64, bits)
+    exact = as64(h) @ rows.T + as64(cluster_bias)
+    bound = 1e-6 * (np.abs(as64(h)) @ magnitude.T + np.abs(as64(cluster_bias)))
+    assert np.all(np.abs(many - exact) <= bound)
+    assert np.all(np.abs(many - single) <= 2 * bound)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_cluster_rank_counts_as_cluster_ranks_sorts(dtype):
+    """One cluster's rank by counting equals its rank in the full sort, ties included."""
+    inputs, _ = exact_centroid_case(dtype, 4, 32)
+    scores = cluster_scores(inputs[0], *inputs[1:], 32, 4)
+    ranks = np.array(cluster_ranks(scores))
+    clusters = mx.array(np.random.default_rng(0).integers(0, scores.shape[1], scores.shape[0]))
+    expected = ranks[np.arange(ranks.shape[0]), np.array(clusters)]
+    np.testing.assert_array_equal(np.array(cluster_rank(scores, clusters)), expected)
+    assert len(set(np.array(scores)[0])) < scores.shape[1]  # there are ties
 
 
 @pytest.mark.parametrize("n_probes", [1, 37, 300])

@@ -60,13 +60,17 @@ def test_every_token_can_be_drawn(weight, clusters, hidden):
     np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
 
 
-def assert_chi_square(counts, expected):
-    """Pearson's test, rare bins pooled, at about five standard deviations."""
+def chi_square(counts, expected):
+    """Pearson's statistic and its degrees of freedom, the bins expecting under 5 pooled."""
     big = expected >= 5
     observed = np.append(counts[big], counts[~big].sum())
     expected = np.append(expected[big], max(expected[~big].sum(), 1e-9))
-    chi2 = ((observed - expected) ** 2 / expected).sum()
-    dof = observed.size - 1
+    return ((observed - expected) ** 2 / expected).sum(), observed.size - 1
+
+
+def assert_chi_square(counts, expected):
+    """Pearson's test, rare bins pooled, at about five standard deviations."""
+    chi2, dof = chi_square(counts, expected)
     assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
 
 

@@ -10,6 +10,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
 from mlx.utils import tree_flatten
 
 from conftest import make_clusters, make_tiny_model
@@ -168,22 +169,16 @@ def test_eos_inside_a_block_ends_where_dense_ends(tmp_path):
     assert responses[-1].finish_reason == "stop"
 
 
-def test_sampling_and_batches_are_refused(pair):
+def test_unreadable_samplers_and_batches_are_refused(pair):
     dense, model, tokenizer = pair
     prompt = mx.array(tokenizer.encode("It is"))
-    with pytest.raises(ValueError, match="greedy only"):
-        run(model, prompt, 4, flashhead_verify=8, sampler=generation_sampler(0.7))
+    with pytest.raises(ValueError, match="flashhead_mlx.make_sampler"):
+        run(model, prompt, 4, flashhead_verify=8, sampler=make_sampler(temp=0.7))
     set_verification(model, 8)
     with pytest.raises(ValueError, match="batches"):
         generation.BatchGenerator(model)
     set_verification(model, None)
     assert flash_head(model).verification is None
-
-
-def generation_sampler(temperature):
-    from flashhead_mlx import make_sampler
-
-    return make_sampler(temp=temperature)
 
 
 def test_describe_reports_the_mode_and_rollbacks():
@@ -215,6 +210,9 @@ def test_generate_command_verifies(converted):
     assert default.returncode == 0, default.stderr
     assert "verified greedy (K=8," in default.stdout
     assert generated_text(default.stdout) == expected
+    sampled = run_generate(converted, "--flashhead-verify", "4", "--temp", "0.7", "--top-p", "0.9")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "verified sampling (K=4," in sampled.stdout
 
 
 REAL_PROMPTS = ["Once upon a time", "The three laws of robotics are", "def add(a, b):"]

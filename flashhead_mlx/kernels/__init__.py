@@ -2,13 +2,21 @@
 pure-MLX path it must agree with. The sources live in ``metal/``."""
 
 from ._common import kernel_implementation
-from .centroid_topk import centroid_topk, cluster_ranks, cluster_scores, ranking_key, top_clusters
+from .centroid_topk import (
+    centroid_topk,
+    cluster_rank,
+    cluster_ranks,
+    cluster_scores,
+    ranking_key,
+    top_clusters,
+)
 from .cluster_argmax import best_token, cluster_argmax, slot_tokens
 
 __all__ = [
     "best_token",
     "centroid_topk",
     "cluster_argmax",
+    "cluster_rank",
     "cluster_ranks",
     "cluster_scores",
     "kernel_implementation",
