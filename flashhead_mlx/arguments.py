@@ -20,7 +20,8 @@ def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "Clusters scored exactly per token (default: the fewest with 99.9%% top-1 "
-            "containment on the tuning text, --tuning-text)."
+            "containment on every domain of the development suite, at most 15%% of the "
+            "vocabulary scored; or on --tuning-text)."
         ),
     )
     parser.add_argument(
@@ -66,16 +67,20 @@ def add_upload_arguments(parser: argparse.ArgumentParser, required: bool) -> arg
     return parser
 
 
-def add_text_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+def add_text_arguments(
+    parser: argparse.ArgumentParser,
+    several: bool = False,
+    default: str = "a built-in Austen excerpt",
+) -> None:
     """``--text`` and ``--max-tokens`` (shared with ``tune``); ``several``: ``--text`` takes
-    several files or folders."""
+    several files or folders; ``default`` says what is measured without ``--text``."""
     parser.add_argument(
         "--text",
         default=None,
         nargs="+" if several else None,
-        help="Text files or folders of them, one row each (default: a built-in Austen excerpt)."
+        help=f"Text files or folders of them, one row each (default: {default})."
         if several
-        else "A text file (default: a built-in Austen excerpt).",
+        else f"A text file (default: {default}).",
     )
     parser.add_argument(
         "--max-tokens", type=int, default=4096, help="Positions of the text to measure."

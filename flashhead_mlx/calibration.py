@@ -11,10 +11,11 @@ from tqdm import tqdm
 from .model_head import final_hidden_states
 
 DATA_DIR = Path(__file__).parent / "data"
-# The text a conversion fits its clusters and centroids on: Pride and Prejudice (public domain).
+# The novel of the calibration mix (flashhead_mlx.calibration_mix): Pride and Prejudice (public
+# domain).
 CALIBRATION_TEXT = DATA_DIR / "calibration.txt"
-# The default text n_probes is tuned on and eval measures: the first chapters of Northanger Abbey
-# (public domain), a novel the conversion does not calibrate on.
+# The default text eval measures (and tune's former default): the first chapters of Northanger
+# Abbey (public domain), a novel the conversion does not calibrate on.
 TUNING_TEXT = DATA_DIR / "tuning.txt"
 
 

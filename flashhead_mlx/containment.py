@@ -9,17 +9,21 @@ clusters, scores its dense argmax.
 """
 
 import bisect
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-from .clustering import scored_fraction
+from .clustering import most_probes, scored_fraction
 from .head import FlashHead
 from .kernels import best_token, cluster_rank, cluster_ranks
 
-# The top-1 containment a conversion's default n_probes meets on the tuning text.
+# The top-1 containment a conversion's default n_probes meets on every domain of the development
+# suite (within the cap below) or on a tuning text.
 TARGET_CONTAINMENT = 0.999
+# The most of the vocabulary (centroids included) the development suite's tuning may score: where
+# a domain needs more probes for the target, the cap is kept (docs/clustering.md, "Tuning").
+MAX_SCORED_FRACTION = 0.15
 # Positions of the tuning text a conversion measures (all of the built-in text's ~7k tokens).
 TUNING_TOKENS = 8192
 # Hidden states scored per pass: their slot logits ``[CHUNK_SIZE, V]`` are held at once.
@@ -106,3 +110,47 @@ def tuned_n_probes(
     ranks = target_ranks(head, hidden)
     n_probes = smallest_n_probes(ranks, target, head.n_clusters)
     return n_probes, float(np.mean(ranks < n_probes))
+
+
+def domains_n_probes(
+    ranks: Dict[str, np.ndarray], target: float, n_clusters: int, max_probes: Optional[int] = None
+) -> Tuple[int, Dict[str, float]]:
+    """The smallest ``n_probes`` whose top-1 containment is at least ``target`` on every domain
+    (the minimum over domains: the largest of the domains' own smallest), from each domain's
+    target ranks (:func:`target_ranks`), but at most ``max_probes`` (then the domains that need
+    more stay below ``target``); and each domain's containment with it."""
+    if not ranks:
+        raise ValueError("no domains to tune on")
+    n_probes = max(smallest_n_probes(r, target, n_clusters) for r in ranks.values())
+    n_probes = min(n_probes, max_probes or n_clusters)
+    return n_probes, {domain: float(np.mean(r < n_probes)) for domain, r in ranks.items()}
+
+
+def suite_n_probes(
+    head: FlashHead,
+    ranks: Dict[str, np.ndarray],
+    target: float = TARGET_CONTAINMENT,
+    max_scored_fraction: Optional[float] = MAX_SCORED_FRACTION,
+) -> Tuple[int, str]:
+    """:func:`domains_n_probes` for ``head`` with at most ``max_scored_fraction`` of its
+    vocabulary scored (``None``: no cap), and a line saying what it reaches on each domain and,
+    where the cap binds, which domains stay below ``target`` and the probes each would need."""
+    cap = max_scored_fraction and most_probes(
+        max_scored_fraction, head.n_clusters, head.cluster_size, head.vocab_size
+    )
+    n_probes, reached = domains_n_probes(ranks, target, head.n_clusters, cap)
+    scored = scored_fraction(head.n_clusters, head.cluster_size, n_probes, head.vocab_size)
+    shares = ", ".join(f"{domain} {share:.4f}" for domain, share in reached.items())
+    line = f"n_probes {n_probes} ({100 * scored:.1f}% scored): top-1 {shares}"
+    below = {
+        domain: smallest_n_probes(ranks[domain], target, head.n_clusters)
+        for domain, share in reached.items()
+        if share < target
+    }
+    if below:
+        needs = ", ".join(f"{domain} {p}" for domain, p in below.items())
+        line += (
+            f"; capped at {100 * max_scored_fraction:g}% of the vocabulary scored, below "
+            f"{target:g} where the domains need more probes ({needs})"
+        )
+    return n_probes, line

@@ -47,7 +47,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tuning-text",
         default=None,
-        help="Text file the default n_probes is tuned on (default: a built-in Austen excerpt).",
+        help="Text file the default n_probes is tuned on (default: every domain of the "
+        "development suite).",
     )
     add_upload_arguments(parser, required=False)
     return parser

@@ -18,18 +18,15 @@ from mlx_lm.convert import convert as mlx_lm_convert
 
 from ._version import __version__
 from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_assets, save_assets
-from .calibration import (
-    CALIBRATION_TEXT,
-    TUNING_TEXT,
-    calibration_hidden_states,
-    text_hidden_states,
-)
+from .calibration import text_hidden_states
+from .calibration_mix import dev_suite_states, mix_hidden_states
 from .clustering import cluster_head, scored_fraction
-from .containment import TUNING_TOKENS, tuned_n_probes
+from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
 from .head import FlashHead
 from .model_card import CARD_FILE, render_folder_card, write_card
 from .model_head import head_module, head_rows
 from .sampling import fit_mass_bias
+from .suite import model_fingerprint
 
 # Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
 MASS_FIT_POSITIONS = 2048
@@ -98,12 +95,17 @@ def _dense_copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def calibration_states(model, tokenizer, calibration_tokens: int) -> mx.array:
-    """Final hidden states of ``calibration_tokens`` tokens of the shipped calibration text."""
-    print(f"[INFO] Calibrating on {calibration_tokens} tokens of {CALIBRATION_TEXT.name}")
-    return calibration_hidden_states(
-        model, tokenizer, CALIBRATION_TEXT.read_text(), n_tokens=calibration_tokens
-    )
+def calibration_states(
+    model, tokenizer, calibration_tokens: int, seed: int = 0, fingerprint: Optional[str] = None
+) -> mx.array:
+    """Final hidden states of ``calibration_tokens`` positions of the calibration mix
+    (:func:`flashhead_mlx.calibration_mix.mix_hidden_states`; its chat replies are cached by
+    ``fingerprint``)."""
+    start = time.perf_counter()
+    hidden = mix_hidden_states(model, tokenizer, calibration_tokens, seed, fingerprint=fingerprint)
+    seconds = time.perf_counter() - start
+    print(f"[INFO] Calibration mix: {hidden.shape[0]} positions in {seconds:.1f} s")
+    return hidden
 
 
 def cluster_model(
@@ -116,10 +118,13 @@ def cluster_model(
     seed: int = 0,
     calibration_tokens: int = 16384,
     tuning_text: Optional[str] = None,
+    fingerprint: Optional[str] = None,
 ) -> dict:
     """Cluster the head of a loaded mlx-lm model: the arguments of
     :func:`flashhead_mlx.assets.save_assets` (``clusters``, ``n_probes``, ``centroid_bits``,
-    ``mass_bias``). ``n_probes`` defaults to the tuned one (:func:`finish_assets`)."""
+    ``mass_bias``). ``n_probes`` defaults to the tuned one (:func:`finish_assets`);
+    ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`) caches the model's chat
+    replies."""
     weight = head_rows(head_module(model))
     vocab_size = weight.shape[0]
     if n_clusters is not None:
@@ -129,28 +134,41 @@ def cluster_model(
     if not 1 <= cluster_size <= vocab_size:
         raise ValueError(f"--cluster-size must be in [1, {vocab_size}], got {cluster_size}")
 
-    hidden = calibration_states(model, tokenizer, calibration_tokens)
+    hidden = calibration_states(model, tokenizer, calibration_tokens, seed, fingerprint)
     print(f"[INFO] Clustering {vocab_size} rows into clusters of {cluster_size}")
     start = time.perf_counter()
     clusters = cluster_head(weight, cluster_size=cluster_size, hidden_states=hidden, seed=seed)
     note = f"clustered in {time.perf_counter() - start:.1f} s"
     del weight
     return finish_assets(
-        model, tokenizer, clusters, hidden, n_probes, centroid_bits, note, tuning_text
+        model, tokenizer, clusters, hidden, n_probes, centroid_bits, note, tuning_text, fingerprint
     )
 
 
-def tune_n_probes(model, tokenizer, head: FlashHead, tuning_text: Optional[str] = None) -> int:
+def tune_n_probes(
+    model,
+    tokenizer,
+    head: FlashHead,
+    tuning_text: Optional[str] = None,
+    fingerprint: Optional[str] = None,
+) -> int:
     """The fewest probes with :data:`~flashhead_mlx.containment.TARGET_CONTAINMENT` top-1
-    containment for ``head`` (``model``'s, not installed) on the file ``tuning_text`` (default:
-    the built-in tuning text), ranked by the head's own stage 1."""
-    path = Path(tuning_text) if tuning_text else TUNING_TEXT
-    hidden = text_hidden_states(model, tokenizer, path.read_text(), TUNING_TOKENS)
-    n_probes, reached = tuned_n_probes(head, hidden)
-    print(
-        f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {reached:.4f} on "
-        f"{hidden.shape[0]} positions of {path.name}"
-    )
+    containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1: on
+    every domain of the development suite (:func:`flashhead_mlx.calibration_mix.dev_suite_states`,
+    chat replies cached by ``fingerprint``) within
+    :data:`~flashhead_mlx.containment.MAX_SCORED_FRACTION` of the vocabulary scored
+    (:func:`flashhead_mlx.containment.suite_n_probes`), or on the file ``tuning_text`` when
+    given."""
+    if tuning_text:
+        hidden = text_hidden_states(model, tokenizer, Path(tuning_text).read_text(), TUNING_TOKENS)
+        n_probes, reached = tuned_n_probes(head, hidden)
+        where = f"{hidden.shape[0]} positions of {Path(tuning_text).name}"
+        print(f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {reached:.4f} on {where}")
+        return n_probes
+    states = dev_suite_states(model, tokenizer, fingerprint)
+    ranks = {domain: target_ranks(head, hidden) for domain, hidden in states.items()}
+    n_probes, line = suite_n_probes(head, ranks)
+    print(f"[INFO] Tuned on the development suite: {line}")
     return n_probes
 
 
@@ -163,18 +181,20 @@ def finish_assets(
     centroid_bits: Optional[int],
     note: str = "",
     tuning_text: Optional[str] = None,
+    fingerprint: Optional[str] = None,
 ) -> dict:
     """The arguments of :func:`flashhead_mlx.assets.save_assets` for ``clusters`` (from
     ``clustering.cluster_head`` or ``clusters_from_order``) of ``model``'s head, with the
     sampling mass offsets fitted on ``hidden``. ``n_probes`` defaults to the fewest probes with
-    99.9% top-1 containment on ``tuning_text`` (:func:`tune_n_probes`)."""
+    99.9% top-1 containment on every domain of the development suite within the scored-fraction
+    cap, or on ``tuning_text`` (:func:`tune_n_probes`)."""
     n_clusters = clusters["cluster_bias"].shape[0]
     if n_probes is not None and not 1 <= n_probes <= n_clusters:
         raise ValueError(f"--n-probes must be in [1, {n_clusters}], got {n_probes}")
     assets = make_assets(clusters, n_probes or 1, centroid_bits=centroid_bits)
     head = FlashHead.from_module(head_module(model), assets)
     if n_probes is None:
-        n_probes = tune_n_probes(model, tokenizer, head, tuning_text)
+        n_probes = tune_n_probes(model, tokenizer, head, tuning_text, fingerprint)
     head.n_probes = n_probes
     print("[INFO] Fitting the sampling mass estimates")
     stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
@@ -225,7 +245,7 @@ def add_flashhead(
     ``config.json`` and the model card), ``card`` the options of the card, ``model_file`` adds
     the model file, ``options`` are those of :func:`cluster_model`."""
     model, tokenizer = mlx_lm.load(str(path))
-    result = cluster_model(model, tokenizer, **options)
+    result = cluster_model(model, tokenizer, fingerprint=model_fingerprint(path), **options)
     provenance = {"source": source_name(source or str(path))}
     install_flashhead(path, result, model, provenance, card, model_file)
 
@@ -258,8 +278,9 @@ def convert(
     Everything is written to a temporary folder beside ``output`` and renamed into place at the
     end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
     ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
-    Without ``n_probes``, the fewest probes with 99.9% top-1 containment on ``tuning_text`` (a
-    file; default: the built-in tuning text) are chosen (:func:`tune_n_probes`).
+    Without ``n_probes``, the fewest probes with 99.9% top-1 containment on every domain of the
+    development suite within the scored-fraction cap (or on the file ``tuning_text``) are chosen
+    (:func:`tune_n_probes`).
     """
     if tuning_text is not None and n_probes is not None:
         raise ValueError("--tuning-text tunes n_probes: give it or --n-probes, not both")

@@ -29,6 +29,9 @@ CHAT_CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "chat"
 REPLY_TOKENS = 256
 # Prompts per batch_generate call (mlx-lm's own completion batch size).
 REPLY_BATCH = 32
+# Prompts with their replies per forward pass for their hidden states (right-padded: a causal
+# model's positions do not see the padding after them).
+FORWARD_BATCH = 8
 # Files of a model folder that decide its dense replies (config.json without FlashHead's keys).
 FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FLASHHEAD_CONFIG_KEYS = ("flashhead", "model_file")
@@ -97,14 +100,14 @@ def dense_replies(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    fingerprint: str,
+    fingerprint: Optional[str],
     max_tokens: Optional[int] = None,
     cache_dir: Optional[Path] = None,
 ) -> Tuple[List[List[int]], List[bool]]:
     """The model's dense greedy replies to ``prompts`` through its chat template (mlx-lm's
     ``batch_generate``, FlashHead taken off for it and put back), cached under ``cache_dir``
-    (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`),
-    the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
+    (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`;
+    ``None``: not cached), the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
 
     Returns the reply tokens (without the stop token) and whether each reply stopped on a stop
     token (else it ran to ``max_tokens``).
@@ -113,8 +116,8 @@ def dense_replies(
 
     max_tokens = max_tokens or REPLY_TOKENS
     key = hashlib.sha256(json.dumps([list(prompts), max_tokens]).encode()).hexdigest()[:16]
-    path = Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
-    if path.is_file():
+    path = fingerprint and Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
+    if path and path.is_file():
         cached = json.loads(path.read_text())
         return cached["replies"], cached["stopped"]
     tokens = [chat_prompt_tokens(tokenizer, p) for p in prompts]
@@ -137,6 +140,8 @@ def dense_replies(
         if patched:
             patch(model)
     stopped = [len(r) < max_tokens for r in replies]
+    if not path:
+        return replies, stopped
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "prompts": list(prompts),
@@ -162,20 +167,24 @@ def chat_hidden_states(
     """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``:
     for each prompt, from its last token (which predicts the reply's first token) to the reply's
     last token when the reply stopped there (it predicts the stop token), else to the one before.
-    At most ``max_tokens`` positions, taken in prompt order."""
-    states, count = [], 0
-    for prompt, reply, stop in tqdm(
-        list(zip(prompts, replies, stopped)), desc="Chat replies forward"
-    ):
+    At most ``max_tokens`` positions, taken in prompt order; :data:`FORWARD_BATCH` prompts per
+    forward pass."""
+    rows, count = [], 0
+    for prompt, reply, stop in zip(prompts, replies, stopped):
         if max_tokens is not None and count >= max_tokens:
             break
         tokens = chat_prompt_tokens(tokenizer, prompt)
         start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
-        h = final_hidden_states(model, mx.array([tokens + list(reply)]))[0, start:end]
-        h = h.astype(mx.float32)
-        mx.eval(h)
-        states.append(h)
-        count += h.shape[0]
+        rows.append((tokens + list(reply), start, end))
+        count += end - start
+    states = []
+    for i in tqdm(range(0, len(rows), FORWARD_BATCH), desc="Chat replies forward"):
+        batch = rows[i : i + FORWARD_BATCH]
+        width = max(len(tokens) for tokens, _, _ in batch)
+        padded = mx.array([tokens + [0] * (width - len(tokens)) for tokens, _, _ in batch])
+        h = final_hidden_states(model, padded).astype(mx.float32)
+        states += [h[j, start:end] for j, (_, start, end) in enumerate(batch)]
+        mx.eval(states[-len(batch) :])
     hidden = mx.concatenate(states)
     return hidden if max_tokens is None else hidden[:max_tokens]
 

@@ -1,11 +1,15 @@
-"""``flashhead-mlx tune``: the smallest ``n_probes`` that meets a top-1 containment target on a
-text, stored as the folder's default.
+"""``flashhead-mlx tune``: the smallest ``n_probes`` that meets a top-1 containment target on
+every domain of the development suite within a cap on the scored fraction (or on a text), stored
+as the folder's default.
 
 One pass over the text's dense logits gives the rank of the cluster holding each position's dense
 argmax (:func:`flashhead_mlx.metrics.dense_pass`); containment with ``p`` probes is the share of
 ranks below ``p``, which grows with ``p``, so a binary search over ``p`` finds the smallest that
-meets the target. The sampling mass offsets are refitted for it on the same text, and both are
-written into the folder (:func:`flashhead_mlx.assets.set_n_probes`).
+meets the target; over the suite's domains the largest of these is kept, so that every domain
+meets it, unless it scores more of the vocabulary than the cap allows: then the cap is kept
+(:func:`flashhead_mlx.containment.suite_n_probes`). The sampling mass offsets are
+refitted for it on the same positions, and both are written into the folder
+(:func:`flashhead_mlx.assets.set_n_probes`).
 """
 
 import argparse
@@ -13,62 +17,106 @@ from pathlib import Path
 from typing import Optional
 
 from .arguments import add_text_arguments
+import mlx.core as mx
+
 from .assets import set_n_probes
-from .calibration import TUNING_TEXT, text_hidden_states
-from .containment import TARGET_CONTAINMENT, TUNING_TOKENS, smallest_n_probes
-from .metrics import dense_pass, evenly, format_rows, head_row, load_head, probing
+from .calibration import text_hidden_states
+from .calibration_mix import TUNING_DOMAIN_TOKENS, dev_suite_states
+from .containment import (
+    MAX_SCORED_FRACTION,
+    TARGET_CONTAINMENT,
+    TUNING_TOKENS,
+    suite_n_probes,
+)
+from .metrics import dense_pass, evenly, format_rows, head_row, load_head, pool_rows, probing
 from .pipeline import MASS_FIT_POSITIONS
 from .sampling import fit_mass_bias
+from .suite import model_fingerprint
 
 
 def tune(
     model: str,
     text: Optional[str] = None,
     target: float = TARGET_CONTAINMENT,
-    max_tokens: int = TUNING_TOKENS,
+    max_tokens: Optional[int] = None,
+    max_scored_fraction: float = MAX_SCORED_FRACTION,
 ) -> dict:
-    """Store in the FlashHead folder ``model`` the smallest ``n_probes`` whose top-1 containment on
-    the file ``text`` (default: the built-in text) is at least ``target``; print the before and
-    after table. Returns ``{"before": row, "after": row}`` (rows as ``flashhead-mlx eval``'s)."""
+    """Store in the FlashHead folder ``model`` the smallest ``n_probes`` whose top-1 containment is
+    at least ``target`` on every domain of the development suite (``max_tokens`` positions each,
+    default :data:`~flashhead_mlx.calibration_mix.TUNING_DOMAIN_TOKENS`) but scoring at most
+    ``max_scored_fraction`` of the vocabulary, or on the file ``text`` (default
+    :data:`~flashhead_mlx.containment.TUNING_TOKENS` positions, no cap); print the before and
+    after table. Returns ``{"before": row, "after": row, "domains": {name: {"before": row,
+    "after": row}}}`` (rows as ``flashhead-mlx eval``'s; the first two over all positions)."""
     if not 0 < target <= 1:
         raise ValueError(f"the target containment must be in (0, 1], got {target}")
-    text_path = Path(text) if text else TUNING_TEXT
-    if not text_path.is_file():
-        raise ValueError(f"{text_path} is not a file")
+    if max_scored_fraction <= 0:
+        raise ValueError(f"the scored fraction cap must be positive, got {max_scored_fraction}")
+    if text is not None and not Path(text).is_file():
+        raise ValueError(f"{text} is not a file")
     if not Path(model).is_dir():
         raise ValueError(f"{model} is not a local folder (tune writes into it)")
     lm, tokenizer, head = load_head(model)
-    hidden = text_hidden_states(lm, tokenizer, text_path.read_text(), max_tokens)
-    stats = dense_pass(head, hidden)
+    if text is None:
+        states = dev_suite_states(
+            lm, tokenizer, model_fingerprint(Path(model)), max_tokens or TUNING_DOMAIN_TOKENS
+        )
+    else:
+        hidden = text_hidden_states(
+            lm, tokenizer, Path(text).read_text(), max_tokens or TUNING_TOKENS
+        )
+        states = {Path(text).name: hidden}
+    stats = {name: dense_pass(head, hidden) for name, hidden in states.items()}
     before = head.n_probes
-    after = smallest_n_probes(stats["top1_ranks"], target, head.n_clusters)
-    rows = {"before": head_row(head, hidden, stats, before)}
-    rows["after"] = head_row(head, hidden, stats, after) if after != before else rows["before"]
-    print(f"{model} on {text_path} ({hidden.shape[0]} positions), target top-1 {target:g}:")
-    print(format_rows(list(rows.values()), labels=list(rows)))
+    ranks = {name: s["top1_ranks"] for name, s in stats.items()}
+    cap = max_scored_fraction if text is None else None
+    after, line = suite_n_probes(head, ranks, target, cap)
+    domains = {
+        name: {
+            key: head_row(head, states[name], stats[name], p)
+            for key, p in (("before", before), ("after", after))
+        }
+        for name in states
+    }
+    before_row, after_row = pool_rows([[d["before"], d["after"]] for d in domains.values()])
+    where = "the development suite" if text is None else text
+    print(f"{model} on {where}, target top-1 {target:g} on every domain:")
+    labels = [f"{name} {key}" for name in domains for key in ("before", "after")]
+    rows = [row for d in domains.values() for row in d.values()] + [before_row, after_row]
+    print(format_rows(rows, labels=labels + ["overall before", "overall after"]))
+    print(line)
     if after == before:
         print(f"n_probes stays {before}: nothing written")
     else:
+        hidden = mx.concatenate(list(states.values()))
         with probing(head, after):
             mass_bias = fit_mass_bias(head, evenly(hidden, MASS_FIT_POSITIONS))
         set_n_probes(model, after, mass_bias)
         print(f"n_probes {before} -> {after}: written to {model} (mass_bias refitted for it)")
-    return rows
+    return {"before": before_row, "after": after_row, "domains": domains}
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashhead-mlx tune",
-        description="Store the smallest n_probes that meets a top-1 containment target on a text.",
+        description="Store the smallest n_probes that meets a top-1 containment target on every "
+        "domain of the development suite within a cap on the scored fraction (or on a text).",
     )
     parser.add_argument("--model", required=True, help="A converted FlashHead folder.")
-    add_text_arguments(parser)
-    parser.set_defaults(max_tokens=TUNING_TOKENS)
+    add_text_arguments(parser, default="the development suite")
+    parser.set_defaults(max_tokens=None)
     parser.add_argument(
         "--target-containment",
         type=float,
         default=TARGET_CONTAINMENT,
         help="Share of positions whose dense argmax must be a candidate.",
+    )
+    parser.add_argument(
+        "--max-scored-fraction",
+        type=float,
+        default=MAX_SCORED_FRACTION,
+        help="Most of the vocabulary the tuned n_probes may score on the development suite "
+        "(centroids included, so 2 never binds). Not used with --text.",
     )
     return parser
 
@@ -76,10 +124,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = setup_arg_parser()
     args = parser.parse_args()
-    if args.max_tokens < 2:
+    if args.max_tokens is not None and args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2")
     try:
-        tune(args.model, args.text, args.target_containment, args.max_tokens)
+        tune(
+            args.model,
+            args.text,
+            args.target_containment,
+            args.max_tokens,
+            args.max_scored_fraction,
+        )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx tune: error: {error}")
 

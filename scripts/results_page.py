@@ -24,7 +24,6 @@ import mlx_lm
 
 from decode_table import AUSTEN, ROOT, model_folder
 from flashhead_mlx import __version__, bench, evaluate, metrics
-from flashhead_mlx.calibration import TUNING_TEXT
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.report import device_description
 from flashhead_mlx.tune import tune
@@ -61,7 +60,7 @@ def measure(name: str, folder: Path, device: str, args) -> None:
     prefix = OUT / f"{device}-{name}"
     with tempfile.TemporaryDirectory() as scratch:
         rows = tune(str(scratch_copy(folder, Path(scratch))), target=TARGET)
-    tuned = {"target": TARGET, "text": str(TUNING_TEXT.name), **rows}
+    tuned = {"target": TARGET, "text": "the development suite", **rows}
     Path(f"{prefix}-tune.json").write_text(json.dumps(stamp(tuned), indent=2) + "\n")
 
     before, after = rows["before"], rows["after"]["n_probes"]
@@ -98,7 +97,7 @@ def model_section(device: str, name: str) -> list:
         "",
         f"![eval plot](results/{device}-{name}-eval.png)",
         "",
-        f"**tune** at {tuned['target']} on the built-in text ({tuned['text']}; {tuned['machine']}, "
+        f"**tune** at {tuned['target']} on {tuned['text']} ({tuned['machine']}, "
         f"{tuned['date']}): n_probes {tuned['before']['n_probes']} -> "
         f"{tuned['after']['n_probes']}.",
         "",
@@ -127,9 +126,10 @@ def render() -> None:
         f"{TARGET} top-1 containment on the built-in tuning text). Each figure states the machine "
         "and the date it was measured on; the JSON files behind them are in `docs/results/`.",
         "",
-        "`eval` measures on Emma (held out: conversion calibrates on Pride and Prejudice, "
-        "`tune` on the built-in Northanger Abbey excerpt) the folder's `n_probes`, half and twice "
-        f"it, and the one `tune` picks for {TARGET} top-1 containment on the built-in text.",
+        "`eval` measures on Emma (held out: conversion calibrates on its calibration mix, "
+        "`tune` on the development suite) the folder's `n_probes`, half and twice it, and the "
+        f"one `tune` picks for {TARGET} top-1 containment on every domain of the development "
+        "suite.",
         "",
     ]
     missing = {

@@ -19,7 +19,7 @@ COMMANDS = {
 # The offline pipeline and the measurements: libraries the commands call.
 LIBRARY = {
     "pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf", "suite",
-    "mlx_lm_commands",
+    "mlx_lm_commands", "calibration_mix",
 }
 # What a FlashHead needs at run time: it knows nothing of the pipeline or the commands. The
 # loader clusters on the fly through the pipeline (``load(flashhead={"convert": True})``).

@@ -19,6 +19,7 @@ from conftest import make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import evaluate, flash_head, suite
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.calibration import CALIBRATION_TEXT, TUNING_TEXT
+from flashhead_mlx.calibration_mix import CALIBRATION_CODE, CALIBRATION_PROMPTS
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.metrics import (
     evaluate as evaluate_head,
@@ -78,10 +79,13 @@ def held_out_paragraphs():
 
 
 def test_held_out_text_is_not_in_dev_calibration_or_tuning_text():
+    """Nor in any source of the calibration mix (novel, code, prompts)."""
     dev = "\n".join((suite.SUITE_DIR / n).read_text() for n in entries("dev"))
     others = {
         "dev": dev,
         "calibration": CALIBRATION_TEXT.read_text(),
+        "calibration code": CALIBRATION_CODE.read_text(),
+        "calibration prompts": CALIBRATION_PROMPTS.read_text(),
         "tuning": TUNING_TEXT.read_text(),
     }
     checked = 0
@@ -99,6 +103,8 @@ def test_held_out_prompts_and_sources_are_not_in_dev():
 
     dev, held_out = prompts("dev"), prompts("held-out")
     assert len(held_out) >= 100 and not dev & held_out
+    calibration = {" ".join(p.lower().split()) for p in suite.read_prompts([CALIBRATION_PROMPTS])}
+    assert len(calibration) >= 80 and not calibration & held_out
     for domain in {e["domain"] for e in FILES.values()}:
         dev_origins = {o for e in entries("dev", domain).values() for o in e["origins"]}
         held_origins = {o for e in entries("held-out", domain).values() for o in e["origins"]}

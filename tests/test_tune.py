@@ -88,7 +88,7 @@ def test_cli_and_errors(converted, tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     result = run("--target-containment", "1.0", "--max-tokens", "64")
     assert result.returncode == 0, result.stderr
-    assert "| before |" in result.stdout and "| after  |" in result.stdout
+    assert "| overall before " in result.stdout and "| overall after " in result.stdout
 
 
 def test_convert_tunes_n_probes_on_the_tuning_text(tmp_path):
