@@ -20,7 +20,7 @@ def add_assets_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "Clusters scored exactly per token (default: the fewest with 99.9%% top-1 "
-            "containment on every domain of the development suite, at most 15%% of the "
+            "containment on every domain of the development suite, at most 12%% of the "
             "vocabulary scored; or on --tuning-text)."
         ),
     )

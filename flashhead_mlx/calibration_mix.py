@@ -129,15 +129,17 @@ def dev_suite_states(
     model: nn.Module,
     tokenizer,
     fingerprint: Optional[str] = None,
-    max_tokens: int = TUNING_DOMAIN_TOKENS,
+    max_tokens: Optional[int] = None,
 ) -> Dict[str, mx.array]:
     """Hidden states of the development suite by domain, as tuning measures it: up to
-    ``max_tokens`` positions of each domain; the chat domain's are the model's dense replies
+    ``max_tokens`` positions of each domain (default :data:`TUNING_DOMAIN_TOKENS`); the chat
+    domain's are the model's dense replies
     (:data:`TUNING_REPLY_TOKENS` tokens) to the first dev prompts, cached by ``fingerprint``
     (none without a chat template)."""
     domains = suite_files("dev")
     if not has_chat_template(tokenizer):
         domains.pop(CHAT)
+    max_tokens = max_tokens or TUNING_DOMAIN_TOKENS
     states = {}
     for domain, files in tqdm(domains.items(), desc="Development suite"):
         if domain == CHAT:

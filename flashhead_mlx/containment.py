@@ -23,7 +23,7 @@ from .kernels import best_token, cluster_rank, cluster_ranks
 TARGET_CONTAINMENT = 0.999
 # The most of the vocabulary (centroids included) the development suite's tuning may score: where
 # a domain needs more probes for the target, the cap is kept (docs/clustering.md, "Tuning").
-MAX_SCORED_FRACTION = 0.15
+MAX_SCORED_FRACTION = 0.12
 # Positions of the tuning text a conversion measures (all of the built-in text's ~7k tokens).
 TUNING_TOKENS = 8192
 # Hidden states scored per pass: their slot logits ``[CHUNK_SIZE, V]`` are held at once.

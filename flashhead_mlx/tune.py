@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .assets import set_n_probes
 from .calibration import text_hidden_states
-from .calibration_mix import TUNING_DOMAIN_TOKENS, dev_suite_states
+from .calibration_mix import dev_suite_states
 from .containment import (
     MAX_SCORED_FRACTION,
     TARGET_CONTAINMENT,
@@ -58,9 +58,7 @@ def tune(
         raise ValueError(f"{model} is not a local folder (tune writes into it)")
     lm, tokenizer, head = load_head(model)
     if text is None:
-        states = dev_suite_states(
-            lm, tokenizer, model_fingerprint(Path(model)), max_tokens or TUNING_DOMAIN_TOKENS
-        )
+        states = dev_suite_states(lm, tokenizer, model_fingerprint(Path(model)), max_tokens)
     else:
         hidden = text_hidden_states(
             lm, tokenizer, Path(text).read_text(), max_tokens or TUNING_TOKENS

@@ -10,12 +10,14 @@ with the centroids stored in 4 bits (and in float32, for comparison).
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm import load
 
+from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.calibration import CALIBRATION_TEXT, calibration_hidden_states
 from flashhead_mlx.clustering import (
@@ -80,6 +82,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main():
+    reexec_with_openblas([__file__, *sys.argv[1:]])
     args = setup_arg_parser().parse_args()
     model, tokenizer = load(args.model)
     weight = head_rows(head_module(model))

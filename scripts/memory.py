@@ -13,6 +13,7 @@ import sys
 CHILD = """
 import json, sys
 import mlx.core as mx
+from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx import decoding, load
 
 model, _ = load(sys.argv[1], flashhead=sys.argv[2] == "flashhead")
@@ -32,6 +33,7 @@ def measure(model: str, head: str) -> dict:
 
 
 def main() -> None:
+    reexec_with_openblas([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A converted FlashHead folder.")
     args = parser.parse_args()

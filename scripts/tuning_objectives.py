@@ -10,12 +10,14 @@ states (``dev_<domain>.npy``): a second run, or another folder of the same model
 """
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import numpy as np
 
+from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.calibration_mix import TUNING_DOMAIN_TOKENS, dev_suite_states
 from flashhead_mlx.clustering import most_probes, scored_fraction
 from flashhead_mlx.containment import TARGET_CONTAINMENT, target_ranks
@@ -75,6 +77,7 @@ def objectives(head, target: float) -> Dict[str, Callable[[dict], int]]:
 
 
 def main() -> None:
+    reexec_with_openblas([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A converted FlashHead folder.")
     parser.add_argument("--max-tokens", type=int, default=TUNING_DOMAIN_TOKENS)

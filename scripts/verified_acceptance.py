@@ -11,10 +11,12 @@ applies). Also the end-to-end rollbacks per 1000 tokens of the generations thems
 """
 
 import argparse
+import sys
 
 import mlx.core as mx
 import numpy as np
 
+from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx import decoding, flash_head, generate_step, load, make_sampler
 from flashhead_mlx.acceptance import sampler_logits, tail_distribution
 from flashhead_mlx.model_head import final_hidden_states
@@ -74,6 +76,7 @@ def measure(model, tokenizer, temperature: float, tokens: int, block: int, top_p
 
 
 def main() -> None:
+    reexec_with_openblas([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="A converted FlashHead folder (with mass_bias).")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0])

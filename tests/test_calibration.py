@@ -36,6 +36,16 @@ def chat_source(tmp_path_factory) -> Path:
     return with_chat_template(make_tiny_model(folder / "tiny", tied=False, seed=4))
 
 
+@pytest.fixture(autouse=True)
+def small_conversions(monkeypatch):
+    """The tiny model's conversions and tunings on a few short replies and positions per domain:
+    what each test checks does not depend on the sizes, which are the product's for real models."""
+    monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLIES", 4)
+    monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 16)
+    monkeypatch.setattr(calibration_mix, "TUNING_REPLY_TOKENS", 16)
+    monkeypatch.setattr(calibration_mix, "TUNING_DOMAIN_TOKENS", 64)
+
+
 def normalised(prompt: str) -> str:
     return " ".join(prompt.lower().split())
 

@@ -1,0 +1,217 @@
+"""Structural levers for FlashHead's remaining misses, measured on a split of the suite (issue 12,
+part 4; docs/clustering.md, "Levers"): per-token adaptive probes, an always-scored shortlist, the
+context's recent tokens scored per row, each at an equal mean scored fraction.
+
+    python scripts/lever_study.py --model DIR [--split dev] [--max-tokens 2048] [--states DIR]
+
+Per domain, every position's stage-1 rank of the dense argmax's cluster, its context (the window
+or the prompt and reply so far) and its best stage-1 scores are measured once; each lever is read
+off them. A position is contained when its argmax's cluster is probed, or the argmax is in the
+shortlist or among the last ``R`` context tokens. Scored rows per position: the centroids, the
+probed clusters' rows, the shortlist and the recent tokens (a fixed ``R``: a kernel reads them).
+"""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+import mlx.core as mx
+import numpy as np
+
+from flashhead_mlx.blas import reexec_with_openblas
+from flashhead_mlx.calibration import CALIBRATION_TEXT, text_windows
+from flashhead_mlx.calibration_mix import (
+    CALIBRATION_CODE,
+    CALIBRATION_REPLIES,
+    CALIBRATION_REPLY_TOKENS,
+    TUNING_REPLY_TOKENS,
+    calibration_prompts,
+)
+from flashhead_mlx.containment import dense_targets, token_clusters
+from flashhead_mlx.kernels import cluster_rank
+from flashhead_mlx.metrics import load_head
+from flashhead_mlx.model_head import final_hidden_states
+from flashhead_mlx.suite import (
+    CHAT,
+    REPLY_BATCH,
+    chat_prompt_tokens,
+    dense_replies,
+    model_fingerprint,
+    read_prompts,
+    read_text,
+    suite_files,
+)
+
+TOP_SCORES = 2048  # the best stage-1 scores kept per position (adaptive probes read them)
+RECENT = (32, 64, 128, 256)
+SHORTLIST = (128, 256, 512, 1024)
+
+
+def text_rows(tokenizer, text: str, max_tokens: int) -> List[tuple]:
+    """Teacher-forced windows as (tokens, first position, end) rows, as the suite reads a text."""
+    n_text = len(tokenizer.encode(text, add_special_tokens=False))
+    n = min(max_tokens, n_text)
+    windows = np.array(text_windows(tokenizer, text, n, min(512, n)))
+    n_prefix = windows.shape[1] - min(512, n)
+    rows, count = [], 0
+    for w in windows:
+        take = min(w.size - n_prefix, n - count)
+        rows.append((list(map(int, w)), n_prefix, n_prefix + take))
+        count += take
+    return rows
+
+
+def chat_rows(model, tokenizer, prompts, fingerprint, max_tokens: int) -> List[tuple]:
+    """The model's dense replies as (prompt + reply, first position, end) rows, as the suite
+    measures them (from the prompt's last token to the stop-token prediction)."""
+    prompts = prompts[:REPLY_BATCH]  # tuning's first batch, whose replies are cached
+    replies, stopped = dense_replies(model, tokenizer, prompts, fingerprint, TUNING_REPLY_TOKENS)
+    rows, count = [], 0
+    for prompt, reply, stop in zip(prompts, replies, stopped):
+        tokens = chat_prompt_tokens(tokenizer, prompt)
+        start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
+        end = min(end, start + max_tokens - count)
+        rows.append((tokens + list(reply), start, end))
+        count += end - start
+        if count >= max_tokens:
+            break
+    return rows
+
+
+def measure(model, head, rows: List[tuple]) -> dict:
+    """Per position: the argmax's stage-1 rank, the argmax, the distance back to its last
+    occurrence in the context (a large number when absent) and the best stage-1 scores."""
+    owner = token_clusters(head.order, head.cluster_size)
+    ranks, targets, back, tops = [], [], [], []
+    for tokens, start, end in rows:
+        h = final_hidden_states(model, mx.array([tokens]))[0, start:end].astype(mx.float32)
+        row_targets = []
+        for chunk, _, target in dense_targets(head, h):
+            scores = head.cluster_scores(chunk)
+            ranks.append(np.array(cluster_rank(scores, owner[target])))
+            tops.append(np.array(mx.topk(scores, TOP_SCORES, axis=-1)))
+            row_targets.append(np.array(target))
+        targets += row_targets
+        for i, target in zip(range(start, end), np.concatenate(row_targets)):
+            seen = [j for j in range(i, -1, -1) if tokens[j] == target]
+            back.append(i - seen[0] if seen else 1 << 30)
+    tops = np.sort(np.concatenate(tops), axis=-1)[:, ::-1]
+    return {
+        "ranks": np.concatenate(ranks),
+        "targets": np.concatenate(targets),
+        "back": np.array(back),
+        "tops": tops.astype(np.float32),
+    }
+
+
+def shortlist(tokenizer, model, fingerprint, size: int) -> np.ndarray:
+    """The ``size`` most frequent tokens of the calibration mix's texts (the novel, the code and
+    the cached calibration replies), special tokens first: what a conversion can build."""
+    counts = Counter()
+    for path in (CALIBRATION_TEXT, CALIBRATION_CODE):
+        counts.update(tokenizer.encode(path.read_text(), add_special_tokens=False))
+    if getattr(tokenizer, "chat_template", None):
+        prompts = calibration_prompts(0)[:CALIBRATION_REPLIES]
+        replies, _ = dense_replies(model, tokenizer, prompts, fingerprint, CALIBRATION_REPLY_TOKENS)
+        for prompt, reply in zip(prompts, replies):
+            counts.update(chat_prompt_tokens(tokenizer, prompt) + list(reply))
+    special = list(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else []
+    ranked = special + [t for t, _ in counts.most_common() if t not in special]
+    return np.array(ranked[:size])
+
+
+def adaptive_probes(tops: np.ndarray, margin: float, low: int, high: int) -> np.ndarray:
+    """Probes per position: the clusters within ``margin`` of the best stage-1 score, in
+    ``[low, high]``."""
+    within = (tops >= tops[:, :1] - margin).sum(axis=1)
+    return np.clip(within, low, high)
+
+
+def table(head, domains: Dict[str, dict], short: np.ndarray, budgets: List[int]) -> None:
+    """Top-1 containment per domain for each lever at equal mean scored rows."""
+    v, s, c = head.vocab_size, head.cluster_size, head.n_clusters
+    names = list(domains)
+    print("| lever | mean scored | " + " | ".join(names) + " | pooled |")
+    print("|---|---:|" + "---:|" * (len(names) + 1))
+
+    def row(label, contained: Dict[str, np.ndarray], rows: float) -> None:
+        shares = [100 * contained[n].mean() for n in names]
+        pooled = 100 * np.concatenate([contained[n] for n in names]).mean()
+        cells = " | ".join(f"{x:.2f}" for x in shares)
+        print(f"| {label} | {100 * rows / v:.1f}% | {cells} | {pooled:.2f} |")
+
+    for budget in budgets:  # every lever spends the rows of `budget` probes
+        rows = c + budget * s
+        row(f"{budget} probes", {n: d["ranks"] < budget for n, d in domains.items()}, rows)
+        for k in SHORTLIST:
+            p = budget - k // s
+            if p < 1:
+                continue
+            hit = {n: (d["ranks"] < p) | np.isin(d["targets"], short[:k]) for n, d in domains.items()}
+            row(f"{p} probes + shortlist {k}", hit, c + p * s + k)
+        for r in RECENT:
+            p = budget - r // s
+            if p < 1:
+                continue
+            hit = {n: (d["ranks"] < p) | (d["back"] < r) for n, d in domains.items()}
+            row(f"{p} probes + recent {r}", hit, c + p * s + r)
+        for r, k in ((64, 256), (128, 512)):
+            p = budget - (r + k) // s
+            if p < 1:
+                continue
+            hit = {
+                n: (d["ranks"] < p) | (d["back"] < r) | np.isin(d["targets"], short[:k])
+                for n, d in domains.items()
+            }
+            row(f"{p} probes + recent {r} + shortlist {k}", hit, c + p * s + r + k)
+        pooled_tops = np.concatenate([d["tops"] for d in domains.values()])
+        for low_share in (0.25, 0.5):
+            low, high = max(1, int(budget * low_share)), min(TOP_SCORES, 4 * budget)
+            # The margin whose mean probe count over all positions is the budget (bisection).
+            lo, hi = 0.0, float(pooled_tops[:, 0].max() - pooled_tops[:, -1].min())
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if adaptive_probes(pooled_tops, mid, low, high).mean() < budget else (lo, mid)
+            probes = {n: adaptive_probes(d["tops"], lo, low, high) for n, d in domains.items()}
+            mean = np.concatenate(list(probes.values())).mean()
+            hit = {n: domains[n]["ranks"] < probes[n] for n in names}
+            row(f"adaptive [{low}, {high}], margin {lo:.2f}", hit, c + mean * s)
+
+
+def main() -> None:
+    reexec_with_openblas([__file__, *sys.argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a FlashHead folder")
+    parser.add_argument("--split", default="dev", choices=["dev", "held-out"])
+    parser.add_argument("--max-tokens", type=int, default=2048, help="positions per domain")
+    parser.add_argument("--budgets", default="115,176,268", help="probe budgets, comma-separated")
+    parser.add_argument("--states", type=Path, help="cache the per-position measurements here")
+    args = parser.parse_args()
+    model, tokenizer, head = load_head(args.model)
+    fingerprint = model_fingerprint(Path(args.model))
+    domains = {}
+    for domain, files in suite_files(args.split).items():
+        cached = args.states and args.states / f"{args.split}_{domain}.npz"
+        if cached and cached.is_file():
+            domains[domain] = dict(np.load(cached))
+            continue
+        if domain == CHAT:
+            if not getattr(tokenizer, "chat_template", None):
+                continue
+            rows = chat_rows(model, tokenizer, read_prompts(files), fingerprint, args.max_tokens)
+        else:
+            rows = text_rows(tokenizer, read_text(files), args.max_tokens)
+        domains[domain] = measure(model, head, rows)
+        print(f"{domain}: {domains[domain]['ranks'].size} positions", flush=True)
+        if cached:
+            args.states.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, **domains[domain])
+    short = shortlist(tokenizer, model, fingerprint, max(SHORTLIST))
+    budgets = [int(b) for b in args.budgets.split(",")]
+    table(head, domains, short, budgets)
+
+
+if __name__ == "__main__":
+    main()
