@@ -386,13 +386,18 @@ def clusters_from_order(
     }
 
 
-def scored_fraction(n_clusters: int, cluster_size: int, n_probes: int, vocab_size: int) -> float:
-    """Rows scored per token over the vocabulary: ``(n_clusters + n_probes * cluster_size) / V``."""
-    return (n_clusters + n_probes * cluster_size) / vocab_size
+def scored_fraction(
+    n_clusters: int, cluster_size: int, n_probes: int, vocab_size: int, extra_rows: int = 0
+) -> float:
+    """Rows scored per token over the vocabulary: ``(n_clusters + n_probes * cluster_size +
+    extra_rows) / V`` (``extra_rows``: e.g. the recent tokens scored exactly)."""
+    return (n_clusters + n_probes * cluster_size + extra_rows) / vocab_size
 
 
-def most_probes(fraction: float, n_clusters: int, cluster_size: int, vocab_size: int) -> int:
-    """The most probes in ``[1, n_clusters]`` whose :func:`scored_fraction` is at most
-    ``fraction`` (one probe where the centroids alone exceed it)."""
-    probes = math.floor((fraction * vocab_size - n_clusters) / cluster_size + 1e-9)
+def most_probes(
+    fraction: float, n_clusters: int, cluster_size: int, vocab_size: int, extra_rows: int = 0
+) -> int:
+    """The most probes in ``[1, n_clusters]`` whose :func:`scored_fraction` (with
+    ``extra_rows``) is at most ``fraction`` (one probe where the rest alone exceeds it)."""
+    probes = math.floor((fraction * vocab_size - n_clusters - extra_rows) / cluster_size + 1e-9)
     return min(n_clusters, max(1, probes))

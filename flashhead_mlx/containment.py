@@ -133,13 +133,13 @@ def suite_n_probes(
     max_scored_fraction: Optional[float] = MAX_SCORED_FRACTION,
 ) -> Tuple[int, str]:
     """:func:`domains_n_probes` for ``head`` with at most ``max_scored_fraction`` of its
-    vocabulary scored (``None``: no cap), and a line saying what it reaches on each domain and,
+    vocabulary scored, its recent tokens included (``None``: no cap), and a line saying what it reaches on each domain and,
     where the cap binds, which domains stay below ``target`` and the probes each would need."""
-    cap = max_scored_fraction and most_probes(
-        max_scored_fraction, head.n_clusters, head.cluster_size, head.vocab_size
-    )
+    rows = (head.n_clusters, head.cluster_size)
+    recent = head.recent_tokens
+    cap = max_scored_fraction and most_probes(max_scored_fraction, *rows, head.vocab_size, recent)
     n_probes, reached = domains_n_probes(ranks, target, head.n_clusters, cap)
-    scored = scored_fraction(head.n_clusters, head.cluster_size, n_probes, head.vocab_size)
+    scored = scored_fraction(*rows, n_probes, head.vocab_size, recent)
     shares = ", ".join(f"{domain} {share:.4f}" for domain, share in reached.items())
     line = f"n_probes {n_probes} ({100 * scored:.1f}% scored): top-1 {shares}"
     below = {

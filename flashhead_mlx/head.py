@@ -14,7 +14,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .decode import DecodeContext, decode_context, temperature_array
-from .kernels import centroid_topk, cluster_argmax, cluster_scores, slot_tokens, top_clusters
+from .kernels import (
+    centroid_topk,
+    cluster_argmax,
+    cluster_scores,
+    gathered_logits,
+    slot_tokens,
+    top_clusters,
+)
+from .recent import RECENT_TOKENS, recent_tokens
 from .sampling import full_vocabulary_logits
 
 
@@ -34,6 +42,9 @@ class FlashHead(nn.Module):
         mode (str): quantization mode of ``weight``. Default: ``"affine"``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
         softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+        recent_tokens (int): tokens of each row's context also scored exactly at greedy decode
+            steps (:mod:`flashhead_mlx.recent`).
+            Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
     """
 
     def __init__(
@@ -47,6 +58,7 @@ class FlashHead(nn.Module):
         mode: str = "affine",
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
+        recent_tokens: int = RECENT_TOKENS,
     ):
         super().__init__()
         order = assets["order"].astype(mx.int32)
@@ -86,6 +98,9 @@ class FlashHead(nn.Module):
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
         self.softcap = softcap
+        if recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {recent_tokens}")
+        self.recent_tokens = recent_tokens
         # Verified decoding's default and counts (flashhead_mlx.verified.Verification), or None.
         self.verification = None
         self.freeze()
@@ -97,6 +112,7 @@ class FlashHead(nn.Module):
         assets: dict,
         n_probes: Optional[int] = None,
         softcap: Optional[float] = None,
+        recent_tokens: int = RECENT_TOKENS,
     ) -> "FlashHead":
         """Build from the model's ``lm_head`` or tied ``embed_tokens`` (float or quantized)."""
         quantized = "scales" in module
@@ -110,13 +126,15 @@ class FlashHead(nn.Module):
             mode=getattr(module, "mode", "affine"),
             n_probes=n_probes,
             softcap=softcap,
+            recent_tokens=recent_tokens,
         )
 
     def _extra_repr(self) -> str:
         return (
             f"vocab_size={self.vocab_size}, n_clusters={self.n_clusters}, "
             f"cluster_size={self.cluster_size}, n_probes={self.n_probes}, "
-            f"bits={self.bits}, centroid_bits={self.centroid_bits}"
+            f"recent_tokens={self.recent_tokens}, bits={self.bits}, "
+            f"centroid_bits={self.centroid_bits}"
         )
 
     def _softcap(self, logits: mx.array) -> mx.array:
@@ -251,13 +269,60 @@ class FlashHead(nn.Module):
         """The exact logits ``[..., K]`` (float32) of the tokens ``[K]``."""
         return self._softcap(self._row_logits(h, self.inverse[tokens]).astype(mx.float32))
 
+    def row_token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
+        """The exact logits ``[B, L, R]`` (float32) of each position's own tokens ``[B, L, R]``
+        at hidden states ``[B, L, d]`` (-1: no token, ``-inf``)."""
+        slots = self.inverse[mx.maximum(tokens, 0)].reshape(-1, tokens.shape[-1])
+
+        def by_row(a):  # [n_slots, 1, ...]: an index picks one row
+            return None if a is None else a[:, None]
+
+        logits = gathered_logits(
+            h.reshape(-1, h.shape[-1]),
+            slots,
+            by_row(self.weight),
+            by_row(self.get("scales")),
+            by_row(self.get("biases")),
+            self.group_size,
+            self.bits,
+            self.mode,
+        )
+        logits = self._softcap(logits).reshape(tokens.shape)
+        return mx.where(tokens >= 0, logits, -mx.inf)
+
+    def recent_extra(self, h: mx.array, probes: mx.array) -> Optional[mx.array]:
+        """Each position's recent tokens ``[B, L, R]`` (:func:`flashhead_mlx.recent.recent_tokens`)
+        that are not candidates already (-1 in their place), or ``None`` when the forward pass
+        set none for these rows."""
+        tokens = recent_tokens()
+        if self.recent_tokens == 0 or tokens is None or h.ndim != 3:
+            return None
+        if tokens.shape[0] != h.shape[0]:
+            return None
+        tokens = tokens[:, None, -self.recent_tokens :]  # [B, 1, R]: every position of a row
+        clusters = self.inverse[mx.maximum(tokens, 0)] // self.cluster_size
+        probed = (clusters[..., None] == probes[..., None, :].astype(mx.int32)).any(axis=-1)
+        return mx.where(probed, -1, tokens)  # [B, L, R]
+
+    def greedy_logits(self, h: mx.array) -> mx.array:
+        """Logits ``[..., V]`` of a greedy decode step: exact at the candidates and at each
+        row's recent tokens (:meth:`recent_extra`), ``-inf`` elsewhere."""
+        probes = self.probe(h)
+        tokens, logits = self.cluster_logits(h, probes)
+        recent = self.recent_extra(h, probes)
+        if recent is not None:
+            tokens = mx.concatenate([tokens, recent], axis=-1)
+            logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
+        return self.scatter(tokens, logits)
+
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
-        """Logits ``[..., V]`` of a decode step: exact at the candidates and at the context's
-        extra tokens, ``-inf`` elsewhere; with sampling temperatures, one full-vocabulary
-        sampler draw's logits (:func:`flashhead_mlx.sampling.full_vocabulary_logits`)."""
+        """Logits ``[..., V]`` of a decode step: exact at the candidates, at each row's recent
+        tokens (greedy steps) and at the context's extra tokens, ``-inf`` elsewhere; with
+        sampling temperatures, one full-vocabulary sampler draw's logits
+        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`)."""
         temperatures = context.temperatures
         if temperatures is None or not any(temperatures):
-            logits = self.sparse_logits(h)
+            logits = self.greedy_logits(h)
         else:
             rows = h.reshape(-1, h.shape[-1]).shape[0]
             if len(temperatures) > 1 and h.ndim > 2:

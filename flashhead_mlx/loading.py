@@ -20,7 +20,7 @@ from .pipeline import cluster_model
 from .verified import DEFAULT_BLOCK, set_verification
 
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "clusters"
-LOAD_OPTIONS = ("convert", "n_probes", "verify")
+LOAD_OPTIONS = ("convert", "n_probes", "recent_tokens", "verify")
 
 
 def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -84,8 +84,10 @@ def load(
         flashhead (bool or dict): ``False`` loads the dense head. A dict sets options:
             ``{"convert": True}`` clusters a folder without assets on the fly (cached under
             ``~/.cache/flashhead-mlx/clusters``), ``{"n_probes": 256}`` overrides the probes,
-            ``{"verify": 8}`` makes decoding verified by the dense head 8 tokens at a
-            time the default of FlashHead's ``generate`` functions (``True``: the default K).
+            ``{"recent_tokens": 0}`` turns off the exact scoring of each row's recent tokens
+            (default :data:`~flashhead_mlx.recent.RECENT_TOKENS`), ``{"verify": 8}`` makes
+            decoding verified by the dense head 8 tokens at a time the default of FlashHead's
+            ``generate`` functions (``True``: the default K).
             Default: ``True`` (FlashHead when the folder has assets, dense otherwise).
         n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
     """
@@ -97,6 +99,7 @@ def load(
         raise ValueError(f"unknown flashhead options {sorted(unknown)}; choose from {LOAD_OPTIONS}")
     enabled = flashhead is not False and not disabled()
     n_probes = options.get("n_probes", n_probes)
+    recent = options.get("recent_tokens")
 
     folder = download(path_or_hf_repo, revision=revision)
     model_config = dict(model_config or {})
@@ -114,9 +117,9 @@ def load(
     )
     if enabled:
         if "flashhead" in config:
-            apply_flashhead(model, load_assets(folder, model), n_probes)
+            apply_flashhead(model, load_assets(folder, model), n_probes, recent)
         elif options.get("convert"):
-            apply_flashhead(model, cached_assets(model, tokenizer), n_probes)
+            apply_flashhead(model, cached_assets(model, tokenizer), n_probes, recent)
         else:
             warnings.warn(
                 f"{path_or_hf_repo} has no FlashHead assets: loaded with its dense head "

@@ -9,6 +9,7 @@ from typing import Dict, Iterator, Optional
 
 from .loading import load
 from .patch import describe_head
+from .recent import RECENT_TOKENS
 from .verified import DEFAULT_BLOCK
 
 
@@ -26,6 +27,13 @@ def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         type=int,
         default=None,
         help="Clusters scored exactly per token (default: the model's).",
+    )
+    group.add_argument(
+        "--recent-tokens",
+        type=int,
+        default=None,
+        help="Tokens of each row's context also scored exactly at greedy steps (default: "
+        f"{RECENT_TOKENS}; 0: none).",
     )
     group.add_argument(
         "--flashhead-draft",
@@ -79,7 +87,10 @@ class Loader:
         else:
             requested = self.args.flashhead
             verify = getattr(self.args, "flashhead_verify", None)
-            flashhead = {"verify": verify} if requested and verify else requested
+            recent = self.args.recent_tokens
+            options = {"verify": verify, "recent_tokens": recent}
+            options = {name: value for name, value in options.items() if value is not None}
+            flashhead = options if requested and options else requested
             n_probes = self.args.n_probes
             result = load(path_or_hf_repo, *args, flashhead=flashhead, n_probes=n_probes, **kwargs)
         label = "Draft head" if draft else "Head"

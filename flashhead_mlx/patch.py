@@ -13,6 +13,7 @@ from .assets import load_assets
 from .clustering import scored_fraction
 from .head import FlashHead
 from .model_head import head_module, is_tied, language_model
+from .recent import RECENT_TOKENS, RecentTokensModel
 
 # mlx-lm model files whose forward pass ends in ``embed_tokens.as_linear`` or ``lm_head``.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma2")
@@ -79,18 +80,39 @@ def describe_head(model, requested: bool = True) -> str:
     tokens)`` in verified mode) or ``dense``; ``requested``: whether a FlashHead was asked for."""
     if is_patched(model):
         head = flash_head(model)
-        scored = scored_fraction(head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size)
+        scored = scored_fraction(
+            head.n_clusters, head.cluster_size, head.n_probes, head.vocab_size, head.recent_tokens
+        )
         verified = "" if head.verification is None else f", {head.verification.describe()}"
         return (
             f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
-            f"{head.cluster_size}, {100 * scored:.1f}% of the vocabulary scored){verified}"
+            f"{head.cluster_size}, {head.recent_tokens} recent tokens, {100 * scored:.1f}% of "
+            f"the vocabulary scored){verified}"
         )
     if requested and disabled():
         return "dense (FLASHHEAD_DISABLE is set)"
     return "dense (the model has no FlashHead assets)" if requested else "dense"
 
 
-def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = None) -> nn.Module:
+def mix_in(lm: nn.Module, mixins: tuple, **attributes) -> None:
+    """Give ``lm`` a class with ``mixins`` (and class ``attributes``) before its own; the
+    original class is kept as ``flashhead_original`` for :func:`mix_out`."""
+    original = type(lm)
+    namespace = {"__module__": original.__module__, "flashhead_original": original, **attributes}
+    lm.__class__ = type(original.__name__, (*mixins, original), namespace)
+
+
+def mix_out(lm: nn.Module) -> None:
+    """Give ``lm`` back the class :func:`mix_in` replaced."""
+    lm.__class__ = type(lm).__dict__.get("flashhead_original", type(lm))
+
+
+def apply_flashhead(
+    model: nn.Module,
+    assets: dict,
+    n_probes: Optional[int] = None,
+    recent_tokens: Optional[int] = None,
+) -> nn.Module:
     """Replace the head of an mlx-lm ``model`` by a FlashHead built from ``assets``, in place.
 
     The head's rows are reordered into cluster order and the original rows are released: a tied
@@ -101,6 +123,9 @@ def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = No
         model (nn.Module): a model loaded with ``mlx_lm.load``.
         assets (dict): from :func:`flashhead_mlx.assets.load_assets` or ``make_assets``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
+        recent_tokens (int, optional): tokens of each row's context scored exactly at greedy
+            steps (:mod:`flashhead_mlx.recent`).
+            Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
     """
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -112,16 +137,17 @@ def apply_flashhead(model: nn.Module, assets: dict, n_probes: Optional[int] = No
         raise ValueError("the model already has a FlashHead: call flashhead_mlx.unpatch first")
     lm = language_model(model)
     softcap = getattr(lm, SOFTCAP_ATTRIBUTES[arch]) if arch in SOFTCAP_ATTRIBUTES else None
-    head = FlashHead.from_module(head_module(model), assets, n_probes=n_probes, softcap=softcap)
+    recent_tokens = RECENT_TOKENS if recent_tokens is None else recent_tokens
+    head = FlashHead.from_module(
+        head_module(model), assets, n_probes=n_probes, softcap=softcap, recent_tokens=recent_tokens
+    )
     mx.eval(head.parameters())
     if is_tied(model):
         lm.model.embed_tokens = FlashEmbedding(head)
     else:
         lm.lm_head = head
-    if softcap is not None:
-        original = type(lm)
-        namespace = {"__module__": original.__module__}
-        lm.__class__ = type(original.__name__, (SoftcappedModel, original), namespace)
+    mixins = (RecentTokensModel,) + ((SoftcappedModel,) if softcap is not None else ())
+    mix_in(lm, mixins, flashhead_head=head)
     return model
 
 
@@ -174,8 +200,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         lm.model.embed_tokens = dense
     else:
         lm.lm_head = dense
-    if isinstance(lm, SoftcappedModel):
-        lm.__class__ = type(lm).__mro__[2]
+    mix_out(lm)
     if id(model) not in _removed:
         weakref.finalize(model, _removed.pop, id(model), None)
     _removed[id(model)] = head_assets(head)
@@ -186,6 +211,7 @@ def patch(
     model: nn.Module,
     assets: Union[dict, str, Path, None] = None,
     n_probes: Optional[int] = None,
+    recent_tokens: Optional[int] = None,
 ) -> nn.Module:
     """Install a FlashHead on an mlx-lm ``model``, in place, and return it.
 
@@ -194,6 +220,8 @@ def patch(
         assets (dict or path, optional): the clusters: a converted FlashHead folder, or assets
             from :func:`flashhead_mlx.assets.load_assets`. Default: those :func:`unpatch` removed.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
+        recent_tokens (int, optional): tokens of each row's context scored exactly at greedy
+            steps. Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
     """
     if disabled():
         warnings.warn("FLASHHEAD_DISABLE is set: the model keeps its dense head")
@@ -204,4 +232,4 @@ def patch(
         assets = _removed[id(model)]
     elif not isinstance(assets, dict):
         assets = load_assets(assets, model)
-    return apply_flashhead(model, assets, n_probes)
+    return apply_flashhead(model, assets, n_probes, recent_tokens)

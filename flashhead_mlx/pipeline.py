@@ -199,10 +199,13 @@ def finish_assets(
     print("[INFO] Fitting the sampling mass estimates")
     stride = max(1, hidden.shape[0] // MASS_FIT_POSITIONS)
     mass_bias = fit_mass_bias(head, hidden[::stride])
-    scored = scored_fraction(n_clusters, head.cluster_size, n_probes, head.vocab_size)
+    scored = scored_fraction(
+        n_clusters, head.cluster_size, n_probes, head.vocab_size, head.recent_tokens
+    )
     print(
-        f"[INFO] FlashHead: {n_clusters} clusters of {head.cluster_size}, {n_probes} probes "
-        f"({100 * scored:.1f}% of the vocabulary scored){', ' + note if note else ''}"
+        f"[INFO] FlashHead: {n_clusters} clusters of {head.cluster_size}, {n_probes} probes, "
+        f"{head.recent_tokens} recent tokens ({100 * scored:.1f}% of the vocabulary scored)"
+        f"{', ' + note if note else ''}"
     )
     return {
         "clusters": clusters,

@@ -122,11 +122,28 @@ def shortlist(tokenizer, model, fingerprint, size: int) -> np.ndarray:
     return np.array(ranked[:size])
 
 
-def adaptive_probes(tops: np.ndarray, margin: float, low: int, high: int) -> np.ndarray:
+def margin_probes(tops: np.ndarray, margin: float, low: int, high: int) -> np.ndarray:
     """Probes per position: the clusters within ``margin`` of the best stage-1 score, in
     ``[low, high]``."""
-    within = (tops >= tops[:, :1] - margin).sum(axis=1)
-    return np.clip(within, low, high)
+    return np.clip((tops >= tops[:, :1] - margin).sum(axis=1), low, high)
+
+
+def mass_probes(tops: np.ndarray, mass: float, low: int, high: int, temperature: float = 2.0):
+    """Probes per position: the fewest best clusters holding ``mass`` of the softmax of the
+    stage-1 scores at ``temperature`` (flat scores take more), in ``[low, high]``."""
+    weights = np.exp((tops - tops[:, :1]) / temperature)
+    covered = np.cumsum(weights, axis=1) / weights.sum(axis=1, keepdims=True)
+    return np.clip((covered < mass).sum(axis=1) + 1, low, high)
+
+
+def matching(rule, tops: np.ndarray, budget: float, upper: float) -> float:
+    """The rule's parameter in ``[0, upper]`` whose mean probe count over ``tops`` is
+    ``budget`` (the count grows with the parameter; bisection)."""
+    lo, hi = 0.0, upper
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rule(tops, mid).mean() < budget else (lo, mid)
+    return lo
 
 
 def table(head, domains: Dict[str, dict], short: np.ndarray, budgets: List[int]) -> None:
@@ -149,7 +166,8 @@ def table(head, domains: Dict[str, dict], short: np.ndarray, budgets: List[int])
             p = budget - k // s
             if p < 1:
                 continue
-            hit = {n: (d["ranks"] < p) | np.isin(d["targets"], short[:k]) for n, d in domains.items()}
+            listed = {n: np.isin(d["targets"], short[:k]) for n, d in domains.items()}
+            hit = {n: (d["ranks"] < p) | listed[n] for n, d in domains.items()}
             row(f"{p} probes + shortlist {k}", hit, c + p * s + k)
         for r in RECENT:
             p = budget - r // s
@@ -166,18 +184,24 @@ def table(head, domains: Dict[str, dict], short: np.ndarray, budgets: List[int])
                 for n, d in domains.items()
             }
             row(f"{p} probes + recent {r} + shortlist {k}", hit, c + p * s + r + k)
-        pooled_tops = np.concatenate([d["tops"] for d in domains.values()])
-        for low_share in (0.25, 0.5):
-            low, high = max(1, int(budget * low_share)), min(TOP_SCORES, 4 * budget)
-            # The margin whose mean probe count over all positions is the budget (bisection).
-            lo, hi = 0.0, float(pooled_tops[:, 0].max() - pooled_tops[:, -1].min())
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if adaptive_probes(pooled_tops, mid, low, high).mean() < budget else (lo, mid)
-            probes = {n: adaptive_probes(d["tops"], lo, low, high) for n, d in domains.items()}
+        pooled = np.concatenate([d["tops"] for d in domains.values()])
+        p = budget - 128 // s  # the adaptive rules on top of 128 recent tokens
+        rules = {
+            f"adaptive [{p // 2}, {4 * p}] (margin)": (
+                lambda t, m: margin_probes(t, m, p // 2, 4 * p),
+                float(pooled[:, 0].max() - pooled[:, -1].min()),
+            ),
+            f"adaptive [{2 * p // 5}, {TOP_SCORES}] (softmax mass, T = 2)": (
+                lambda t, m: mass_probes(t, m, 2 * p // 5, TOP_SCORES),
+                1.0,
+            ),
+        }
+        for label, (rule, upper) in rules.items():
+            value = matching(rule, pooled, p, upper)
+            probes = {n: rule(d["tops"], value) for n, d in domains.items()}
             mean = np.concatenate(list(probes.values())).mean()
-            hit = {n: domains[n]["ranks"] < probes[n] for n in names}
-            row(f"adaptive [{low}, {high}], margin {lo:.2f}", hit, c + mean * s)
+            hit = {n: (domains[n]["ranks"] < probes[n]) | (domains[n]["back"] < 128) for n in names}
+            row(f"{label} + recent 128", hit, c + mean * s + 128)
 
 
 def main() -> None:

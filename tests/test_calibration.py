@@ -15,6 +15,7 @@ from flashhead_mlx import calibration_mix, flash_head, load, suite
 from flashhead_mlx.clustering import most_probes, scored_fraction
 from flashhead_mlx.containment import TARGET_CONTAINMENT, suite_n_probes
 from flashhead_mlx.pipeline import convert
+from flashhead_mlx.recent import RECENT_TOKENS
 from flashhead_mlx.tune import tune
 
 CHAT_TEMPLATE = (
@@ -146,15 +147,17 @@ def test_convert_tunes_on_the_development_suite_by_default(chat_source, tmp_path
 def test_most_probes_is_the_cap_on_the_scored_fraction():
     for n_clusters, size, vocab in [(3072, 16, 49152), (16384, 16, 262144), (63, 16, 1000)]:
         for fraction in (0.10, 0.12, 0.15, scored_fraction(n_clusters, size, 7, vocab)):
-            p = most_probes(fraction, n_clusters, size, vocab)
-            assert scored_fraction(n_clusters, size, p, vocab) <= fraction
-            assert scored_fraction(n_clusters, size, p + 1, vocab) > fraction
+            for extra in (0, 128):
+                p = most_probes(fraction, n_clusters, size, vocab, extra)
+                assert p == 1 or scored_fraction(n_clusters, size, p, vocab, extra) <= fraction
+                assert scored_fraction(n_clusters, size, p + 1, vocab, extra) > fraction
     assert most_probes(0.12, 3072, 16, 49152) == 176 and most_probes(0.15, 3072, 16, 49152) == 268
+    assert most_probes(0.12, 3072, 16, 49152, 128) == 168
     assert most_probes(0.01, 63, 16, 1000) == 1 and most_probes(2, 63, 16, 1000) == 63
 
 
 def test_tuning_keeps_the_cap_where_a_domain_needs_more_and_says_so():
-    head = SimpleNamespace(n_clusters=63, cluster_size=16, vocab_size=1000)
+    head = SimpleNamespace(n_clusters=63, cluster_size=16, vocab_size=1000, recent_tokens=0)
     easy, hard = np.zeros(1000, dtype=int), np.arange(1000) % 63  # hard: rank 62 needs 63 probes
     ranks = {"easy": easy, "hard": hard}
     n_probes, line = suite_n_probes(head, ranks, 0.999, None)
@@ -169,8 +172,8 @@ def test_tune_on_the_development_suite_keeps_the_cap(chat_source, tmp_path, monk
     monkeypatch.setattr(suite, "CHAT_CACHE_DIR", tmp_path / "cache")
     converted = convert(str(chat_source), str(tmp_path / "out"), calibration_tokens=256, n_probes=1)
     uncapped = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=2)
-    cap = most_probes(0.15, 63, 16, 1000)
+    cap = most_probes(0.25, 63, 16, 1000, RECENT_TOKENS)  # the recent tokens count as scored
     assert uncapped["after"]["n_probes"] > cap  # the tiny random model needs more for 100%
-    rows = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=0.15)
-    assert rows["after"]["n_probes"] == cap
-    assert "capped at 15% of the vocabulary scored" in capsys.readouterr().out
+    rows = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=0.25)
+    assert rows["after"]["n_probes"] == cap > 1
+    assert "capped at 25% of the vocabulary scored" in capsys.readouterr().out

@@ -96,7 +96,9 @@ def test_decode_step(pair):
     reference = np.array(dense(batch))[:, 0]
     head = flash_head(model)
     finite = np.isfinite(step)
-    assert np.all(finite.sum(-1) <= N_PROBES * head.cluster_size) and np.all(finite.sum(-1) > 0)
+    # The candidates and the row's own input token (a call without a cache: its recent tokens).
+    assert np.all(finite.sum(-1) <= N_PROBES * head.cluster_size + 1) and np.all(finite.sum(-1) > 0)
+    assert np.all(finite[np.arange(len(batch)), np.array(batch)[:, 0]])
     assert len({tuple(np.flatnonzero(f)) for f in finite}) > 1
     assert np.all(np.isneginf(step[~finite]))
     np.testing.assert_allclose(step[finite], reference[finite], rtol=1e-4, atol=1e-4)
@@ -111,7 +113,7 @@ def test_verification_positions_are_scored_per_position(pair):
         step = np.array(model(TOKENS[:, :4]))[0]
     reference = np.array(dense(TOKENS[:, :4]))[0]
     finite = np.isfinite(step)
-    assert np.all(finite.sum(-1) <= N_PROBES * flash_head(model).cluster_size)
+    assert np.all(finite.sum(-1) <= N_PROBES * flash_head(model).cluster_size + 4)  # + its inputs
     np.testing.assert_allclose(step[finite], reference[finite], rtol=1e-4, atol=1e-4)
 
 
@@ -125,16 +127,23 @@ def test_all_probes_generate_like_dense(pair):
 
 
 def test_greedy_generation_follows_the_candidates(llama):
-    """Each greedy token is the argmax of the dense logits over that step's candidates."""
+    """Each greedy token is the argmax of the dense logits over that step's candidates and the
+    context's recent tokens."""
     dense, model, tokenizer = llama
     head = flash_head(model)
     prompt = mx.array(tokenizer.encode(PROMPTS[0]))
     tokens = greedy_tokens(model, tokenizer, PROMPTS[0])
-    context = mx.concatenate([prompt, mx.array(tokens[:-1])])[None]
-    hidden = final_hidden_states(dense, context)[0, prompt.size - 1 :]
-    ids, logits = head.candidates(hidden)
-    expected = np.take_along_axis(np.array(ids), np.array(logits).argmax(-1)[:, None], -1)[:, 0]
-    assert tokens == expected.tolist()
+    context = mx.concatenate([prompt, mx.array(tokens[:-1])])
+    hidden = final_hidden_states(dense, context[None])[0, prompt.size - 1 :]
+    ids, _ = head.candidates(hidden)
+    reference = np.array(dense(context[None]))[0, prompt.size - 1 :]
+    expected = []
+    for step, row in enumerate(reference):
+        scored = np.zeros(row.size, dtype=bool)
+        scored[np.array(ids[step])] = True
+        scored[np.array(context[: prompt.size + step][-head.recent_tokens :])] = True
+        expected.append(int(np.argmax(np.where(scored, row, -np.inf))))
+    assert tokens == expected
 
 
 def test_no_dense_logits_while_generating(llama, monkeypatch):

@@ -10,7 +10,7 @@ from .centroid_topk import (
     ranking_key,
     top_clusters,
 )
-from .cluster_argmax import best_token, cluster_argmax, slot_tokens
+from .cluster_argmax import best_token, cluster_argmax, gathered_logits, slot_tokens
 
 __all__ = [
     "best_token",
@@ -19,6 +19,7 @@ __all__ = [
     "cluster_rank",
     "cluster_ranks",
     "cluster_scores",
+    "gathered_logits",
     "kernel_implementation",
     "ranking_key",
     "slot_tokens",

@@ -75,6 +75,32 @@ def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
     return best.min(axis=-1)
 
 
+def gathered_logits(
+    h: mx.array,
+    indices: mx.array,
+    weight: mx.array,
+    scales: Optional[mx.array],
+    biases: Optional[mx.array],
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+) -> mx.array:
+    """Each row of ``h`` ``[B, d]`` against its own blocks of rows: ``weight`` ``[n_blocks,
+    rows, d]`` (float, or packed with ``scales`` and ``biases``), blocks ``indices`` ``[B, K]``.
+    Returns the logits ``[B, K * rows]`` (float32), block by block. Pure MLX."""
+    x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, K] blocks
+    if bits is not None:
+        logits = mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
+                               group_size=group_size, bits=bits, mode=mode)
+    elif weight.dtype == mx.float32:
+        logits = mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices)
+    else:
+        # gather_mm would cast the whole head to float32: cast the gathered rows only.
+        rows = mx.take(weight, indices, axis=0).astype(mx.float32)
+        logits = rows @ x.swapaxes(-1, -2)
+    return logits.reshape(indices.shape[0], -1)
+
+
 def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
                         softcap, mode):
     n_clusters = order.size // cluster_size
@@ -82,18 +108,8 @@ def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, 
     def by_cluster(a):  # [n_clusters, cluster_size, ...]: a probe picks one cluster's rows
         return None if a is None else a.reshape(n_clusters, cluster_size, -1)
 
-    x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, n_probes] probes
-    if bits is not None:
-        logits = mx.gather_qmm(x, by_cluster(weight), by_cluster(scales), by_cluster(biases),
-                               rhs_indices=probes, transpose=True, group_size=group_size,
-                               bits=bits, mode=mode)
-    elif weight.dtype == mx.float32:
-        logits = mx.gather_mm(x, by_cluster(weight).swapaxes(-1, -2), rhs_indices=probes)
-    else:
-        # gather_mm would cast the whole head to float32: cast the probed rows only.
-        rows = mx.take(by_cluster(weight), probes, axis=0).astype(mx.float32)
-        logits = rows @ x.swapaxes(-1, -2)
-    logits = logits.reshape(probes.shape[0], -1)
+    logits = gathered_logits(h, probes, by_cluster(weight), by_cluster(scales),
+                             by_cluster(biases), group_size, bits, mode)
     if softcap is not None:
         logits = mx.tanh(logits / softcap) * softcap
     tokens = slot_tokens(probes, order, cluster_size)

@@ -1,0 +1,106 @@
+"""Each row's recent tokens scored exactly at greedy decode steps (flashhead_mlx.recent), against
+the dense head of the same tiny models: the exact set is the candidates plus the row's own last
+tokens, a context holding every token makes greedy FlashHead decoding dense, and the tokens are
+tracked per sequence on its cache."""
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from conftest import make_clusters, make_tiny_model
+from flashhead_mlx import decoding, flash_head, unpatch
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.generation import generate
+from flashhead_mlx.model_head import head_module, head_rows, language_model
+from flashhead_mlx.patch import apply_flashhead
+from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, updated
+
+MODELS = {
+    "llama-tied": dict(model_type="llama"),
+    "qwen3-untied-quantized": dict(model_type="qwen3", tied=False, quantize=True),
+    "gemma2-softcap": dict(model_type="gemma2"),
+}
+N_PROBES = 2
+ROWS = np.random.default_rng(0).integers(0, 1000, size=(2, 40))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def folder(request, tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", **MODELS[request.param])
+
+
+def patched(folder, recent_tokens, n_probes=N_PROBES):
+    model, tokenizer = mlx_lm.load(str(folder))
+    assets = make_assets(make_clusters(np.array(head_rows(head_module(model)))), n_probes)
+    return apply_flashhead(model, assets, recent_tokens=recent_tokens), tokenizer
+
+
+def decode_step(model, rows: np.ndarray) -> np.ndarray:
+    """Prefill ``rows`` but their last token, then one greedy decode step on it: logits [B, V]."""
+    cache = make_prompt_cache(model)
+    with decoding(temperatures=[0.0]):
+        model(mx.array(rows[:, :-1]), cache=cache)
+        return np.array(model(mx.array(rows[:, -1:]), cache=cache)[:, -1])
+
+
+def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder):
+    dense, _ = mlx_lm.load(str(folder))
+    reference = np.array(dense(mx.array(ROWS))[:, -1])
+    candidates = np.isfinite(decode_step(patched(folder, 0)[0], ROWS))
+    recent = 16
+    step = decode_step(patched(folder, recent)[0], ROWS)
+    for b in range(len(ROWS)):
+        own = np.zeros(reference.shape[-1], dtype=bool)
+        own[ROWS[b, -recent:]] = True
+        # Exact at a candidate or one of the row's last 16 tokens (not another row's), else -inf.
+        np.testing.assert_array_equal(np.isfinite(step[b]), candidates[b] | own)
+        assert (own & ~candidates[b]).any()  # the recent tokens add exact logits
+        np.testing.assert_allclose(step[b, own], reference[b, own], rtol=1e-4, atol=1e-4)
+        assert np.all(np.isneginf(step[b, ~(candidates[b] | own)]))
+
+
+def test_a_context_holding_every_token_makes_greedy_decoding_dense(folder):
+    """With every vocabulary token among the recent ones, FlashHead's greedy output is the dense
+    head's whatever the probes; without them the same few probes change it."""
+    dense, tokenizer = mlx_lm.load(str(folder))
+    prompt = list(map(int, np.random.default_rng(1).permutation(1000)))
+    expected = mlx_lm.generate(dense, tokenizer, prompt, max_tokens=12)
+    model, _ = patched(folder, recent_tokens=1024, n_probes=1)
+    assert generate(model, tokenizer, prompt, max_tokens=12) == expected
+    flash_head(model).recent_tokens = 0
+    assert generate(model, tokenizer, prompt, max_tokens=12) != expected
+
+
+def test_each_sequence_keeps_its_own_last_tokens_on_its_cache(folder):
+    model, _ = patched(folder, recent_tokens=8)
+    cache = make_prompt_cache(model)
+    short = ROWS[:1, :5]
+    with decoding(temperatures=[0.0]):
+        model(mx.array(short), cache=cache)
+    tracked = np.array(getattr(cache[0], CACHE_ATTRIBUTE))
+    np.testing.assert_array_equal(tracked, [[-1] * 3 + list(short[0])])
+    with decoding(temperatures=[0.0]):
+        for token in ROWS[0, 5:12]:
+            model(mx.array([[int(token)]]), cache=cache)
+    np.testing.assert_array_equal(np.array(getattr(cache[0], CACHE_ATTRIBUTE)), ROWS[:1, 4:12])
+
+
+def test_rows_that_change_start_again_from_the_inputs():
+    previous = mx.array([[1, 2, 3], [4, 5, 6]])
+    for before, inputs, after in [
+        (previous, [[7], [8]], [[2, 3, 7], [5, 6, 8]]),
+        (previous, [[7]], [[-1, -1, 7]]),  # a row fewer: the history is dropped
+        (None, [[7, 8, 9, 10]], [[8, 9, 10]]),
+    ]:
+        np.testing.assert_array_equal(np.array(updated(before, mx.array(inputs), 3)), after)
+
+
+def test_unpatch_gives_the_language_model_its_class_back(folder):
+    model, _ = patched(folder, recent_tokens=8)
+    lm = language_model(model)
+    original = type(lm).flashhead_original
+    assert isinstance(lm, RecentTokensModel) and type(lm).flashhead_head is flash_head(model)
+    unpatch(model)
+    assert type(lm) is original and not isinstance(lm, RecentTokensModel)
