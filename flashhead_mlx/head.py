@@ -293,16 +293,14 @@ class FlashHead(nn.Module):
     def recent_extra(self, h: mx.array, probes: mx.array) -> Optional[mx.array]:
         """Each position's recent tokens ``[B, L, R]`` (:func:`flashhead_mlx.recent.recent_tokens`)
         that are not candidates already (-1 in their place), or ``None`` when the forward pass
-        set none for these rows."""
+        set none for these positions."""
         tokens = recent_tokens()
-        if self.recent_tokens == 0 or tokens is None or h.ndim != 3:
+        if self.recent_tokens == 0 or tokens is None or tokens.shape[:2] != h.shape[:-1]:
             return None
-        if tokens.shape[0] != h.shape[0]:
-            return None
-        tokens = tokens[:, None, -self.recent_tokens :]  # [B, 1, R]: every position of a row
+        tokens = tokens[..., -self.recent_tokens :]
         clusters = self.inverse[mx.maximum(tokens, 0)] // self.cluster_size
         probed = (clusters[..., None] == probes[..., None, :].astype(mx.int32)).any(axis=-1)
-        return mx.where(probed, -1, tokens)  # [B, L, R]
+        return mx.where(probed, -1, tokens)
 
     def greedy_logits(self, h: mx.array) -> mx.array:
         """Logits ``[..., V]`` of a greedy decode step: exact at the candidates and at each

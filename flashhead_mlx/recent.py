@@ -10,8 +10,11 @@ FlashHead would pick without it, except to the dense one.
 The model learns the tokens from its own inputs: while a FlashHead is installed, the language
 model's class has :class:`RecentTokensModel` mixed in, which keeps each sequence's last tokens on
 its KV cache (so the prompt's tail, every decoded token and nothing of other sequences) and sets
-them for the head during the forward pass. A cache whose rows change (a batch that drops or adds
-rows) starts again from the current inputs. Without a cache the inputs themselves are the context.
+them for the head during the forward pass. Each position sees the tokens up to itself only, and a
+cache trimmed back (speculative decoding's rejected drafts, verified decoding's rollbacks) drops
+the trimmed tokens: a sequence's output does not depend on how its tokens were split into forward
+passes. A cache whose rows change (a batch that drops or adds rows) starts again from the current
+inputs. Without a cache the inputs themselves are the context.
 """
 
 import contextvars
@@ -22,21 +25,25 @@ import mlx.core as mx
 
 # Tokens of each row's context scored exactly per decode step (the cost of RECENT_TOKENS rows).
 RECENT_TOKENS = 128
-# The attribute of a sequence's first cache entry that holds its recent tokens.
+# The attribute of a sequence's first cache entry that holds its recent tokens and the cache
+# offset after the last of them.
 CACHE_ATTRIBUTE = "flashhead_recent_tokens"
+# Tokens kept beyond the window, for caches trimmed back by up to this many tokens.
+HISTORY_SLACK = 64
 
 _RECENT: contextvars.ContextVar = contextvars.ContextVar("flashhead_recent", default=None)
 
 
 def recent_tokens() -> Optional[mx.array]:
-    """The recent tokens ``[B, R]`` (int32, -1 where a context is shorter) of the forward pass
-    in progress, or ``None`` outside one."""
+    """The recent tokens ``[B, L, R]`` (int32, -1 where a context is shorter) of each position
+    of the forward pass in progress, or ``None`` outside one."""
     return _RECENT.get()
 
 
 @contextmanager
 def reading(tokens: Optional[mx.array]) -> Iterator[None]:
-    """Within this block the head reads ``tokens`` (``[B, R]``) as the rows' recent tokens."""
+    """Within this block the head reads ``tokens`` (``[B, L, R]``) as the positions' recent
+    tokens."""
     token = _RECENT.set(tokens)
     try:
         yield
@@ -44,25 +51,47 @@ def reading(tokens: Optional[mx.array]) -> Iterator[None]:
         _RECENT.reset(token)
 
 
-def updated(previous: Optional[mx.array], inputs: mx.array, size: int) -> mx.array:
-    """The last ``size`` tokens ``[B, size]`` of ``previous`` followed by ``inputs`` ``[B, L]``;
-    ``previous`` is ignored when absent or of other rows. No host synchronisation."""
-    inputs = inputs.reshape(-1, inputs.shape[-1]).astype(mx.int32)
-    if previous is None or previous.shape[0] != inputs.shape[0] or previous.shape[1] != size:
-        previous = mx.full((inputs.shape[0], size), -1, dtype=mx.int32)
-    return mx.concatenate([previous, inputs], axis=1)[:, -size:]
+def windows(sequence: mx.array, length: int, size: int) -> mx.array:
+    """For each of the last ``length`` positions of ``sequence`` ``[B, H]``, the ``size``
+    tokens up to and including it ``[B, length, size]`` (-1 before the start): causal, so a
+    position never sees a later input of the same forward pass."""
+    end = sequence.shape[1] - length + 1 + mx.arange(length)[:, None]  # one past each position
+    index = end - size + mx.arange(size)
+    tokens = mx.take(sequence, mx.maximum(index, 0).reshape(-1), axis=1)
+    return mx.where(index >= 0, tokens.reshape(sequence.shape[0], length, size), -1)
+
+
+def trimmed(history: mx.array, kept: int, end: Optional[int], offset) -> mx.array:
+    """``history`` ``[B, H]``, whose last token was at cache offset ``end``, without the tokens
+    a cache trim removed since (now at ``offset``: speculative decoding's rejected drafts,
+    verified decoding's rollbacks); unchanged where the offsets are unknown or arrays."""
+    if not (isinstance(end, int) and isinstance(offset, int)) or offset >= end:
+        return history
+    removed = min(end - offset, history.shape[1])
+    gap = mx.full((history.shape[0], removed), -1, dtype=history.dtype)
+    return mx.concatenate([gap, history[:, : history.shape[1] - removed]], axis=1)[:, -kept:]
 
 
 def track(cache, inputs: mx.array, size: int) -> mx.array:
-    """The recent tokens after ``inputs``, kept on ``cache``'s first entry for the next call."""
+    """Each input position's last ``size`` tokens ``[B, L, size]``, from the history kept on
+    ``cache``'s first entry (then updated with ``inputs`` ``[B, L]`` for the next call)."""
     first = cache[0] if cache else None
-    tokens = updated(getattr(first, CACHE_ATTRIBUTE, None), inputs, size)
+    kept = size + HISTORY_SLACK
+    history, end = getattr(first, CACHE_ATTRIBUTE, (None, None))
+    offset = getattr(first, "offset", None)
+    inputs = inputs.reshape(-1, inputs.shape[-1]).astype(mx.int32)
+    if history is None or history.shape != (inputs.shape[0], kept):  # new, or other rows
+        history = mx.full((inputs.shape[0], kept), -1, dtype=mx.int32)
+    else:
+        history = trimmed(history, kept, end, offset)
+    sequence = mx.concatenate([history, inputs], axis=1)
     if first is not None:
+        end = offset + inputs.shape[1] if isinstance(offset, int) else None
         try:
-            setattr(first, CACHE_ATTRIBUTE, tokens)
+            setattr(first, CACHE_ATTRIBUTE, (sequence[:, -kept:], end))
         except AttributeError:  # a cache that takes no attributes: no history across calls
             pass
-    return tokens
+    return windows(sequence, inputs.shape[1], size)
 
 
 class RecentTokensModel:

@@ -35,6 +35,7 @@ from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
+from .recent import reading, track
 from .sample_utils import Sampler
 from .sampling import sample
 
@@ -152,6 +153,14 @@ def process(processors: Optional[list], tokens: Optional[mx.array], logits: mx.a
     return logits
 
 
+def body_states(model: nn.Module, head: FlashHead, tokens: mx.array, cache: List[Any]):
+    """The hidden states of ``tokens`` ``[1, L]`` (the body alone) and the sequence's recent
+    tokens after them, tracked on ``cache`` as a FlashHead forward pass tracks them
+    (:mod:`flashhead_mlx.recent`; ``None`` when the head scores none)."""
+    recent = track(cache, tokens, head.recent_tokens) if head.recent_tokens else None
+    return final_hidden_states(model, tokens, cache), recent
+
+
 def log_softmax(logits: mx.array) -> mx.array:
     """mlx-lm's log-probabilities: ``logits - logsumexp(logits)`` over the vocabulary."""
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -245,13 +254,14 @@ def verify(
     hidden, proposed, saved = [], [], {}
     proposal.start(k)
     for step in range(k):
-        h = final_hidden_states(model, token[None], cache)
+        h, recent = body_states(model, head, token[None], cache)
         if step == 0:
             saved = {i: checkpoint(c, k - 1) for i, c in enumerate(cache)
                      if isinstance(c, RotatingKVCache)}
         if processors:
             tokens = mx.concatenate([tokens, token])
-        token = proposal.draw(h, tokens)
+        with reading(recent):
+            token = proposal.draw(h, tokens)
         mx.async_eval(token)
         hidden.append(h)
         proposed.append(token)
@@ -328,7 +338,7 @@ def verified_generate_step(
         progress(0, total)
         for start in range(0, total - 1, prefill_step_size):
             end = min(start + prefill_step_size, total - 1)
-            final_hidden_states(model, prompt[start:end][None], cache)
+            body_states(model, head, prompt[start:end][None], cache)
             quantize()
             mx.eval([c.state for c in cache])
             progress(end, total)
@@ -339,7 +349,7 @@ def verified_generate_step(
         hold the prompt and exactly the tokens yielded, as after ``mlx_lm.generate_step``."""
         with mx.stream(stream):
             if kept == len(verified):
-                final_hidden_states(model, token[None], cache)
+                body_states(model, head, token[None], cache)
                 quantize()
             else:
                 roll_back(cache, saved, len(verified) - kept - 1, k - len(verified))

@@ -3,6 +3,8 @@ the dense head of the same tiny models: the exact set is the candidates plus the
 tokens, a context holding every token makes greedy FlashHead decoding dense, and the tokens are
 tracked per sequence on its cache."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -15,7 +17,8 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.generation import generate
 from flashhead_mlx.model_head import head_module, head_rows, language_model
 from flashhead_mlx.patch import apply_flashhead
-from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, updated
+from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, track, windows
+from flashhead_mlx.verified import set_verification
 
 MODELS = {
     "llama-tied": dict(model_type="llama"),
@@ -73,28 +76,59 @@ def test_a_context_holding_every_token_makes_greedy_decoding_dense(folder):
     assert generate(model, tokenizer, prompt, max_tokens=12) != expected
 
 
+def test_verified_greedy_decoding_reads_the_recent_tokens(folder):
+    """Verified decoding's FlashHead steps score the recent tokens too: with every token among
+    them no block is rolled back; without them the same few probes are."""
+    dense, tokenizer = mlx_lm.load(str(folder))
+    prompt = list(map(int, np.random.default_rng(1).permutation(1000)))
+    expected = mlx_lm.generate(dense, tokenizer, prompt, max_tokens=12)
+    model, _ = patched(folder, recent_tokens=1024, n_probes=1)
+    rollbacks = []
+    for recent in (1024, 0):
+        flash_head(model).recent_tokens = recent
+        set_verification(model, 4)
+        assert generate(model, tokenizer, prompt, max_tokens=12) == expected
+        rollbacks.append(flash_head(model).verification.rollbacks)
+    assert rollbacks[0] == 0 < rollbacks[1]
+
+
 def test_each_sequence_keeps_its_own_last_tokens_on_its_cache(folder):
     model, _ = patched(folder, recent_tokens=8)
     cache = make_prompt_cache(model)
     short = ROWS[:1, :5]
     with decoding(temperatures=[0.0]):
         model(mx.array(short), cache=cache)
-    tracked = np.array(getattr(cache[0], CACHE_ATTRIBUTE))
-    np.testing.assert_array_equal(tracked, [[-1] * 3 + list(short[0])])
+    history, end = getattr(cache[0], CACHE_ATTRIBUTE)
+    np.testing.assert_array_equal(np.array(history[:, -8:]), [[-1] * 3 + list(short[0])])
+    assert end == 5
     with decoding(temperatures=[0.0]):
         for token in ROWS[0, 5:12]:
             model(mx.array([[int(token)]]), cache=cache)
-    np.testing.assert_array_equal(np.array(getattr(cache[0], CACHE_ATTRIBUTE)), ROWS[:1, 4:12])
+    history, _ = getattr(cache[0], CACHE_ATTRIBUTE)
+    np.testing.assert_array_equal(np.array(history[:, -8:]), ROWS[:1, 4:12])
 
 
-def test_rows_that_change_start_again_from_the_inputs():
-    previous = mx.array([[1, 2, 3], [4, 5, 6]])
-    for before, inputs, after in [
-        (previous, [[7], [8]], [[2, 3, 7], [5, 6, 8]]),
-        (previous, [[7]], [[-1, -1, 7]]),  # a row fewer: the history is dropped
-        (None, [[7, 8, 9, 10]], [[8, 9, 10]]),
-    ]:
-        np.testing.assert_array_equal(np.array(updated(before, mx.array(inputs), 3)), after)
+def test_each_position_sees_the_tokens_up_to_itself():
+    sequence = mx.array([[1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(np.array(windows(sequence, 2, 3)), [[[2, 3, 4], [3, 4, 5]]])
+    np.testing.assert_array_equal(
+        np.array(windows(sequence, 2, 5)), [[[-1, 1, 2, 3, 4], [1, 2, 3, 4, 5]]]
+    )
+
+
+def test_a_trimmed_cache_drops_the_trimmed_tokens_and_new_rows_start_again():
+    cache = [SimpleNamespace(offset=0)]
+    np.testing.assert_array_equal(
+        np.array(track(cache, mx.array([[1, 2, 3]]), 4)),
+        [[[-1, -1, -1, 1], [-1, -1, 1, 2], [-1, 1, 2, 3]]],
+    )
+    cache[0].offset = 3  # what the model's forward pass does to the cache
+    np.testing.assert_array_equal(np.array(track(cache, mx.array([[4]]), 4)), [[[1, 2, 3, 4]]])
+    cache[0].offset = 2  # trimmed by 2: tokens 3 and 4 are gone (a rejected draft, a rollback)
+    np.testing.assert_array_equal(np.array(track(cache, mx.array([[9]]), 4)), [[[-1, 1, 2, 9]]])
+    cache[0].offset = 3
+    two_rows = mx.array([[7], [8]])  # a batch of other rows: their own history only
+    np.testing.assert_array_equal(np.array(track(cache, two_rows, 2)), [[[-1, 7]], [[-1, 8]]])
 
 
 def test_unpatch_gives_the_language_model_its_class_back(folder):
