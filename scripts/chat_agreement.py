@@ -2,7 +2,7 @@
 prompts at 48 tokens), per FlashHead setting, with Wilson 95% intervals.
 
     python scripts/chat_agreement.py --model DIR [--split held-out] [--max-tokens 48]
-        [--recent-tokens 128,0] [--prompts N] [--json OUT.json]
+        [--n-probes P] [--recent-tokens 128,0] [--prompts N] [--json OUT.json]
 
 Each prompt goes through the model's chat template, one sequence at a time (as a chat app decodes
 it): the dense head with mlx-lm's ``generate``, FlashHead with flashhead_mlx's, at each
@@ -30,11 +30,12 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a FlashHead folder")
     parser.add_argument("--split", default="held-out", choices=["dev", "held-out"])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--n-probes", type=int, help="override the folder's n_probes")
     parser.add_argument("--recent-tokens", default="128,0", help="settings, comma-separated")
     parser.add_argument("--prompts", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, n_probes=args.n_probes)
     dense, _ = load(args.model, flashhead=False)
     head = flash_head(model)
     prompts = read_prompts(suite_files(args.split)[CHAT])[: args.prompts]
