@@ -13,8 +13,9 @@ its KV cache (so the prompt's tail, every decoded token and nothing of other seq
 them for the head during the forward pass. Each position sees the tokens up to itself only, and a
 cache trimmed back (speculative decoding's rejected drafts, verified decoding's rollbacks) drops
 the trimmed tokens: a sequence's output does not depend on how its tokens were split into forward
-passes. A cache whose rows change (a batch that drops or adds rows) starts again from the current
-inputs. Without a cache the inputs themselves are the context.
+passes. Without a cache the inputs themselves are the context. Batches (``BatchGenerator``,
+``batch_generate``, a server's concurrent requests) score none: mlx-lm merges, filters and extends
+their caches' rows, which the history would have to follow (:func:`batched`).
 """
 
 import contextvars
@@ -94,6 +95,14 @@ def track(cache, inputs: mx.array, size: int) -> mx.array:
     return windows(sequence, inputs.shape[1], size)
 
 
+def batched(cache) -> bool:
+    """Whether ``cache`` is a batch's (mlx-lm's ``BatchKVCache`` and kin, whose offsets are
+    per-row arrays): its rows are merged, filtered and extended by mlx-lm, so no history is kept
+    and batches score no recent tokens (a batch row decodes as its prompt alone would with
+    ``recent_tokens=0``)."""
+    return bool(cache) and not isinstance(getattr(cache[0], "offset", 0), int)
+
+
 class RecentTokensModel:
     """Mixed into the language model's class while a FlashHead is installed: each forward pass
     sets its rows' last tokens (:func:`track`, as many as the head's ``recent_tokens``) for the
@@ -101,7 +110,7 @@ class RecentTokensModel:
 
     def __call__(self, inputs: mx.array, cache=None, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
-        if size == 0 or inputs.ndim == 0 or not mx.issubdtype(inputs.dtype, mx.integer):
+        if size == 0 or batched(cache) or not mx.issubdtype(inputs.dtype, mx.integer):
             return super().__call__(inputs, cache, *args, **kwargs)
         with reading(track(cache, inputs, size)):
             return super().__call__(inputs, cache, *args, **kwargs)

@@ -19,6 +19,7 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.patch import apply_flashhead, flash_head
+from flashhead_mlx.recent import RECENT_TOKENS
 from flashhead_mlx.sampling import fit_mass_bias
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 999]])
@@ -123,8 +124,8 @@ def test_route_matches_the_fallback(models, settings):
     candidates = head.n_probes * head.cluster_size
     if settings["temp"]:
         assert min(finite) > candidates
-    else:
-        assert max(finite) <= candidates
+    else:  # the candidates and the recent tokens
+        assert max(finite) <= candidates + head.recent_tokens
 
 
 def test_route_raises_biased_tokens(models):
@@ -207,9 +208,14 @@ def test_batch_rows_get_their_own_temperatures(models, monkeypatch):
         assert len(row) == n
         finite = [int(np.isfinite(logprobs).sum()) for _, logprobs in row]
         assert min(finite) > candidates if temperature else max(finite) <= candidates
-    for i in (0, 3):
-        single = steps(flashhead_mlx.generate_step(mx.array(prompts[i]), model, max_tokens=max_tokens[i]))
-        assert [t for t, _ in route[i]] == [t for t, _ in single]
+    head.recent_tokens = 0  # batches score no recent tokens (flashhead_mlx.recent.batched)
+    try:
+        for i in (0, 3):
+            prompt = mx.array(prompts[i])
+            single = steps(flashhead_mlx.generate_step(prompt, model, max_tokens=max_tokens[i]))
+            assert [t for t, _ in route[i]] == [t for t, _ in single]
+    finally:
+        head.recent_tokens = RECENT_TOKENS
 
 
 def test_context_does_not_leak_across_yields(models):

@@ -17,7 +17,7 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.generation import generate
 from flashhead_mlx.model_head import head_module, head_rows, language_model
 from flashhead_mlx.patch import apply_flashhead
-from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, track, windows
+from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, batched, track, windows
 from flashhead_mlx.verified import set_verification
 
 MODELS = {
@@ -129,6 +129,12 @@ def test_a_trimmed_cache_drops_the_trimmed_tokens_and_new_rows_start_again():
     cache[0].offset = 3
     two_rows = mx.array([[7], [8]])  # a batch of other rows: their own history only
     np.testing.assert_array_equal(np.array(track(cache, two_rows, 2)), [[[-1, 7]], [[-1, 8]]])
+
+
+def test_batches_score_no_recent_tokens():
+    """mlx-lm's batch caches (per-row offset arrays) keep no history: see recent.batched."""
+    assert batched([SimpleNamespace(offset=mx.array([3, 5]))])
+    assert not batched([SimpleNamespace(offset=3)]) and not batched(None) and not batched([])
 
 
 def test_unpatch_gives_the_language_model_its_class_back(folder):
