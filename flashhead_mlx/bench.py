@@ -17,6 +17,12 @@ two (one warm-up run each first) and the medians are reported:
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
   share of that gain measured: ``(decode_speedup - 1) / (ceiling_speedup - 1)`` (0: no gain,
   1: all of it).
+- the free-head baseline: the same model with a head that costs nothing but writing its logits
+  (:class:`FreeHead`), alternated with dense and FlashHead through ``generate_step``: the prefill
+  (all prompt tokens but the last), the first step (the last prompt token, the head and the
+  sampler) and the decode steps, each timed alone. Per decode token, ``(t_dense - t_flash) /
+  (t_dense - t_free)`` is the share of the head's time FlashHead removes; the bytes each head
+  reads per step over its time alone (B = 1) is the bandwidth it achieves.
 """
 
 import argparse
@@ -33,7 +39,7 @@ from mlx_lm.generate import GenerationResponse
 
 from .decode import decoding
 from .calibration import TUNING_TEXT
-from .generation import stream_generate
+from .generation import generate_step, stream_generate
 from .kernels import kernel_implementation, top_clusters
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
@@ -112,13 +118,23 @@ def time_calls(fn: Callable, inputs: Sequence) -> float:
 def alternate(calls: Dict[str, tuple], runs: int) -> Dict[str, float]:
     """Median :func:`time_calls` of each ``name -> (fn, inputs)``, the runs alternating between
     them after one warm-up run each."""
-    times = {name: [] for name in calls}
-    for run in range(runs + 1):
-        for name, (fn, inputs) in calls.items():
-            elapsed = time_calls(fn, inputs)
-            if run:
-                times[name].append(elapsed)
+    times = alternated_runs(
+        {name: lambda f=fn, x=inputs: time_calls(f, x) for name, (fn, inputs) in calls.items()},
+        runs,
+    )
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
+    """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
+    after one warm-up call each."""
+    results = {name: [] for name in runs_of}
+    for run in range(runs + 1):
+        for name, fn in runs_of.items():
+            result = fn()
+            if run:
+                results[name].append(result)
+    return results
 
 
 def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
@@ -173,12 +189,13 @@ def decode_speed(
     """Median decode and prompt tokens/s of greedy ``stream_generate`` per ``name -> (model,
     K)`` (``K``: verified ``K`` tokens at a time, ``0``: unverified), the tokens generated and
     the rollbacks per 1000 tokens, runs alternated after one warm-up run each."""
-    results = {name: [] for name in models}
-    for run in range(runs + 1):
-        for name, (model, block) in models.items():
-            result = generation_run(model, tokenizer, prompt, max_tokens, block)
-            if run:
-                results[name].append(result)
+    results = alternated_runs(
+        {
+            name: lambda m=model, b=block: generation_run(m, tokenizer, prompt, max_tokens, b)
+            for name, (model, block) in models.items()
+        },
+        runs,
+    )
     speeds = {}
     for name, runs_ in results.items():
         responses = [r for r, _ in runs_]
@@ -210,6 +227,108 @@ def verified_speeds(speed: dict, blocks: Sequence[int]) -> Dict[str, dict]:
     return result
 
 
+def free_logits(h: mx.array, vocab_size: int) -> mx.array:
+    """Zero logits ``[..., V]`` that depend on ``h`` (``0 * sum(h)``): evaluating them evaluates
+    the body, and costs only their write and one pass over ``h``."""
+    return mx.zeros((*h.shape[:-1], vocab_size), h.dtype) + 0 * h.sum(axis=-1, keepdims=True)
+
+
+class FreeHead(nn.Module):
+    """The free-head baseline's ``lm_head``: :func:`free_logits`."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return free_logits(h, self.vocab_size)
+
+
+class FreeEmbedding(nn.Module):
+    """The free-head baseline's tied ``embed_tokens``: the embedding's lookup, and
+    :func:`free_logits` as ``as_linear``."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.embedding(tokens)
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        return free_logits(h, self.embedding.weight.shape[0])
+
+
+def free_head(model: nn.Module) -> nn.Module:
+    """Replace the dense head of ``model`` by the free head (:func:`free_logits`), in place, and
+    return it: the baseline a head replacement can at best reach."""
+    lm, module = language_model(model), head_module(model)
+    if is_tied(model):
+        lm.model.embed_tokens = FreeEmbedding(module)
+    else:
+        lm.lm_head = FreeHead(module.weight.shape[0])
+    return model
+
+
+def step_run(model: nn.Module, prompt: List[int], steps: int) -> Dict[str, float]:
+    """One greedy ``generate_step`` run of ``steps`` decode steps after the first: the ms of the
+    prefill (every prompt token but the last, until the cache is evaluated), of the first step
+    (the last prompt token through the body, the head and the sampler) and the median ms of
+    the decode steps (the intervals between tokens after the first). No stop at EOS."""
+    marks, tokens = [], []
+    generator = generate_step(
+        mx.array(prompt),
+        model,
+        max_tokens=steps + 1,
+        prompt_progress_callback=lambda done, total: marks.append(time.perf_counter()),
+    )
+    for _ in generator:
+        tokens.append(time.perf_counter())
+    # marks: the start, after each prefill chunk (none for a 1-token prompt), the first token.
+    prefill_end = marks[-2] if len(marks) > 2 else marks[0]
+    intervals = [b - a for a, b in zip(tokens, tokens[1:])]
+    return {
+        "prefill_ms": 1000 * (prefill_end - marks[0]),
+        "first_step_ms": 1000 * (marks[-1] - prefill_end),
+        "decode_ms": 1000 * statistics.median(intervals),
+    }
+
+
+def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs: int) -> dict:
+    """Per ``name -> model``, the medians of :func:`step_run`'s times over ``runs`` runs
+    alternated between the models after one warm-up run each."""
+    results = alternated_runs(
+        {name: lambda m=model: step_run(m, prompt, steps) for name, model in models.items()}, runs
+    )
+    return {
+        name: {key: statistics.median(r[key] for r in runs_) for key in runs_[0]}
+        for name, runs_ in results.items()
+    }
+
+
+def free_head_baseline(steps: dict, head_ms: Dict[str, float], heads_read: Dict[str, float]) -> dict:
+    """Bench's free-head keys from :func:`step_times` of ``dense``, ``flash`` and ``free``, the
+    heads' ms alone at B = 1 and the bytes each head reads per step (``dense``, ``flash``)."""
+    decode = {name: times["decode_ms"] for name, times in steps.items()}
+    dense_head = decode["dense"] - decode["free"]
+    return {
+        "step_ms": steps,
+        "head_in_step_dense_ms": dense_head,
+        "head_in_step_flash_ms": decode["flash"] - decode["free"],
+        "share_of_head_time_removed": (
+            (decode["dense"] - decode["flash"]) / dense_head if dense_head > 0 else None
+        ),
+        "head_bytes_read_dense": round(heads_read["dense"]),
+        "head_bytes_read_flash": round(heads_read["flash"]),
+        "head_dense_gb_s": heads_read["dense"] / head_ms["dense"] / 1e6,
+        "head_flash_gb_s": heads_read["flash"] / head_ms["flash"] / 1e6,
+        "prefill_flash_vs_dense": steps["flash"]["prefill_ms"] / steps["dense"]["prefill_ms"],
+        "first_step_flash_vs_dense": (
+            steps["flash"]["first_step_ms"] / steps["dense"]["first_step_ms"]
+        ),
+    }
+
+
 def bench(
     model: str,
     prompt_tokens: int = 32,
@@ -228,6 +347,11 @@ def bench(
     models = {"dense": (dense, 0), "flash": (flash, 0)}
     models.update({f"verified K={block}": (flash, block) for block in verify_blocks})
     speed = decode_speed(models, tokenizer, prompt, gen_tokens, runs)
+    free, _ = load(model, flashhead=False)
+    steps = step_times(
+        {"dense": dense, "flash": flash, "free": free_head(free)}, prompt, gen_tokens, runs
+    )
+    heads_read = {"dense": head_bytes_read(dense), "flash": head_bytes_read(flash)}
     read = {name: bytes_per_token(m) for name, m in (("dense", dense), ("flash", flash))}
     ceiling = read["dense"] / read["flash"]
     decode_speedup = speed["flash"]["decode_tok_s"] / speed["dense"]["decode_tok_s"]
@@ -253,6 +377,7 @@ def bench(
         "prompt_flash_tok_s": speed["flash"]["prompt_tok_s"],
         "end_to_end": speed,
         "verified": verified_speeds(speed, verify_blocks),
+        **free_head_baseline(steps, latency[1], heads_read),
         "prompt_tokens": len(prompt),
         "gen_tokens": gen_tokens,
         "runs": runs,
@@ -340,7 +465,37 @@ def format_result(result: dict) -> str:
         f"{result['ceiling_speedup']:.2f}x); tokens generated: dense {e2e['dense']['tokens']:g}, "
         f"FlashHead {e2e['flash']['tokens']:g}; medians of {result['runs']} alternated runs."
     )
-    return "\n\n".join([head, stages, speed, *verified_table, memory, summary])
+    return "\n\n".join(
+        [head, stages, speed, *verified_table, memory, summary, format_free_head(result)]
+    )
+
+
+def format_free_head(result: dict) -> str:
+    """The free-head baseline's table (:func:`step_times`) and its summary."""
+    steps = result["step_ms"]
+    rows = [
+        [
+            label,
+            f"{steps[name]['prefill_ms']:.1f}",
+            f"{steps[name]['first_step_ms']:.1f}",
+            f"{steps[name]['decode_ms']:.2f}",
+        ]
+        for name, label in (("dense", "dense"), ("flash", "FlashHead"), ("free", "free head"))
+    ]
+    header = ["generate_step (ms)", f"prefill ({result['prompt_tokens'] - 1} tokens)",
+              "first step", "decode step"]
+    share = result["share_of_head_time_removed"]
+    summary = (
+        "FlashHead removes "
+        + ("n/a" if share is None else f"{100 * share:.0f}%")
+        + " of the head's time per decode token ((dense - FlashHead) / (dense - free head)). "
+        f"Head alone at B = 1: dense reads {result['head_bytes_read_dense'] / 1e6:.1f} MB per "
+        f"step at {result['head_dense_gb_s']:.1f} GB/s, FlashHead "
+        f"{result['head_bytes_read_flash'] / 1e6:.1f} MB at {result['head_flash_gb_s']:.1f} GB/s. "
+        f"FlashHead / dense: prefill {result['prefill_flash_vs_dense']:.3f}, first step "
+        f"{result['first_step_flash_vs_dense']:.3f}."
+    )
+    return table(header, rows) + "\n\n" + summary
 
 
 def plot(result: dict, path: str, title: str) -> None:

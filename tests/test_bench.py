@@ -5,16 +5,30 @@ import argparse
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from conftest import make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import blocks, bytes_per_token, parameter_bytes
+from flashhead_mlx.bench import blocks, bytes_per_token, free_head, parameter_bytes
+from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
 
 JSON_KEYS = set(BENCH_KEYS)  # the issue's keys, which the model card reads
 VERIFIED_KEYS = {"decode_tok_s", "speedup", "share_of_flash_gain", "rollbacks_per_1000_tokens"}
+FREE_HEAD_KEYS = {
+    "share_of_head_time_removed",
+    "head_in_step_dense_ms",
+    "head_in_step_flash_ms",
+    "head_bytes_read_dense",
+    "head_bytes_read_flash",
+    "head_dense_gb_s",
+    "head_flash_gb_s",
+    "prefill_flash_vs_dense",
+    "first_step_flash_vs_dense",
+}
+STEP_KEYS = {"prefill_ms", "first_step_ms", "decode_ms"}
 VOCAB, DIMS = 1000, 64
 
 
@@ -80,6 +94,45 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for verified in report["verified"].values():
         assert set(verified) == VERIFIED_KEYS
         assert verified["decode_tok_s"] > 0 and verified["rollbacks_per_1000_tokens"] >= 0
+    assert FREE_HEAD_KEYS <= set(report) and "free head" in result.stdout
+    assert set(report["step_ms"]) == {"dense", "flash", "free"}
+    for times in report["step_ms"].values():
+        assert set(times) == STEP_KEYS and min(times.values()) > 0
+    for key in FREE_HEAD_KEYS - {"share_of_head_time_removed", "head_in_step_dense_ms",
+                                 "head_in_step_flash_ms"}:
+        assert report[key] > 0, key
+
+
+def spy(monkeypatch, module, method: str, calls: list, only_this: bool = True) -> None:
+    """Record in ``calls`` each call of ``module``'s ``method`` (of every instance of its class
+    unless ``only_this``)."""
+    original = getattr(type(module), method)
+
+    def wrapper(self, *args, **kwargs):
+        if self is module or not only_this:
+            calls.append(method)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(module), method, wrapper)
+
+
+def test_free_head_skips_the_head_not_the_body(converted, monkeypatch):
+    model, _ = load(str(converted), flashhead=False)
+    body = language_model(model).model
+    head_calls, layer_calls = [], []
+    spy(monkeypatch, head_module(model), "as_linear" if is_tied(model) else "__call__", head_calls)
+    spy(monkeypatch, body.layers[0], "__call__", layer_calls, only_this=False)
+    tokens = mx.array([[1, 2, 3]])
+    mx.eval(model(tokens))
+    assert head_calls and len(layer_calls) == len(body.layers)  # the spies see the dense head
+    head_calls.clear(), layer_calls.clear()
+
+    logits = free_head(model)(tokens)
+    assert not head_calls and len(layer_calls) == len(body.layers)
+    assert logits.shape == (1, 3, VOCAB) and not mx.any(logits).item()
+    # The logits depend on the body's output (a NaN there reaches them): evaluating them runs it.
+    body.norm.weight = mx.full(body.norm.weight.shape, mx.nan)
+    assert mx.isnan(model(tokens)).all().item()
 
 
 def test_verify_blocks_are_positive_integers():
