@@ -14,7 +14,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .decode import DecodeContext, decode_context, temperature_array
-from .kernels import centroid_topk, cluster_argmax, cluster_scores, slot_tokens, top_clusters
+from .kernels import (
+    centroid_topk,
+    cluster_argmax,
+    cluster_scores,
+    row_logits,
+    slot_tokens,
+    top_clusters,
+)
 from .sampling import full_vocabulary_logits
 
 
@@ -88,6 +95,9 @@ class FlashHead(nn.Module):
         self.softcap = softcap
         # Verified decoding's default and counts (flashhead_mlx.verified.Verification), or None.
         self.verification = None
+        # How stage 2 scores a batch of rows (flashhead_mlx.kernels.BATCH_PATHS); None: the
+        # measured choice (flashhead_mlx.kernels.choose_batch_path).
+        self.batch_path = None
         self.freeze()
 
     @classmethod
@@ -162,6 +172,7 @@ class FlashHead(nn.Module):
             self.bits,
             self.softcap,
             self.mode,
+            self.batch_path,
         )
 
     def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
@@ -185,19 +196,8 @@ class FlashHead(nn.Module):
 
     def slot_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
-        if "scales" in self:
-            logits = mx.quantized_matmul(
-                h,
-                self.weight,
-                self.scales,
-                self.biases,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-        else:
-            logits = h @ self.weight.T
+        logits = row_logits(h, self.weight, self.get("scales"), self.get("biases"),
+                            self.group_size, self.bits, self.mode)
         return mx.where(self.order >= 0, self._softcap(logits), -mx.inf)
 
     def dense_logits(self, h: mx.array) -> mx.array:
@@ -234,18 +234,9 @@ class FlashHead(nn.Module):
 
     def _row_logits(self, h: mx.array, slots: mx.array) -> mx.array:
         """``h`` against the rows of ``slots`` ``[K]``: logits ``[..., K]`` in the head's dtype."""
-        if "scales" not in self:
-            return h @ mx.take(self.weight, slots, axis=0).T
-        return mx.quantized_matmul(
-            h,
-            mx.take(self.weight, slots, axis=0),
-            mx.take(self.scales, slots, axis=0),
-            None if self.biases is None else mx.take(self.biases, slots, axis=0),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        taken = (None if a is None else mx.take(a, slots, axis=0)
+                 for a in (self.weight, self.get("scales"), self.get("biases")))
+        return row_logits(h, *taken, self.group_size, self.bits, self.mode)
 
     def token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
         """The exact logits ``[..., K]`` (float32) of the tokens ``[K]``."""
