@@ -9,12 +9,13 @@ import pytest
 
 from conftest import make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import blocks, bytes_per_token, parameter_bytes
+from flashhead_mlx.bench import blocks, break_even, bytes_per_token, parameter_bytes
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
 
 JSON_KEYS = set(BENCH_KEYS)  # the keys, which the model card reads
 VERIFIED_KEYS = {"decode_tok_s", "speedup", "share_of_flash_gain", "rollbacks_per_1000_tokens"}
+BATCH_KEYS = {"dense_head", "rows", "union", "dense", "chosen", "chosen_path", "union_share"}
 VOCAB, DIMS = 1000, 64
 
 
@@ -61,10 +62,12 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         str(png),
         "--verify-blocks",
         "2,4",
+        "--batch-sizes",
+        "1,2",
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
-                 "verified K=4"):
+                 "verified K=4", "FlashHead per-row", "Break-even:"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -80,6 +83,24 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for verified in report["verified"].values():
         assert set(verified) == VERIFIED_KEYS
         assert verified["decode_tok_s"] > 0 and verified["rollbacks_per_1000_tokens"] >= 0
+    assert set(report["batches"]) == {"1", "2"}
+    for batch in report["batches"].values():
+        assert set(batch) == BATCH_KEYS
+        assert min(batch[k] for k in BATCH_KEYS - {"chosen_path"}) > 0
+    assert report["batches"]["1"]["chosen_path"] == "rows"
+    assert set(report["batch_break_even"]) == {"batch_size", "union_share", "chosen_dense_from"}
+
+
+def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
+    def row(union, dense, path, share):
+        return {"union": union, "dense": dense, "chosen_path": path, "union_share": share}
+
+    speeds = {"1": row(10, 2, "rows", 0.1), "2": row(15, 8, "union", 0.2),
+              "4": row(20, 20, "union", 0.4), "8": row(20, 30, "dense", 0.8)}
+    assert break_even(speeds) == {"batch_size": 4, "union_share": 0.4, "chosen_dense_from": 8}
+    speeds = {"1": row(10, 2, "rows", 0.1)}
+    assert break_even(speeds) == {"batch_size": None, "union_share": None,
+                                  "chosen_dense_from": None}
 
 
 def test_verify_blocks_are_positive_integers():
