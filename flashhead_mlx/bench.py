@@ -40,7 +40,7 @@ from .decode import decoding
 from .calibration import TUNING_TEXT
 from .generation import stream_generate
 from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
-from .kernels.cluster_argmax import DENSE_UNION_SHARE
+from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
@@ -436,7 +436,7 @@ def break_even_line(result: dict) -> str:
     return (
         f"Break-even: {measured}; FlashHead chooses the dense matmul "
         + ("at no B measured" if chosen is None else f"from B = {chosen}")
-        + f" (DENSE_UNION_SHARE = {DENSE_UNION_SHARE:g}); medians of {result['runs']} "
+        + f" (DENSE_PROBE_RATIO = {DENSE_PROBE_RATIO:g}); medians of {result['runs']} "
         f"alternated runs over {N_BATCH_INPUTS} inputs."
     )
 

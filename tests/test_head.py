@@ -9,7 +9,7 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.decode import decoding
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, union_clusters
-from flashhead_mlx.kernels.cluster_argmax import DENSE_UNION_SHARE
+from flashhead_mlx.kernels.cluster_argmax import DENSE_PROBE_RATIO
 from flashhead_mlx.sampling import sampling_logits
 
 VOCAB, DIMS, CLUSTER = 1000, 64, 16  # 63 clusters, 8 padding slots
@@ -189,10 +189,10 @@ def test_dense_switch_above_the_break_even():
     n = 1000
     assert choose_batch_path(1, n, n) == "rows"
     assert choose_batch_path(2, 10, n) == "union"
-    share = int(np.ceil(DENSE_UNION_SHARE * n))
-    assert choose_batch_path(share, 1, n) == "dense"
-    assert choose_batch_path(share - 1, 1, n) == "union"
-    assert choose_batch_path(64, 100, n) == "dense"
+    probes = int(np.ceil(DENSE_PROBE_RATIO * n))
+    assert choose_batch_path(probes, 1, n) == "dense"
+    assert choose_batch_path(probes - 1, 1, n) == "union"
+    assert choose_batch_path(2, probes // 2, n) == "dense"
 
 
 @pytest.mark.parametrize("quantized", [False, True])

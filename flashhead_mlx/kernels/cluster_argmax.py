@@ -17,10 +17,13 @@ KERNEL_BITS = (None, 2, 4, 8)
 # MLX); "dense" scores every cluster with the dense matmul.
 BATCH_PATHS = ("rows", "union", "dense")
 # The union is padded to min(M * clusters per row, n_clusters) clusters (its size cannot depend on
-# the values without a host synchronisation); from this share of all clusters on, the dense matmul
-# is faster. Measured with `flashhead-mlx bench --batch-sizes` on a 2-core x86-64 CPU
-# (docs/measuring.md); not yet measured on a GPU (on Metal, batches keep the fused kernel).
-DENSE_UNION_SHARE = 0.75
+# the values without a host synchronisation). Once the rows' probes (counted with repeats) reach
+# this many times n_clusters, nearly every cluster is in the union and the dense matmul is the
+# faster way to score them all. Measured with `flashhead-mlx bench --batch-sizes` on a 2-core
+# x86-64 CPU (docs/measuring.md): the union was faster at every B whose probes were fewer than
+# n_clusters, and the dense matmul caught up between 1.5 and 3 times n_clusters. Not yet measured
+# on a GPU (on Metal, batches keep the fused kernel).
+DENSE_PROBE_RATIO = 2.0
 
 
 def cluster_argmax(
@@ -82,12 +85,11 @@ def cluster_argmax(
 
 def choose_batch_path(rows: int, clusters_per_row: int, n_clusters: int) -> str:
     """The path (:data:`BATCH_PATHS`) of ``rows`` rows of ``clusters_per_row`` clusters each:
-    ``"rows"`` for one row, else ``"dense"`` when the padded union covers at least
-    :data:`DENSE_UNION_SHARE` of the ``n_clusters`` clusters, else ``"union"``."""
+    ``"rows"`` for one row, else ``"dense"`` when the rows' clusters (counted with repeats)
+    number at least :data:`DENSE_PROBE_RATIO` times ``n_clusters``, else ``"union"``."""
     if rows == 1:
         return "rows"
-    union = min(rows * clusters_per_row, n_clusters)
-    return "dense" if union >= DENSE_UNION_SHARE * n_clusters else "union"
+    return "dense" if rows * clusters_per_row >= DENSE_PROBE_RATIO * n_clusters else "union"
 
 
 def union_clusters(probes: mx.array, n_clusters: int) -> Tuple[mx.array, mx.array]:
