@@ -12,6 +12,11 @@ two (one warm-up run each first) and the medians are reported:
   ``verify_blocks``, also verified greedy decoding (:mod:`flashhead_mlx.verified`) at each K in
   the same alternation: its decode tokens/s, the share of FlashHead's decode gain over dense it
   keeps (``(verified - dense) / (flash - dense)``) and its rollbacks per 1000 tokens;
+- batches (``batch_sizes``): per batch size B, the head's decode step ``[B, 1, d]`` in
+  head tokens/s (B rows per step) with the dense head and with FlashHead's stage 2 on each batch
+  path (:data:`flashhead_mlx.kernels.BATCH_PATHS`: per-row gathers, the union of the rows'
+  clusters, the dense matmul) and on the path it chooses, alternated in one run; and the
+  break-even: the first B at which the dense path is at least as fast as the union;
 - memory: resident bytes (every parameter; FlashHead's assets are parameters of its head) and the
   bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
@@ -40,7 +45,8 @@ from mlx_lm.generate import GenerationResponse
 from .decode import decoding
 from .calibration import TUNING_TEXT
 from .generation import generate_step, stream_generate
-from .kernels import kernel_implementation, top_clusters
+from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
+from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
@@ -50,6 +56,8 @@ from .verified import Verification
 # Different hidden states the head is timed on, in turn.
 N_INPUTS = 64
 BATCH_SIZES = (1, 4)
+# Different hidden states per batch size of the batch table, in turn.
+N_BATCH_INPUTS = 16
 # FlashHead's stage-1 arrays, all read at every decode step.
 STAGE1_ARRAYS = ("centroids", "centroid_scales", "centroid_biases", "cluster_bias")
 
@@ -162,6 +170,57 @@ def head_latency(dense, flash, tokenizer, runs: int) -> Dict[int, dict]:
             "stages": alternate(stage_calls(flash_head(flash), inputs), runs),
         }
     return result
+
+
+def path_step(model: nn.Module, path: str) -> Callable[[mx.array], mx.array]:
+    """The FlashHead model's decode step (:func:`decode_step`) with stage 2 on batch ``path``."""
+    step, head = decode_step(model), flash_head(model)
+
+    def run(h: mx.array) -> mx.array:
+        head.batch_path = path
+        try:
+            return step(h)
+        finally:
+            head.batch_path = None
+
+    return run
+
+
+def batch_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int], runs: int) -> dict:
+    """Per batch size B: head tokens/s (B rows per decode step) of the dense head (``dense_head``),
+    of FlashHead on each batch path and on the one it chooses (``chosen``, ``chosen_path``),
+    alternated, and the padded union's share of the clusters (``union_share``)."""
+    head = flash_head(flash)
+    result = {}
+    for batch_size in batch_sizes:
+        inputs = hidden_inputs(dense, tokenizer, batch_size, N_BATCH_INPUTS)
+        calls = {"dense_head": (decode_step(dense), inputs), "chosen": (decode_step(flash), inputs)}
+        calls.update({path: (path_step(flash, path), inputs) for path in BATCH_PATHS})
+        ms = alternate(calls, runs)
+        chosen = "rows" if kernel_implementation() == "metal" else choose_batch_path(
+            batch_size, head.n_probes, head.n_clusters
+        )
+        union = min(batch_size * head.n_probes, head.n_clusters)
+        result[str(batch_size)] = {
+            **{name: 1000 * batch_size / t for name, t in ms.items()},
+            "chosen_path": chosen,
+            "union_share": union / head.n_clusters,
+        }
+    return result
+
+
+def break_even(speeds: dict) -> dict:
+    """The first batch size of :func:`batch_speeds` at which FlashHead's dense path is at least as
+    fast as the union (``None``: none measured) and the padded union's share of the clusters
+    there; and the first at which the chosen path is dense."""
+    dense_wins = [b for b, r in speeds.items() if r["dense"] >= r["union"]]
+    chosen = [b for b, r in speeds.items() if r["chosen_path"] == "dense"]
+    first = int(dense_wins[0]) if dense_wins else None
+    return {
+        "batch_size": first,
+        "union_share": speeds[dense_wins[0]]["union_share"] if dense_wins else None,
+        "chosen_dense_from": int(chosen[0]) if chosen else None,
+    }
 
 
 def generation_run(
@@ -306,7 +365,9 @@ def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs
     }
 
 
-def free_head_baseline(steps: dict, head_ms: Dict[str, float], heads_read: Dict[str, float]) -> dict:
+def free_head_baseline(
+    steps: dict, head_ms: Dict[str, float], heads_read: Dict[str, float]
+) -> dict:
     """Bench's free-head keys from :func:`step_times` of ``dense``, ``flash`` and ``free``, the
     heads' ms alone at B = 1 and the bytes each head reads per step (``dense``, ``flash``)."""
     decode = {name: times["decode_ms"] for name, times in steps.items()}
@@ -335,14 +396,17 @@ def bench(
     gen_tokens: int = 128,
     runs: int = 5,
     verify_blocks: Sequence[int] = (),
+    batch_sizes: Sequence[int] = (),
 ) -> dict:
     """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
-    each K of ``verify_blocks``): the JSON object ``bench --json`` writes."""
+    each K of ``verify_blocks``, the batch paths at each of ``batch_sizes``): the JSON object
+    ``bench --json`` writes."""
     dense, tokenizer = load(model, flashhead=False)
     flash, _ = load(model)
     if not is_patched(flash):
         raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
     latency = head_latency(dense, flash, tokenizer, runs)
+    batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     models = {"dense": (dense, 0), "flash": (flash, 0)}
     models.update({f"verified K={block}": (flash, block) for block in verify_blocks})
@@ -378,6 +442,8 @@ def bench(
         "end_to_end": speed,
         "verified": verified_speeds(speed, verify_blocks),
         **free_head_baseline(steps, latency[1], heads_read),
+        "batches": batches,
+        "batch_break_even": break_even(batches) if batches else None,
         "prompt_tokens": len(prompt),
         "gen_tokens": gen_tokens,
         "runs": runs,
@@ -457,6 +523,21 @@ def format_result(result: dict) -> str:
     header = ["verified greedy", "decode tok/s", "vs dense", "of FlashHead's gain",
               "rollbacks per 1000 tokens"]
     verified_table = [table(header, rows)] if verified else []
+    batches = result["batches"]
+    batch_rows = [
+        [
+            f"B = {b}",
+            *(f"{r[name]:.0f}" for name in ("dense_head", "rows", "union", "dense", "chosen")),
+            r["chosen_path"],
+            f"{r['chosen'] / r['dense_head']:.2f}x",
+            f"{100 * r['union_share']:.0f}%",
+        ]
+        for b, r in batches.items()
+    ]
+    header = ["head tok/s (B rows per step)", "dense head", "FlashHead per-row", "union",
+              "dense path", "chosen", "chosen path", "chosen / dense head",
+              "padded union of clusters"]
+    batch_table = [table(header, batch_rows) + "\n\n" + break_even_line(result)] if batches else []
     share = result["share_of_ceiling"]
     summary = (
         f"Measured decode speedup {result['decode_speedup']:.2f}x = "
@@ -466,7 +547,8 @@ def format_result(result: dict) -> str:
         f"FlashHead {e2e['flash']['tokens']:g}; medians of {result['runs']} alternated runs."
     )
     return "\n\n".join(
-        [head, stages, speed, *verified_table, memory, summary, format_free_head(result)]
+        [head, stages, *batch_table, speed, *verified_table, memory, summary,
+         format_free_head(result)]
     )
 
 
@@ -496,6 +578,25 @@ def format_free_head(result: dict) -> str:
         f"{result['first_step_flash_vs_dense']:.3f}."
     )
     return table(header, rows) + "\n\n" + summary
+
+
+def break_even_line(result: dict) -> str:
+    """The batch break-even of :func:`bench`'s result in words."""
+    even = result["batch_break_even"]
+    if even["batch_size"] is None:
+        measured = "the union was faster than the dense path at every B measured"
+    else:
+        measured = (
+            f"the dense path is at least as fast as the union from B = {even['batch_size']} "
+            f"(padded union {100 * even['union_share']:.0f}% of the clusters)"
+        )
+    chosen = even["chosen_dense_from"]
+    return (
+        f"Break-even: {measured}; FlashHead chooses the dense matmul "
+        + ("at no B measured" if chosen is None else f"from B = {chosen}")
+        + f" (DENSE_PROBE_RATIO = {DENSE_PROBE_RATIO:g}); medians of {result['runs']} "
+        f"alternated runs over {N_BATCH_INPUTS} inputs."
+    )
 
 
 def plot(result: dict, path: str, title: str) -> None:
@@ -529,7 +630,7 @@ def plot(result: dict, path: str, title: str) -> None:
 
 
 def blocks(text: str) -> List[int]:
-    """``--verify-blocks``: comma-separated positive integers."""
+    """``--verify-blocks``, ``--batch-sizes``: comma-separated positive integers."""
     try:
         values = [int(k) for k in text.split(",")]
     except ValueError:
@@ -555,6 +656,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         metavar="K,K,...",
         help="Also time verified greedy decoding at each K, e.g. 4,8,16,32 (default: none).",
     )
+    parser.add_argument(
+        "--batch-sizes",
+        type=blocks,
+        default=(),
+        metavar="B,B,...",
+        help="Also time the head's batch paths at each batch size, e.g. 1,2,4,8,16,32 "
+        "(default: none).",
+    )
     parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Draw the comparison to this PNG.")
     return parser
@@ -569,7 +678,8 @@ def main() -> None:
         if args.plot:
             pyplot()  # fail now, not after the measurements
         result = bench(
-            args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks
+            args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks,
+            args.batch_sizes,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx bench: error: {error}")

@@ -19,6 +19,7 @@ from .kernels import (
     cluster_argmax,
     cluster_scores,
     gathered_logits,
+    row_logits,
     slot_tokens,
     top_clusters,
 )
@@ -103,6 +104,9 @@ class FlashHead(nn.Module):
         self.recent_tokens = recent_tokens
         # Verified decoding's default and counts (flashhead_mlx.verified.Verification), or None.
         self.verification = None
+        # How stage 2 scores a batch of rows (flashhead_mlx.kernels.BATCH_PATHS); None: the
+        # measured choice (flashhead_mlx.kernels.choose_batch_path).
+        self.batch_path = None
         self.freeze()
 
     @classmethod
@@ -180,6 +184,7 @@ class FlashHead(nn.Module):
             self.bits,
             self.softcap,
             self.mode,
+            self.batch_path,
         )
 
     def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
@@ -203,19 +208,8 @@ class FlashHead(nn.Module):
 
     def slot_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
-        if "scales" in self:
-            logits = mx.quantized_matmul(
-                h,
-                self.weight,
-                self.scales,
-                self.biases,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-        else:
-            logits = h @ self.weight.T
+        logits = row_logits(h, self.weight, self.get("scales"), self.get("biases"),
+                            self.group_size, self.bits, self.mode)
         return mx.where(self.order >= 0, self._softcap(logits), -mx.inf)
 
     def dense_logits(self, h: mx.array) -> mx.array:
@@ -252,18 +246,9 @@ class FlashHead(nn.Module):
 
     def _row_logits(self, h: mx.array, slots: mx.array) -> mx.array:
         """``h`` against the rows of ``slots`` ``[K]``: logits ``[..., K]`` in the head's dtype."""
-        if "scales" not in self:
-            return h @ mx.take(self.weight, slots, axis=0).T
-        return mx.quantized_matmul(
-            h,
-            mx.take(self.weight, slots, axis=0),
-            mx.take(self.scales, slots, axis=0),
-            None if self.biases is None else mx.take(self.biases, slots, axis=0),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        taken = (None if a is None else mx.take(a, slots, axis=0)
+                 for a in (self.weight, self.get("scales"), self.get("biases")))
+        return row_logits(h, *taken, self.group_size, self.bits, self.mode)
 
     def token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
         """The exact logits ``[..., K]`` (float32) of the tokens ``[K]``."""
@@ -273,16 +258,14 @@ class FlashHead(nn.Module):
         """The exact logits ``[B, L, R]`` (float32) of each position's own tokens ``[B, L, R]``
         at hidden states ``[B, L, d]`` (-1: no token, ``-inf``)."""
         slots = self.inverse[mx.maximum(tokens, 0)].reshape(-1, tokens.shape[-1])
-
-        def by_row(a):  # [n_slots, 1, ...]: an index picks one row
-            return None if a is None else a[:, None]
-
-        logits = gathered_logits(
-            h.reshape(-1, h.shape[-1]),
+        x = h.reshape(-1, h.shape[-1]).astype(mx.float32)[:, None, None, :]
+        logits = gathered_logits(  # each slot a "cluster" of one row
+            x,
             slots,
-            by_row(self.weight),
-            by_row(self.get("scales")),
-            by_row(self.get("biases")),
+            self.weight,
+            self.get("scales"),
+            self.get("biases"),
+            1,
             self.group_size,
             self.bits,
             self.mode,

@@ -161,3 +161,36 @@ def make_clusters(weight, cluster_size: int = 16, seed: int = 0) -> dict:
         "centroids": centroids.astype(np.float32),
         "cluster_bias": rng.normal(0, 0.01, n_clusters).astype(np.float32),
     }
+
+
+def assert_batch_matches_single_rows(head, h, paths) -> None:
+    """``head``'s candidates and greedy tokens for the rows ``h`` ``[M, d]`` on each batch path of
+    ``paths``, against single-row calls (which take the per-row path) row by row.
+
+    The tolerance of a different matmul shape (float32 sums in another order): the same candidate
+    tokens, each logit within ``1e-5 * sum_i |h_i w_i| + 1e-5``, and the same greedy token unless
+    the batch's token is within twice that of the single row's best logit (a near-tie)."""
+    import numpy as np
+
+    from flashhead_mlx.kernels import best_token
+
+    singles = [head.candidates(h[row : row + 1]) for row in range(h.shape[0])]
+    one_greedy = [int(best_token(*single)[0]) for single in singles]
+    singles = [tuple(np.array(a)[0] for a in single) for single in singles]
+    try:
+        for path in paths:
+            head.batch_path = path
+            tokens, logits = (np.array(a) for a in head.candidates(h))
+            greedy = np.array(head.greedy(h))
+            for row, (one_tokens, one_logits) in enumerate(singles):
+                np.testing.assert_array_equal(tokens[row], one_tokens)
+                real = one_tokens >= 0
+                rows = np.array(head.embed(mx.array(one_tokens[real])).astype(mx.float32))
+                tol = 1e-5 * np.abs(rows) @ np.abs(np.array(h[row].astype(mx.float32))) + 1e-5
+                assert np.all(np.isneginf(logits[row][~real]))
+                assert np.all(np.abs(logits[row][real] - one_logits[real]) <= tol), path
+                if greedy[row] != one_greedy[row]:
+                    at = np.flatnonzero(one_tokens == greedy[row])[0]
+                    assert one_logits.max() - one_logits[at] <= 2 * tol.max(), path
+    finally:
+        head.batch_path = None

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import blocks, bytes_per_token, free_head, parameter_bytes
+from flashhead_mlx.bench import blocks, break_even, bytes_per_token, free_head, parameter_bytes
 from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
@@ -29,6 +29,7 @@ FREE_HEAD_KEYS = {
     "first_step_flash_vs_dense",
 }
 STEP_KEYS = {"prefill_ms", "first_step_ms", "decode_ms"}
+BATCH_KEYS = {"dense_head", "rows", "union", "dense", "chosen", "chosen_path", "union_share"}
 VOCAB, DIMS = 1000, 64
 
 
@@ -75,10 +76,12 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         str(png),
         "--verify-blocks",
         "2,4",
+        "--batch-sizes",
+        "1,2",
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
-                 "verified K=4"):
+                 "verified K=4", "FlashHead per-row", "Break-even:"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -101,6 +104,13 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for key in FREE_HEAD_KEYS - {"share_of_head_time_removed", "head_in_step_dense_ms",
                                  "head_in_step_flash_ms"}:
         assert report[key] > 0, key
+
+    assert set(report["batches"]) == {"1", "2"}
+    for batch in report["batches"].values():
+        assert set(batch) == BATCH_KEYS
+        assert min(batch[k] for k in BATCH_KEYS - {"chosen_path"}) > 0
+    assert report["batches"]["1"]["chosen_path"] == "rows"
+    assert set(report["batch_break_even"]) == {"batch_size", "union_share", "chosen_dense_from"}
 
 
 def spy(monkeypatch, module, method: str, calls: list, only_this: bool = True) -> None:
@@ -133,6 +143,18 @@ def test_free_head_skips_the_head_not_the_body(converted, monkeypatch):
     # The logits depend on the body's output (a NaN there reaches them): evaluating them runs it.
     body.norm.weight = mx.full(body.norm.weight.shape, mx.nan)
     assert mx.isnan(model(tokens)).all().item()
+
+
+def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
+    def row(union, dense, path, share):
+        return {"union": union, "dense": dense, "chosen_path": path, "union_share": share}
+
+    speeds = {"1": row(10, 2, "rows", 0.1), "2": row(15, 8, "union", 0.2),
+              "4": row(20, 20, "union", 0.4), "8": row(20, 30, "dense", 0.8)}
+    assert break_even(speeds) == {"batch_size": 4, "union_share": 0.4, "chosen_dense_from": 8}
+    speeds = {"1": row(10, 2, "rows", 0.1)}
+    assert break_even(speeds) == {"batch_size": None, "union_share": None,
+                                  "chosen_dense_from": None}
 
 
 def test_verify_blocks_are_positive_integers():

@@ -4,10 +4,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import make_clusters
+from conftest import assert_batch_matches_single_rows, make_clusters
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.decode import decoding
 from flashhead_mlx.head import FlashHead
+from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, union_clusters
+from flashhead_mlx.kernels.cluster_argmax import DENSE_PROBE_RATIO
+from flashhead_mlx.sampling import sampling_logits
 
 VOCAB, DIMS, CLUSTER = 1000, 64, 16  # 63 clusters, 8 padding slots
 
@@ -125,15 +128,71 @@ def test_ties_go_to_the_lowest_token_id(weight, clusters):
     assert int(np.argmax(decode_step(head, tied[None, 3:4])[0, 0])) == 3
 
 
-def test_batch_rows_get_their_own_probes(weight, clusters):
+@pytest.mark.parametrize("path", [None, *BATCH_PATHS])
+def test_batch_rows_get_their_own_probes(weight, clusters, path):
     head, _ = make_head(weight, clusters, n_probes=4)
+    head.batch_path = path
     h = mx.array(hidden(weight, 5)).reshape(5, 1, DIMS)
     batched = decode_step(head, h)
-    single = np.concatenate([decode_step(head, h[i : i + 1]) for i in range(5)])
-    np.testing.assert_array_equal(batched, single)
     finite = np.isfinite(batched[:, 0])
     assert len({tuple(np.flatnonzero(f)) for f in finite}) > 1
+    for row in range(5):  # exactly its own candidates: no other row's cluster
+        single = decode_step(head, h[row : row + 1])[0, 0]
+        np.testing.assert_array_equal(finite[row], np.isfinite(single))
     assert np.array_equal(np.array(head.greedy(h))[:, 0], np.array(head.greedy(h[:, 0])))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_batch_paths_match_single_rows(weight, clusters, quantized, softcap):
+    """Rows that share some clusters and not others, and more rows than the union can hold."""
+    head, _ = make_head(weight, clusters, quantized, n_probes=8, softcap=softcap)
+    h = hidden(weight, 12)
+    h[6:] = h[:6] + np.random.default_rng(2).normal(0, 0.3, h[:6].shape)  # neighbours
+    assert_batch_matches_single_rows(head, mx.array(h), [None, *BATCH_PATHS])
+
+
+@pytest.mark.parametrize("path", ["union", "dense"])
+def test_batch_sampling_keeps_each_rows_tail_cluster(weight, clusters, path):
+    head, _ = make_head(weight, clusters, n_probes=4)
+    head.mass_bias = mx.zeros((2, head.n_clusters))
+    h = mx.array(hidden(weight, 6))
+    temperature = mx.array([[0.0], [1.0], [0.7], [1.0], [2.0], [1.0]])
+    key = mx.random.key(3)
+    head.batch_path = "rows"
+    tokens, logits = (np.array(a) for a in sampling_logits(head, h, temperature, key))
+    head.batch_path = path
+    batch_tokens, batch_logits = (np.array(a) for a in sampling_logits(head, h, temperature, key))
+    np.testing.assert_array_equal(batch_tokens, tokens)  # the same drawn cluster per row
+    np.testing.assert_array_equal(np.isinf(batch_logits), np.isinf(logits))
+    finite = np.isfinite(logits)
+    assert np.isfinite(logits[1:, -CLUSTER:]).any()  # sampled rows have their tail cluster
+    np.testing.assert_allclose(batch_logits[finite], logits[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_union_clusters_is_the_sorted_union():
+    rng = np.random.default_rng(4)
+    for rows, k, n in ((3, 5, 40), (6, 4, 10), (4, 7, 7), (1, 3, 9)):
+        probes = np.stack([np.sort(rng.choice(n, k, replace=False)) for _ in range(rows)])
+        probes[-1] = probes[0]  # shared clusters
+        union, positions = union_clusters(mx.array(probes.astype(np.uint32)), n)
+        union, positions = np.array(union), np.array(positions)
+        distinct = np.unique(probes)
+        assert union.shape == (min(rows * k, n),) and union.dtype == np.uint32
+        np.testing.assert_array_equal(union[: distinct.size], distinct)
+        assert np.all(union[distinct.size :] == 0)
+        np.testing.assert_array_equal(union[positions], probes)
+        assert positions.max() < distinct.size
+
+
+def test_dense_switch_above_the_break_even():
+    n = 1000
+    assert choose_batch_path(1, n, n) == "rows"
+    assert choose_batch_path(2, 10, n) == "union"
+    probes = int(np.ceil(DENSE_PROBE_RATIO * n))
+    assert choose_batch_path(probes, 1, n) == "dense"
+    assert choose_batch_path(probes - 1, 1, n) == "union"
+    assert choose_batch_path(2, probes // 2, n) == "dense"
 
 
 @pytest.mark.parametrize("quantized", [False, True])

@@ -12,9 +12,10 @@ from mlx_lm.generate import batch_generate, generate_step, stream_generate
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from conftest import make_clusters
+from conftest import assert_batch_matches_single_rows, make_clusters
 from flashhead_mlx import flash_head, patch
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx.kernels import BATCH_PATHS
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.sampling import fit_mass_bias
 
@@ -66,6 +67,13 @@ def test_batch_rows_match_single_rows(pair):
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     batch = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True)
     assert batch.token_ids == [tokens_of(model, tokenizer, p, max_tokens=6) for p in PROMPTS]
+
+
+def test_batch_paths_match_single_rows_on_real_hidden_states(pair):
+    dense, model, tokenizer = pair
+    context = mx.array(tokenizer.encode(" ".join(PROMPTS)))[None]
+    hidden = final_hidden_states(dense, context)[0, -4:]
+    assert_batch_matches_single_rows(flash_head(model), hidden, BATCH_PATHS)
 
 
 def test_speculative_verification_matches_plain_decoding(pair):

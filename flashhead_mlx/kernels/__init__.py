@@ -10,10 +10,21 @@ from .centroid_topk import (
     ranking_key,
     top_clusters,
 )
-from .cluster_argmax import best_token, cluster_argmax, gathered_logits, slot_tokens
+from .cluster_argmax import (
+    BATCH_PATHS,
+    best_token,
+    choose_batch_path,
+    cluster_argmax,
+    gathered_logits,
+    row_logits,
+    slot_tokens,
+    union_clusters,
+)
 
 __all__ = [
+    "BATCH_PATHS",
     "best_token",
+    "choose_batch_path",
     "centroid_topk",
     "cluster_argmax",
     "cluster_rank",
@@ -22,6 +33,8 @@ __all__ = [
     "gathered_logits",
     "kernel_implementation",
     "ranking_key",
+    "row_logits",
     "slot_tokens",
     "top_clusters",
+    "union_clusters",
 ]

@@ -1,5 +1,5 @@
 """FlashHead stage 2: the exact logits of the probed clusters' rows and the greedy token, in
-one kernel."""
+one kernel for one row; for a batch of rows, one matmul over the union of their clusters."""
 
 from typing import Optional, Tuple
 
@@ -10,6 +10,20 @@ from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_meta
 # Probes (clusters) per threadgroup: one per SIMD group (see metal/cluster_argmax.metal).
 PROBES_PER_THREADGROUP = 8
 KERNEL_BITS = (None, 2, 4, 8)
+# How stage 2 scores a batch of M > 1 rows (the rows of a batch, the positions of a verification
+# block), each row keeping the logits of its own clusters only: "rows" gathers and scores each
+# row's clusters on its own (the fused kernel on Metal), reading about M times the scored share of
+# the head; "union" scores the union of the rows' clusters once, in one gathered matmul (pure
+# MLX); "dense" scores every cluster with the dense matmul.
+BATCH_PATHS = ("rows", "union", "dense")
+# The union is padded to min(M * clusters per row, n_clusters) clusters (its size cannot depend on
+# the values without a host synchronisation). Once the rows' probes (counted with repeats) reach
+# this many times n_clusters, nearly every cluster is in the union and the dense matmul is the
+# faster way to score them all. Measured with `flashhead-mlx bench --batch-sizes` on a 2-core
+# x86-64 CPU (docs/measuring.md): the union was faster at every B whose probes were fewer than
+# n_clusters, and the dense matmul caught up between 1.5 and 3 times n_clusters. Not yet measured
+# on a GPU (on Metal, batches keep the fused kernel).
+DENSE_PROBE_RATIO = 2.0
 
 
 def cluster_argmax(
@@ -24,6 +38,7 @@ def cluster_argmax(
     bits: Optional[int] = None,
     softcap: Optional[float] = None,
     mode: str = "affine",
+    path: Optional[str] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Score the rows of the probed clusters and pick the best token.
 
@@ -40,22 +55,69 @@ def cluster_argmax(
         softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
         mode (str): quantization mode of packed rows; the kernel takes ``"affine"`` rows, the
             others (``"mxfp4"``, ...) take the pure-MLX path. Default: ``"affine"``.
+        path (str, optional): one of :data:`BATCH_PATHS`; ``None``: ``"rows"`` where the Metal
+            kernel runs, else :func:`choose_batch_path`'s. Default: ``None``.
 
     Returns:
         The token with the highest logit ``[...]`` (int32, ties to the lowest token id) and the
         logits ``[..., n_probes * cluster_size]`` (float32, ``-inf`` at padding slots), the
-        rows of probe ``p`` at ``p * cluster_size ... (p + 1) * cluster_size - 1``.
+        rows of probe ``p`` at ``p * cluster_size ... (p + 1) * cluster_size - 1``. Whatever
+        the path, a row's logits are its single-row call's up to float32 rounding (a different
+        matmul shape sums in a different order).
     """
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     probes = probes.reshape(h.shape[0], -1).astype(mx.uint32)
     args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, softcap)
     kernel_format = mode == "affine" and bits in KERNEL_BITS
-    if use_metal() and kernel_format and (bits is not None or h.shape[-1] % 4 == 0):
+    kernel = use_metal() and kernel_format and (bits is not None or h.shape[-1] % 4 == 0)
+    if path is None:
+        # Where the fused kernel runs, batches keep it until the union is measured against it.
+        path = "rows" if kernel else choose_batch_path(*probes.shape, order.size // cluster_size)
+    if path != "rows":
+        tokens, logits = _cluster_argmax_batch(*args, mode, path == "dense")
+    elif kernel:
         tokens, logits = _cluster_argmax_metal(*args)
     else:
         tokens, logits = _cluster_argmax_mlx(*args, mode)
     return tokens.reshape(lead), logits.reshape(*lead, -1)
+
+
+def choose_batch_path(rows: int, clusters_per_row: int, n_clusters: int) -> str:
+    """The path (:data:`BATCH_PATHS`) of ``rows`` rows of ``clusters_per_row`` clusters each:
+    ``"rows"`` for one row, else ``"dense"`` when the rows' clusters (counted with repeats)
+    number at least :data:`DENSE_PROBE_RATIO` times ``n_clusters``, else ``"union"``."""
+    if rows == 1:
+        return "rows"
+    return "dense" if rows * clusters_per_row >= DENSE_PROBE_RATIO * n_clusters else "union"
+
+
+def union_clusters(probes: mx.array, n_clusters: int) -> Tuple[mx.array, mx.array]:
+    """The union of the clusters ``probes`` ``[M, K]`` of all rows, built without a host
+    synchronisation (a sort, then a mask of where the sorted ids change): the distinct ids,
+    ascending, padded with cluster 0 to the fixed size ``min(M * K, n_clusters)`` (uint32), and
+    each probe's position in it ``[M, K]`` (int32)."""
+    flat = probes.reshape(-1).astype(mx.uint32)
+    size = min(flat.size, n_clusters)
+    order = mx.argsort(flat)
+    ids = flat[order]
+    first = mx.concatenate([mx.array([True]), ids[1:] != ids[:-1]])
+    rank = mx.cumsum(first.astype(mx.int32)) - 1
+    union = mx.zeros((size + 1,), mx.uint32)
+    union[mx.where(first, rank, size)] = ids  # repeats write to the spare last slot
+    positions = mx.zeros((flat.size,), mx.int32)
+    positions[order] = rank
+    return union[:size], positions.reshape(probes.shape)
+
+
+def row_logits(h, weight, scales=None, biases=None, group_size=None, bits=None, mode="affine"):
+    """``h`` ``[..., d]`` against every row of ``weight`` (float, or packed with ``scales`` and
+    ``biases``): logits ``[..., rows]``, the dense head's matmul."""
+    if scales is None:
+        return h @ weight.T
+    return mx.quantized_matmul(
+        h, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
 
 
 def slot_tokens(probes: mx.array, order: mx.array, cluster_size: int) -> mx.array:
@@ -75,41 +137,53 @@ def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
     return best.min(axis=-1)
 
 
-def gathered_logits(
-    h: mx.array,
-    indices: mx.array,
-    weight: mx.array,
-    scales: Optional[mx.array],
-    biases: Optional[mx.array],
-    group_size: Optional[int] = None,
-    bits: Optional[int] = None,
-    mode: str = "affine",
-) -> mx.array:
-    """Each row of ``h`` ``[B, d]`` against its own blocks of rows: ``weight`` ``[n_blocks,
-    rows, d]`` (float, or packed with ``scales`` and ``biases``), blocks ``indices`` ``[B, K]``.
-    Returns the logits ``[B, K * rows]`` (float32), block by block. Pure MLX."""
-    x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, K] blocks
+def gathered_logits(x, clusters, weight, scales, biases, cluster_size, group_size, bits, mode):
+    """``x`` ``[..., R, d]`` (float32) against the rows of each of ``clusters``, in one gathered
+    matmul: ``[..., R, cluster_size]`` per cluster (``x``'s and ``clusters``' leading axes
+    broadcast)."""
+    n_clusters = weight.shape[0] // cluster_size
+
+    def by_cluster(a):  # [n_clusters, cluster_size, ...]: an index picks one cluster's rows
+        return None if a is None else a.reshape(n_clusters, cluster_size, -1)
+
     if bits is not None:
-        logits = mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
-                               group_size=group_size, bits=bits, mode=mode)
-    elif weight.dtype == mx.float32:
-        logits = mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices)
-    else:
-        # gather_mm would cast the whole head to float32: cast the gathered rows only.
-        rows = mx.take(weight, indices, axis=0).astype(mx.float32)
-        logits = rows @ x.swapaxes(-1, -2)
-    return logits.reshape(indices.shape[0], -1)
+        return mx.gather_qmm(x, by_cluster(weight), by_cluster(scales), by_cluster(biases),
+                             rhs_indices=clusters, transpose=True, group_size=group_size,
+                             bits=bits, mode=mode)
+    if weight.dtype == mx.float32:
+        return mx.gather_mm(x, by_cluster(weight).swapaxes(-1, -2), rhs_indices=clusters)
+    # gather_mm would cast the whole head to float32: cast the gathered rows only.
+    rows = mx.take(by_cluster(weight), clusters, axis=0).astype(mx.float32)
+    return x @ rows.swapaxes(-1, -2)
 
 
 def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
                         softcap, mode):
-    n_clusters = order.size // cluster_size
+    x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, n_probes] probes
+    logits = gathered_logits(x, probes, weight, scales, biases, cluster_size, group_size, bits,
+                              mode)
+    return _finish(logits.reshape(probes.shape[0], -1), probes, order, cluster_size, softcap)
 
-    def by_cluster(a):  # [n_clusters, cluster_size, ...]: a probe picks one cluster's rows
-        return None if a is None else a.reshape(n_clusters, cluster_size, -1)
 
-    logits = gathered_logits(h, probes, by_cluster(weight), by_cluster(scales),
-                             by_cluster(biases), group_size, bits, mode)
+def _cluster_argmax_batch(h, probes, weight, scales, biases, order, cluster_size, group_size,
+                          bits, softcap, mode, dense):
+    """The union path (or, with ``dense``, the dense one): every row against the union of the
+    rows' clusters (every cluster), then each row takes its own clusters' logits."""
+    x = h.astype(mx.float32)
+    if dense:
+        logits = row_logits(x, weight, scales, biases, group_size, bits, mode)
+        logits, positions = logits.reshape(h.shape[0], -1, cluster_size), probes
+    else:
+        union, positions = union_clusters(probes, order.size // cluster_size)
+        logits = gathered_logits(x[None], union, weight, scales, biases, cluster_size,
+                                  group_size, bits, mode).swapaxes(0, 1)  # [M, union, s]
+    own = mx.take_along_axis(logits, positions[..., None].astype(mx.int32), axis=1)
+    return _finish(own.reshape(probes.shape[0], -1), probes, order, cluster_size, softcap)
+
+
+def _finish(logits, probes, order, cluster_size, softcap):
+    """The softcap and the padding mask on the probed slots' logits ``[M, K * s]``, and the
+    greedy token."""
     if softcap is not None:
         logits = mx.tanh(logits / softcap) * softcap
     tokens = slot_tokens(probes, order, cluster_size)
