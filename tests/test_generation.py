@@ -13,13 +13,12 @@ import pytest
 from mlx_lm import sample_utils as mlx_sample_utils
 
 import flashhead_mlx
-from conftest import make_clusters, make_tiny_model
+from conftest import make_clusters, make_tiny_model, without_recent_tokens
 from flashhead_mlx import decode, generation
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.patch import apply_flashhead, flash_head
-from flashhead_mlx.recent import RECENT_TOKENS
 from flashhead_mlx.sampling import fit_mass_bias
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 999]])
@@ -208,14 +207,11 @@ def test_batch_rows_get_their_own_temperatures(models, monkeypatch):
         assert len(row) == n
         finite = [int(np.isfinite(logprobs).sum()) for _, logprobs in row]
         assert min(finite) > candidates if temperature else max(finite) <= candidates
-    head.recent_tokens = 0  # batches score no recent tokens (flashhead_mlx.recent.batched)
-    try:
+    with without_recent_tokens(model):  # as a batch row (flashhead_mlx.recent.batched)
         for i in (0, 3):
             prompt = mx.array(prompts[i])
             single = steps(flashhead_mlx.generate_step(prompt, model, max_tokens=max_tokens[i]))
             assert [t for t, _ in route[i]] == [t for t, _ in single]
-    finally:
-        head.recent_tokens = RECENT_TOKENS
 
 
 def test_context_does_not_leak_across_yields(models):

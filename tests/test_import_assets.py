@@ -23,6 +23,7 @@ from flashhead_mlx.model_head import final_hidden_states
 
 VOCAB, HIDDEN, CLUSTER_SIZE = 1024, 64, 16
 N_CLUSTERS = VOCAB // CLUSTER_SIZE
+N_PROBES = 8
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,12 @@ def models(tmp_path_factory) -> tuple:
     """A tiny untied model whose vocabulary makes equal clusters, and its conversion."""
     root = tmp_path_factory.mktemp("import")
     source = make_tiny_model(root / "tiny", tied=False, vocab_size=VOCAB, hidden_size=HIDDEN)
-    return source, convert(str(source), str(root / "tiny-flashhead"), calibration_tokens=256)
+    # Explicit probes: tuning's 12% cap, the 128 recent tokens included, leaves one probe for a
+    # vocabulary this small.
+    converted = convert(
+        str(source), str(root / "tiny-flashhead"), calibration_tokens=256, n_probes=N_PROBES
+    )
+    return source, converted
 
 
 def assets_path(folder: Path) -> Path:
@@ -70,7 +76,8 @@ def test_round_trip_reproduces_the_conversion(models, tmp_path):
     exported = export_vllm(converted, tmp_path / "published")
     target = tmp_path / "model"
     shutil.copytree(source, target)
-    assert import_assets(str(target), str(exported), calibration_tokens=256) == target
+    imported = import_assets(str(target), str(exported), n_probes=N_PROBES, calibration_tokens=256)
+    assert imported == target
 
     ours, theirs = load_file(str(assets_path(converted))), load_file(str(assets_path(target)))
     np.testing.assert_array_equal(theirs["order"], ours["order"])

@@ -12,7 +12,7 @@ from mlx_lm.generate import batch_generate, generate_step, stream_generate
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from conftest import assert_batch_matches_single_rows, make_clusters
+from conftest import assert_batch_matches_single_rows, make_clusters, without_recent_tokens
 from flashhead_mlx import flash_head, patch
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.kernels import BATCH_PATHS
@@ -56,17 +56,23 @@ def test_greedy_tokens_are_the_argmax_of_the_candidates(pair):
     context = mx.concatenate([prompt, mx.array(tokens[:-1])])[None]
     hidden = final_hidden_states(dense, context)[0, prompt.size - 1 :]
     reference = np.array(dense(context))[0, prompt.size - 1 :]
-    ids = np.array(flash_head(model).candidates(hidden)[0])
+    head = flash_head(model)
+    ids = np.array(head.candidates(hidden)[0])
+    history = np.array(context[0])
     for step, token in enumerate(tokens):
-        candidates = ids[step][ids[step] >= 0]
-        assert token == candidates[reference[step, candidates].argmax()]
+        # The candidates and the context's recent tokens, exact; ties to the lowest token id.
+        scored = np.zeros(reference.shape[-1], dtype=bool)
+        scored[ids[step][ids[step] >= 0]] = True
+        scored[history[: prompt.size + step][-head.recent_tokens :]] = True
+        assert token == np.argmax(np.where(scored, reference[step], -np.inf))
 
 
 def test_batch_rows_match_single_rows(pair):
     _, model, tokenizer = pair
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     batch = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True)
-    assert batch.token_ids == [tokens_of(model, tokenizer, p, max_tokens=6) for p in PROMPTS]
+    with without_recent_tokens(model):  # as a batch row (flashhead_mlx.recent.batched)
+        assert batch.token_ids == [tokens_of(model, tokenizer, p, max_tokens=6) for p in PROMPTS]
 
 
 def test_batch_paths_match_single_rows_on_real_hidden_states(pair):
