@@ -32,8 +32,9 @@ CALIBRATION_CODE = DATA_DIR / "calibration_code.txt"
 MIX = {"chat": 0.25, "code": 0.25, "prose": 0.5}
 # Tokens of each calibration reply: enough to cover a reply's start, middle and end.
 CALIBRATION_REPLY_TOKENS = 128
-# Calibration prompts replied to: one batch_generate call, the mix's dearest positions (its
-# replies' shortfall on the chat share goes to the last source).
+# The most calibration prompts replied to: one batch_generate call, the mix's dearest positions;
+# a smaller chat share takes one prompt per CALIBRATION_REPLY_TOKENS positions (the replies'
+# shortfall on the share goes to the last source).
 CALIBRATION_REPLIES = REPLY_BATCH
 # Positions per domain of the development suite that tuning measures.
 TUNING_DOMAIN_TOKENS = 2048
@@ -113,7 +114,8 @@ def mix_hidden_states(
         if count == 0:
             continue
         if source == "chat":
-            prompts = calibration_prompts(seed)[:CALIBRATION_REPLIES]
+            replies = min(CALIBRATION_REPLIES, math.ceil(count / CALIBRATION_REPLY_TOKENS))
+            prompts = calibration_prompts(seed)[:replies]
             states = reply_states(
                 model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
             )
