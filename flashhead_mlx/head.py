@@ -226,10 +226,6 @@ class FlashHead(nn.Module):
         tokens = mx.where(tokens < 0, self.vocab_size, tokens)  # padding goes to a spare column
         return mx.put_along_axis(full, tokens, logits, axis=-1)[..., : self.vocab_size]
 
-    def sparse_logits(self, h: mx.array) -> mx.array:
-        """Logits ``[..., V]`` in vocabulary order: exact at the candidates, ``-inf`` elsewhere."""
-        return self.scatter(*self.candidates(h))
-
     def embed(self, tokens: mx.array) -> mx.array:
         """The rows of ``tokens`` (the tied embedding lookup), dequantized when quantized."""
         slots = self.inverse[tokens]
