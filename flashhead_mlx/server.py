@@ -7,6 +7,10 @@ mlx-lm's (``BatchGenerator``, ``stream_generate``, ``make_sampler``, ``make_logi
 every request, batched or not, tells the head its sampling settings. Each model it loads logs a
 ``Head: ...`` line.
 
+A request for a model that cannot be found gets its 404 before it is queued
+(:class:`ResponseGenerator`): mlx-lm's own server drops the model it serves first, and loads it
+again for the next request.
+
 Verified decoding does not batch: with ``--flashhead-verify`` the model is not batchable
 (:class:`ModelProvider`), so mlx-lm's server serves its requests one at a time through
 ``stream_generate``, each verified.
@@ -17,11 +21,32 @@ import importlib
 import types
 
 from .generation import BatchGenerator, stream_generate
+from .loading import download
 from .mlx_lm_commands import Loader, add_flashhead_arguments, add_verify_argument, patched
 from .sample_utils import make_logits_processors, make_sampler
 from .verified import verify_block
 
 MLX_SERVER = importlib.import_module("mlx_lm.server")
+
+
+class ResponseGenerator(MLX_SERVER.ResponseGenerator):
+    """mlx-lm's, refusing a request for a model that cannot be found before it is queued (mlx-lm
+    answers 404). mlx-lm's generation thread would first drain its batch and drop the model it
+    serves, so that the next request loads it again; a model found here is fetched here, not
+    while the batch waits."""
+
+    def __init__(self, *args, **kwargs):
+        self.found = set()  # the models found by name so far
+        super().__init__(*args, **kwargs)
+
+    def generate(self, request, generation_args, progress_callback=None):
+        provider = self.model_provider
+        name = generation_args.model.model
+        path = provider._model_map.get(name, name)
+        if path not in (provider.cli_args.model, *self.found):
+            download(path)
+            self.found.add(path)
+        return super().generate(request, generation_args, progress_callback)
 
 
 class ModelProvider(MLX_SERVER.ModelProvider):
@@ -58,7 +83,8 @@ def main() -> None:
         make_sampler=make_sampler,
         make_logits_processors=make_logits_processors,
     )
-    with patched(MLX_SERVER, argparse=shim, load=loader, ModelProvider=ModelProvider, **route):
+    classes = dict(ModelProvider=ModelProvider, ResponseGenerator=ResponseGenerator)
+    with patched(MLX_SERVER, argparse=shim, load=loader, **classes, **route):
         MLX_SERVER.main()
 
 

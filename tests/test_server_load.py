@@ -1,0 +1,96 @@
+"""``flashhead-mlx server`` under load on a tiny model: 16 concurrent clients on loopback, each
+sending greedy, streamed, sampled and malformed requests, in rounds
+(:mod:`flashhead_mlx.testing.server_load`). Every greedy response equals the dense-head server's
+on the same requests, malformed requests get their 4xx and disturb nothing, the server decodes
+sparsely, loads its model once, keeps MLX's active memory flat across rounds and shuts down
+cleanly on Ctrl-C."""
+
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+from conftest import make_tiny_model
+from flashhead_mlx import flash_head, load
+from flashhead_mlx import server as server_command
+from flashhead_mlx.head import FlashHead
+from flashhead_mlx.pipeline import convert
+from flashhead_mlx.testing.server_load import (
+    EXPECTED_STATUS,
+    greedy_texts,
+    load_rounds,
+    serve,
+    wrong,
+)
+
+PROMPTS = ["It is a truth", "a single man in", "must be in want", "of a good fortune"]
+MAX_TOKENS = 8
+ROUNDS = 3
+# Growth of MLX's active memory allowed from the second round to the last (buffers of batches
+# of other shapes); a leak of one request's KV cache per request would be far more.
+MEMORY_SLACK = 2**20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple:
+    """A tiny untied FlashHead folder and the fewest probes (of a few) with which its FlashHead,
+    as a batch row decodes (no recent tokens), continues every prompt as the dense head does,
+    checked against mlx-lm's dense generation."""
+    folder = tmp_path_factory.mktemp("server-load")
+    source = make_tiny_model(folder / "untied", tied=False)
+    converted = convert(str(source), str(folder / "flashhead"), calibration_tokens=256, n_probes=4)
+    dense, tokenizer = mlx_lm.load(str(converted))
+    expected = [mlx_lm.generate(dense, tokenizer, p, max_tokens=MAX_TOKENS) for p in PROMPTS]
+    n_clusters = flash_head(load(str(converted))[0]).n_clusters
+    for n_probes in (n_clusters // 8, n_clusters // 4, n_clusters // 2, n_clusters):
+        sparse, _ = load(str(converted), n_probes=n_probes, flashhead={"recent_tokens": 0})
+        texts = [mlx_lm.generate(sparse, tokenizer, p, max_tokens=MAX_TOKENS) for p in PROMPTS]
+        if texts == expected:
+            return converted, n_probes
+    pytest.fail("no n_probes continues the prompts as the dense head")
+
+
+def spy(monkeypatch, cls, name: str) -> list:
+    """Count the calls of ``cls.name``."""
+    calls, method = [], getattr(cls, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def run(folder: Path, flags: list, rounds: int) -> list:
+    def drive(url):
+        return load_rounds(url, PROMPTS, rounds, log=print, max_tokens=MAX_TOKENS)
+
+    return serve(str(folder), flags, drive)
+
+
+def test_sixteen_clients(model, monkeypatch):
+    folder, n_probes = model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loads = spy(monkeypatch, server_command.Loader, "__call__")
+    sparse_steps = spy(monkeypatch, FlashHead, "decode_logits")
+
+    dense = run(folder, ["--no-flashhead"], 1)
+    assert sparse_steps == [] and len(loads) == 1
+    reference = greedy_texts(dense[0]["records"])
+    assert set(reference) == set(PROMPTS)
+    assert all(len(texts) == 1 for texts in reference.values()), reference
+
+    del loads[:]
+    rounds = run(folder, ["--n-probes", str(n_probes)], ROUNDS)
+    for row in rounds:
+        records = row["records"]
+        assert [r for r in records if wrong(r)] == []
+        assert {r["kind"] for r in records} >= set(EXPECTED_STATUS) | {"greedy", "stream", "sampled"}
+        assert greedy_texts(records) == reference
+        sampled = [r for r in records if r["kind"] == "sampled"]
+        assert sampled and all(isinstance(r["text"], str) for r in sampled)
+    assert len(loads) == 1  # the malformed requests (an unknown model) reloaded nothing
+    assert len(sparse_steps) >= MAX_TOKENS - 1
+    memory = [row["active_memory"] for row in rounds]
+    assert memory[-1] - memory[1] <= MEMORY_SLACK, memory
