@@ -129,11 +129,13 @@ def make_assets(
 
 def reclaim_leftovers(folder) -> None:
     """Remove what a killed :func:`write_assets` left in ``folder``, the folder locked: its hidden
-    stage files, assets files and model files ``config.json`` does not name; a staged card of the
+    stage files, content-addressed assets files and model files ``config.json`` does not name (a
+    format-1 ``flashhead.safetensors`` stays until new assets replace it); a staged card of the
     assets it names is put in place (the kill came after the switch)."""
     folder = Path(folder)
-    with folder_lock(folder):
-        _reclaim(folder, json.loads((folder / "config.json").read_text()))
+    if (folder / "config.json").is_file():
+        with folder_lock(folder):
+            _reclaim(folder, json.loads((folder / "config.json").read_text()))
 
 
 def _reclaim(folder: Path, config: dict) -> None:
@@ -146,7 +148,7 @@ def _reclaim(folder: Path, config: dict) -> None:
             os.replace(path, folder / CARD_FILE)
         elif name.startswith(hidden) or fnmatch.fnmatchcase(name, f".{ASSETS_PATTERN}"):
             path.unlink(missing_ok=True)
-        elif is_assets_file(name) and name != current:
+        elif fnmatch.fnmatchcase(name, ASSETS_PATTERN) and name != current:
             path.unlink(missing_ok=True)
         elif name in MODEL_FILES and "model_file" not in config:
             path.unlink(missing_ok=True)

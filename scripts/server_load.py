@@ -52,9 +52,10 @@ def main() -> None:
     flags = args.server_args.split()
 
     def rounds(n: int):
-        return lambda url: load_rounds(url, PROMPTS, n, log=print, **options)
+        return lambda url: load_rounds(url, PROMPTS, n, log=lambda line: print(line, flush=True),
+                                       **options)
 
-    print("Dense head (the reference):")
+    print("Dense head (the reference):", flush=True)
     dense = serve(args.model, ["--no-flashhead", *flags], rounds(1))
     reference = greedy_texts(dense[0]["records"])
     steps = []
@@ -65,7 +66,7 @@ def main() -> None:
         return method(self, *a, **k)
 
     FlashHead.decode_logits = counted
-    print("FlashHead:")
+    print("FlashHead:", flush=True)
     try:
         flash = serve(args.model, flags, rounds(args.rounds))
     finally:

@@ -25,9 +25,10 @@ from flashhead_mlx.testing.server_load import (
 
 PROMPTS = ["It is a truth", "a single man in", "must be in want", "of a good fortune"]
 MAX_TOKENS = 8
-ROUNDS = 3
-# Growth of MLX's active memory allowed from the second round to the last (buffers of batches
-# of other shapes); a leak of one request's KV cache per request would be far more.
+ROUNDS = 4
+# Growth of MLX's active memory allowed after the second round (the first fills the prompt
+# cache, 10 entries; their lengths differ); one leaked KV cache (256 positions, 128 KiB here) per request
+# would add 6 MiB a round.
 MEMORY_SLACK = 2**20
 
 
@@ -88,9 +89,11 @@ def test_sixteen_clients(model, monkeypatch):
         assert [r for r in records if wrong(r)] == []
         assert {r["kind"] for r in records} >= set(EXPECTED_STATUS) | {"greedy", "stream", "sampled"}
         assert greedy_texts(records) == reference
+        unknown = [r["text"] for r in records if r["kind"] == "unknown-model"]
+        assert all("no-such-model does not exist" in text for text in unknown), unknown[:1]
         sampled = [r for r in records if r["kind"] == "sampled"]
         assert sampled and all(isinstance(r["text"], str) for r in sampled)
     assert len(loads) == 1  # the malformed requests (an unknown model) reloaded nothing
     assert len(sparse_steps) >= MAX_TOKENS - 1
     memory = [row["active_memory"] for row in rounds]
-    assert memory[-1] - memory[1] <= MEMORY_SLACK, memory
+    assert max(memory[1:]) - memory[1] <= MEMORY_SLACK, memory  # after the first, flat

@@ -36,7 +36,8 @@ def free_port() -> int:
 
 
 def _request(url: str, kind: str, prompt: str, max_tokens: int, timeout: float) -> dict:
-    """Send one request of ``kind``; its status, text (the streamed chunks joined) and latency."""
+    """Send one request of ``kind``; its status, text (the streamed chunks joined; the body of an
+    error) and latency."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     if kind == "sampled":
         body["temperature"] = 0.8
@@ -62,7 +63,7 @@ def _request(url: str, kind: str, prompt: str, max_tokens: int, timeout: float) 
         else:
             text = json.loads(raw)["choices"][0]["text"]
     except urllib.error.HTTPError as error:
-        status = error.code
+        status, text = error.code, error.read().decode(errors="replace")
     except (OSError, ValueError, KeyError) as error:  # refused, reset, timed out, garbled
         status, text = None, f"{type(error).__name__}: {error}"
     seconds = time.perf_counter() - start
@@ -180,13 +181,17 @@ def load_rounds(
     prompts: Sequence[str],
     rounds: int,
     log: Optional[Callable[[str], None]] = None,
+    settle: float = 0.5,
     **options,
 ) -> List[dict]:
     """``rounds`` rounds (:func:`run_round`), each summarised with the server process's MLX
-    active memory after it (:func:`summary` plus ``active_memory``, and its ``records``)."""
+    active memory ``settle`` seconds after its last answer (the generation thread files the
+    finished requests' caches after answering): :func:`summary` plus ``active_memory``, and its
+    ``records``."""
     results = []
     for index in range(rounds):
         records = run_round(url, prompts, **options)
+        time.sleep(settle)
         row = {**summary(records), "active_memory": mx.get_active_memory(), "records": records}
         results.append(row)
         if log is not None:
