@@ -9,7 +9,7 @@ every request, batched or not, tells the head its sampling settings. Each model 
 
 A request for a model that cannot be found gets its 404 before it is queued
 (:class:`ResponseGenerator`): mlx-lm's own server drops the model it serves first, and loads it
-again for the next request.
+again for the next request. The listen backlog holds 128 connections (:class:`HTTPServer`), not 5.
 
 Verified decoding does not batch: with ``--flashhead-verify`` the model is not batchable
 (:class:`ModelProvider`), so mlx-lm's server serves its requests one at a time through
@@ -17,6 +17,7 @@ Verified decoding does not batch: with ``--flashhead-verify`` the model is not b
 """
 
 import argparse
+import functools
 import importlib
 import types
 
@@ -27,6 +28,15 @@ from .sample_utils import make_logits_processors, make_sampler
 from .verified import verify_block
 
 MLX_SERVER = importlib.import_module("mlx_lm.server")
+
+
+class HTTPServer(MLX_SERVER.ThreadingHTTPServer):
+    """mlx-lm's HTTP server with a listen backlog for many clients. The standard library's 5
+    overflows when 16 clients connect at once while the accepting thread waits for the CPU: the
+    kernel drops the handshakes it has no room for, and those clients wait for its retries (1, 3,
+    7, ... s) or, after 31 s of them, are reset."""
+
+    request_queue_size = 128
 
 
 class ResponseGenerator(MLX_SERVER.ResponseGenerator):
@@ -83,7 +93,11 @@ def main() -> None:
         make_sampler=make_sampler,
         make_logits_processors=make_logits_processors,
     )
-    classes = dict(ModelProvider=ModelProvider, ResponseGenerator=ResponseGenerator)
+    classes = dict(
+        ModelProvider=ModelProvider,
+        ResponseGenerator=ResponseGenerator,
+        _run_http_server=functools.partial(MLX_SERVER._run_http_server, server_class=HTTPServer),
+    )
     with patched(MLX_SERVER, argparse=shim, load=loader, **classes, **route):
         MLX_SERVER.main()
 
