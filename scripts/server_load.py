@@ -5,8 +5,9 @@ the server with the FlashHead answers ``--rounds`` rounds of the same requests
 (:mod:`flashhead_mlx.testing.server_load`: greedy, streamed, sampled, and malformed ones: bad
 JSON, a negative max_tokens, an unknown model). Each round prints its requests, the requests that
 got another status than their kind's, the p50/p95 latency of the well-formed ones and MLX's
-active memory in the server's process after it; at the end, the greedy responses that differ
-from the dense server's, and the FlashHead's sparse decode steps:
+active memory in the server's process after it; at the end, each wrong answer, the greedy
+responses that differ from the dense server's, the FlashHead's sparse decode steps, and each
+kind's latency:
 
     nice -n 19 python scripts/server_load.py --model DIR [--clients 16] [--rounds 3]
 """
@@ -14,9 +15,11 @@ from the dense server's, and the FlashHead's sparse decode steps:
 import argparse
 import sys
 
+import numpy as np
+
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.head import FlashHead
-from flashhead_mlx.testing.server_load import KINDS, greedy_texts, load_rounds, serve
+from flashhead_mlx.testing.server_load import KINDS, greedy_texts, load_rounds, serve, wrong
 
 PROMPTS = [
     "Write one sentence about the sea.",
@@ -71,6 +74,10 @@ def main() -> None:
         flash = serve(args.model, flags, rounds(args.rounds))
     finally:
         FlashHead.decode_logits = method
+    for index, row in enumerate([*dense, *flash]):
+        for r in filter(wrong, row["records"]):
+            where = "dense" if index == 0 else f"FlashHead round {index}"
+            print(f"wrong answer ({where}): {r['kind']} got {r['status']}: {str(r['text'])[:200]}")
     greedy = [
         r for row in flash for r in row["records"] if r["kind"] in ("greedy", "stream")
         and r["status"] == 200
@@ -81,6 +88,10 @@ def main() -> None:
     if unstable:
         print(f"prompts with more than one dense greedy text (batch shapes): {unstable}")
     print(f"FlashHead sparse decode steps: {len(steps)}")
+    records = [r for row in flash for r in row["records"]]
+    for kind in KINDS:
+        seconds = [r["seconds"] for r in records if r["kind"] == kind]
+        print(f"{kind}: p50 {np.percentile(seconds, 50):.2f} s, p95 {np.percentile(seconds, 95):.2f} s")
 
 
 if __name__ == "__main__":
