@@ -7,7 +7,8 @@ a ``"flashhead"`` section of ``config.json`` (format version 2, docs/format.md).
 the digest, every shape against the model and a fingerprint of the head's weights, so assets
 never silently produce wrong tokens. :func:`write_assets` is the one writer: a new assets file,
 then ``config.json`` replaced atomically, then the old file removed, so a reader sees the folder
-as before or as after. The reading side (digest, names, version, hub fetch) is in
+as before or as after; a killed writer's leftovers are reclaimed by the next
+(:func:`reclaim_leftovers`). The reading side (digest, names, version, hub fetch) is in
 :mod:`flashhead_mlx.flashhead_format`, which the remote-code variant's model file uses too.
 """
 
@@ -23,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .durable import folder_lock, fsync_path, kill_point, replace_text
 from .flashhead_format import (
     FORMAT_VERSION,
     assets_file_name,
@@ -30,7 +32,6 @@ from .flashhead_format import (
     content_digest,
     read_assets,
 )
-from .durable import folder_lock, fsync_path, kill_point, replace_text
 from .model_card import CARD_FILE
 from .model_head import head_module as find_head_module
 
