@@ -88,10 +88,11 @@ def main() -> None:
     if unstable:
         print(f"prompts with more than one dense greedy text (batch shapes): {unstable}")
     print(f"FlashHead sparse decode steps: {len(steps)}")
-    records = [r for row in flash for r in row["records"]]
-    for kind in KINDS:
-        seconds = [r["seconds"] for r in records if r["kind"] == kind]
-        print(f"{kind}: p50 {np.percentile(seconds, 50):.2f} s, p95 {np.percentile(seconds, 95):.2f} s")
+    for head, rows in (("dense", dense), ("FlashHead", flash)):
+        for kind in KINDS:
+            seconds = [r["seconds"] for row in rows for r in row["records"] if r["kind"] == kind]
+            p50, p95 = np.percentile(seconds, 50), np.percentile(seconds, 95)
+            print(f"{head} {kind}: p50 {p50:.2f} s, p95 {p95:.2f} s")
 
 
 if __name__ == "__main__":
