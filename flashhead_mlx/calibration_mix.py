@@ -15,6 +15,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from .calibration import CALIBRATION_TEXT, DATA_DIR, calibration_hidden_states, text_hidden_states
+from .durable import kill_point
 from .suite import (
     CHAT,
     REPLY_BATCH,
@@ -124,6 +125,7 @@ def mix_hidden_states(
             states = calibration_hidden_states(model, tokenizer, text, n_tokens=count)
         print(f"[INFO] Calibration: {states.shape[0]} positions of {source}")
         parts.append(states)
+        kill_point("calibration")
     return mx.concatenate(parts)
 
 

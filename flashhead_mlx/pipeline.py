@@ -7,7 +7,6 @@ their original order, plus the FlashHead assets and a ``flashhead`` section in `
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,8 +21,9 @@ from .calibration import text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
 from .clustering import cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
+from .durable import publish_folder, reclaim_stages, stage_folder
 from .head import FlashHead
-from .model_card import CARD_FILE, render_folder_card, write_card
+from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
 from .sampling import fit_mass_bias
 from .suite import model_fingerprint
@@ -225,15 +225,20 @@ def install_flashhead(
 ) -> None:
     """Make the mlx-lm folder at ``path`` a FlashHead folder: the assets (``result``, from
     :func:`finish_assets`) of ``model``'s head with ``provenance`` (added to ``config.json``'s
-    ``flashhead`` section), written atomically (:func:`flashhead_mlx.assets.save_assets`), the
-    model file when ``model_file`` (the remote-code variant), then the model card (``card``:
-    keyword arguments of :func:`flashhead_mlx.model_card.render_folder_card`).
+    ``flashhead`` section), the model file when ``model_file`` (the remote-code variant) and the
+    model card (``card``: keyword arguments of
+    :func:`flashhead_mlx.model_card.render_folder_card`), written atomically, ``config.json``
+    the switch (:func:`flashhead_mlx.assets.write_assets`).
     """
     provenance = {**provenance, "flashhead_mlx_version": __version__}
-    config = save_assets(
-        path, **result, head_module=head_module(model), provenance=provenance, model_file=model_file
+    save_assets(
+        path,
+        **result,
+        head_module=head_module(model),
+        provenance=provenance,
+        model_file=model_file,
+        card=lambda config: render_folder_card(path, config, **(card or {})),
     )
-    write_card(path, render_folder_card(path, config, **(card or {})))
 
 
 def add_flashhead(
@@ -278,8 +283,9 @@ def convert(
     With ``model_file``, the folder carries the model file that gives plain mlx-lm the FlashHead
     (``trust_remote_code=True``); without it plain mlx-lm loads the folder dense.
 
-    Everything is written to a temporary folder beside ``output`` and renamed into place at the
-    end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
+    Everything is written to a hidden stage folder beside ``output`` and renamed into place at
+    the end (:func:`flashhead_mlx.durable.publish_folder`), so an interrupted or killed
+    conversion leaves nothing that looks finished; the next one reclaims its stage folder. ``eval_json`` and
     ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
     Without ``n_probes``, the fewest probes with 99.9% top-1 containment on every domain of the
     development suite within the scored-fraction cap (or on the file ``tuning_text``) are chosen
@@ -290,11 +296,10 @@ def convert(
     if tuning_text is not None and not Path(tuning_text).is_file():
         raise ValueError(f"--tuning-text {tuning_text} is not a file")
     output_path = Path(output).expanduser().resolve()
+    reclaim_stages(output_path)
     if output_path.exists() and not force:
         raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
-    try:
+    with stage_folder(output_path) as stage:
         mlx_path = stage / "model"
         _prepare_mlx_model(
             model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
@@ -312,11 +317,7 @@ def convert(
             tuning_text=tuning_text,
             model_file=model_file,
         )
-        if output_path.exists():
-            output_path.rename(stage / "previous")
-        mlx_path.rename(output_path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        publish_folder(mlx_path, output_path, stage)
     print(f"[INFO] Wrote {output_path}")
     return output_path
 
