@@ -443,12 +443,12 @@ def expect_error(match, source, inputs=None, grid=(64, 1, 1), threadgroup=(64, 1
 
 def test_read_past_the_end_of_an_input():
     expect_error("0 bytes past the end of input 'x'",
-                 "uint i = thread_position_in_grid.x; out0[i] = x[i + 1];")
+                 "uint i = thread_position_in_grid.x; out0[i] = x[i + 1];", mode="fast")
 
 
 def test_write_past_the_end_of_an_output():
     expect_error("past the end of output 'out0'",
-                 "uint i = thread_position_in_grid.x; out0[i + 4] = 1.0f;")
+                 "uint i = thread_position_in_grid.x; out0[i + 4] = 1.0f;", mode="fast")
 
 
 def test_barrier_not_reached_by_every_thread():

@@ -4,23 +4,28 @@
 that takes the same call arguments. It builds the kernel source exactly as MLX does (the
 signature from the input and output names, the ``<name>_shape/_strides/_ndim`` and
 thread-position attributes the source mentions, and the template arguments), compiles it as
-C++ after ``metal_prelude.h`` (the Metal subset) with the system compiler, links the
-scheduler ``metal_runtime.cpp``, and runs the grid: threadgroups one after the other, the
-threads of a threadgroup as fibers that switch only at barriers and SIMD-group functions (32
-lanes per SIMD group; a collective acts on the lanes waiting at it). Compiled kernels are
-cached by source hash under ``~/.cache/flashhead-mlx/emulator`` (``FLASHHEAD_EMULATOR_CACHE``
-overrides it).
+C++ after ``metal_prelude.h`` (the Metal subset, MSL 3.2 or 3.1) with the system compiler, links
+the scheduler ``metal_runtime.cpp``, and runs the grid: the threads of a threadgroup as fibers
+that switch only at barriers and SIMD-group functions (32 lanes per SIMD group; a collective
+acts on the lanes waiting at it). Threadgroup variables become references into the running
+threadgroup's own memory, poisoned with 0xff bytes at its start. Compiled kernels are cached by
+source hash under ``~/.cache/flashhead-mlx/emulator`` (``FLASHHEAD_EMULATOR_CACHE`` overrides it).
 
-Checks that real hardware does not make, each an :class:`EmulatorError`: reads and writes past
-the end of a buffer (each buffer ends at a guard page), divergent SIMD-group collectives,
-barriers that not every thread reaches, shuffles from inactive lanes, and spin-waits. Not
-checked: address spaces (they are plain memory, so a device/constant pointer mix-up that Metal
-rejects compiles here), reads just before the start of a buffer, threadgroup memory bounds, the
-32 KB threadgroup memory limit; half arithmetic may keep float precision between operations.
+Checks that real hardware does not make, each an :class:`EmulatorError`, by mode (:data:`MODES`):
+- "fast": reads and writes past the end of a buffer (each buffer ends at a guard page), divergent
+  SIMD-group collectives, barriers that not every thread reaches, shuffles from inactive lanes,
+  spin-waits, more than 1024 threads or 32 KiB of threadgroup memory per threadgroup.
+- "check": also every load and store (the kernel is compiled with ``-fsanitize=thread``; the
+  scheduler implements the hooks): races on threadgroup memory and on outputs, reads of
+  threadgroup memory that no thread wrote, accesses outside a threadgroup array or a buffer.
+- "sanitize": AddressSanitizer and UndefinedBehaviorSanitizer, in a harness executable run as a
+  child process (``metal_harness.cpp``).
+Not checked: address spaces (they are plain memory, so a device/constant pointer mix-up that Metal
+rejects compiles here), the ordering of memory between threadgroups (every access is sequentially
+consistent, fences are no-ops); half arithmetic may keep float precision between operations.
 Outputs start filled with 0xff bytes (NaN for floats) unless ``init_value`` is given, so unwritten
-elements show. With ``shuffle=True`` threadgroups and threads run in a random order (a race
-check: a correct kernel gives the same result). Threadgroup variables are shared by turning
-their declarations into ``static`` ones; the source is otherwise compiled as written.
+elements show. With ``shuffle=True`` threadgroups (up to 4 at once, interleaved) and threads run
+in a random order (a correct kernel gives the same result).
 
 :func:`emulate` patches ``mx.fast.metal_kernel`` and ``mx.metal.is_available`` so that
 unmodified code (ours or mlx-lm's) runs its Metal path through the emulator.
@@ -229,6 +234,7 @@ def write_signature(func_name: str, header: str, source: str, template: Sequence
     return text + source + "\n}\n"
 
 
+@lru_cache(maxsize=None)
 def _compiler_id() -> str:
     return subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
 
@@ -441,17 +447,18 @@ class EmulatedKernel:
         hosts = [_host(x) for x in inputs]
         if self.ensure_row_contiguous:
             hosts = [np.ascontiguousarray(x) for x in hosts]
-        # The buffers in parameter order: (name, bytes, offset of element 0, output index).
+        # The buffers in parameter order: (name, bytes, offset of element 0, output index or
+        # None, whether it is an input or output, which get guard pages).
         operands = []
         for _, _, holds in params:
             if holds is None:
                 continue
             kind, k = holds
             if kind == "input":
-                operands.append((f"input '{self.input_names[k]}'", *_span(hosts[k]), None))
+                operands.append((f"input '{self.input_names[k]}'", *_span(hosts[k]), None, True))
             elif kind == "output":
                 data = _output_bytes(output_shapes[k], output_dtypes[k], init_value)
-                operands.append((f"output '{self.output_names[k]}'", data, 0, k))
+                operands.append((f"output '{self.output_names[k]}'", data, 0, k, True))
             else:
                 host = hosts[k]
                 values = {
@@ -459,7 +466,8 @@ class EmulatedKernel:
                     "strides": np.array([s // host.itemsize for s in host.strides], np.int64),
                     "ndim": np.array([host.ndim], np.int32),
                 }[kind]
-                operands.append((f"{self.input_names[k]}_{kind}", values.view(np.uint8), 0, None))
+                operands.append((f"{self.input_names[k]}_{kind}", values.view(np.uint8), 0, None,
+                                 False))
         config = [*grid, *threadgroup, int(self.shuffle), self.seed, TIMEOUT_S,
                   int(self.mode == "check")]
         run = self._run_harness if self.mode == "sanitize" else self._run_in_process
@@ -477,8 +485,8 @@ class EmulatedKernel:
         buffers: List[_Buffer] = []
         pointers, ranges, outputs = [], [], {}
         try:
-            for name, data, offset, output in operands:
-                if name.startswith(("input", "output")):
+            for name, data, offset, output, guarded in operands:
+                if guarded:
                     buf = _Buffer(lib, name, data)
                     buffers.append(buf)
                     pointers.append(buf.ptr + offset)
@@ -515,7 +523,7 @@ class EmulatedKernel:
             request, reply = Path(tmp) / "in", Path(tmp) / "out"
             with open(request, "wb") as f:
                 f.write(np.array([len(operands), *config], np.int64).tobytes())
-                for _, data, offset, output in operands:
+                for _, data, offset, output, _ in operands:
                     f.write(np.array([data.nbytes, offset, output is not None], np.int64).tobytes())
                     f.write(data.tobytes())
             env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
@@ -523,15 +531,16 @@ class EmulatedKernel:
             env.pop("LD_PRELOAD", None)
             result = subprocess.run([str(exe), str(request), str(reply)], capture_output=True,
                                     text=True, env=env, timeout=TIMEOUT_S + 60)
-            if result.returncode:
+            if result.returncode or re.search(r"Sanitizer|ASan|runtime error", result.stderr):
                 lines = result.stderr.splitlines()
                 report = [line for line in lines if re.search(
-                    r"^emulator: |ERROR: AddressSanitizer|runtime error:|^SUMMARY:|^\s+#\d+ .*kernel\.metal",
+                    r"^emulator: |ERROR: AddressSanitizer|WARNING: ASan|runtime error:|^SUMMARY:|"
+                    r"^\s+#\d+ .*kernel\.metal",
                     line)]
                 raise EmulatorError(f"[{self.name}] {self.mode}: " + "\n".join(
                     line.removeprefix("emulator: ") for line in (report or lines[-20:])))
             data = np.fromfile(reply, np.uint8)
-        sizes = [d.nbytes for _, d, _, output in operands if output is not None]
+        sizes = [data.nbytes for _, data, _, output, _ in operands if output is not None]
         return np.split(data, np.cumsum(sizes)[:-1])
 
     @staticmethod
