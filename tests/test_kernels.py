@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
-from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS
+from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS, _centroid_topk_metal
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
@@ -243,6 +243,10 @@ def test_centroid_topk_validates_n_probes(n_probes):
         with emulate(), pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError, match="1..70"):
             mp.setenv("FLASHHEAD_KERNELS", kernels)
             centroid_topk(h, centroids, scales, biases, cluster_bias, n_probes, 64, 4)
+    # Without the check, the kernel's selection would read threadgroup memory nobody wrote.
+    with emulate(mode="check"), pytest.raises(EmulatorError, match="uninitialised threadgroup "
+                                                                  "memory.*'buf'"):
+        _centroid_topk_metal(h, centroids, scales, biases, cluster_bias, n_probes, 64, 4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -276,13 +276,10 @@ def _build(cpp: str, mode: str, msl: str) -> Path:
     """The kernel translation unit ``cpp`` built for ``mode``: a shared library with the
     scheduler ("fast"; "check": the kernel instrumented, see metal_runtime.cpp), or the
     sanitizer harness executable ("sanitize")."""
-    flags = (*FLAGS, f"-DEMU_MSL={msl.replace('.', '')}0")
-    runtime_flags = FLAGS
-    if mode == "sanitize":
-        flags, runtime_flags = flags + SANITIZE_FLAGS, tuple(FLAGS) + SANITIZE_FLAGS
-    objects = [_object(RUNTIME, tuple(runtime_flags))]
-    if mode == "sanitize":
-        objects.append(_object(HARNESS, tuple(runtime_flags)))
+    runtime_flags = FLAGS + (SANITIZE_FLAGS if mode == "sanitize" else ())
+    flags = (*runtime_flags, f"-DEMU_MSL={msl.replace('.', '')}0")
+    sources = [RUNTIME, HARNESS] if mode == "sanitize" else [RUNTIME]
+    objects = [_object(source, runtime_flags) for source in sources]
 
     def build(path: Path) -> None:
         source = path.with_suffix(".cpp")
