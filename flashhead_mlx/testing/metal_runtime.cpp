@@ -87,6 +87,7 @@ constexpr int kMaxVariables = 64;
 struct Slot {
   Grid grid;  // the dispatch, and this slot's threadgroup
   Thread* threads;
+  ucontext_t entry;  // copied to each thread: it must outlive them (it holds their FPU state)
   char* stacks;
   int n;       // threads of the running threadgroup
   int group;   // its linear index, -1 when the slot is idle
@@ -271,7 +272,7 @@ void start_threadgroup(Slot& s, int group) {
     t.state = kRun;
     t.started = false;
     t.fake_stack = nullptr;
-    getcontext(&t.context);  // its own: a copy would point at the original's FPU state
+    t.context = s.entry;
     t.context.uc_stack.ss_sp = s.stacks + size_t(i) * kStack + page_size();
     t.context.uc_stack.ss_size = kStack - page_size();
     t.context.uc_link = nullptr;
@@ -587,6 +588,7 @@ int launch(void (*entry)(), const int64_t* config, const int64_t* ranges, int n_
   for (int k = 0; k < launch->n_slots; k++) {
     Slot& s = launch->slots[k];
     s.grid = g;
+    getcontext(&s.entry);
     s.threads = new Thread[n_max];
     s.stacks = static_cast<char*>(mmap(nullptr, size_t(n_max) * kStack, PROT_READ | PROT_WRITE,
                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
