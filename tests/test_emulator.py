@@ -480,6 +480,8 @@ def test_unsupported_metal_fails_to_compile():
 
 def test_threadgroup_larger_than_metal_allows():
     expect_error("at most 1024", "out0[0] = 0;", grid=(2048, 1, 1), threadgroup=(2048, 1, 1))
+    # MLX checks the threadgroup as given, also when the grid is smaller.
+    expect_error("at most 1024", "out0[0] = 0;", grid=(64, 1, 1), threadgroup=(64, 32, 1))
 
 
 def test_spin_wait_times_out(monkeypatch):
@@ -596,13 +598,17 @@ def test_check_catches_a_missing_barrier():
     np.testing.assert_array_equal(out, 2 * ((np.arange(64) + 2) % 64))
 
 
-def test_check_catches_a_race_between_threadgroups():
+def test_check_catches_races_on_an_output():
     racy = """
         if (thread_index_in_threadgroup == 0) { out0[0] = threadgroup_position_in_grid.x; }
     """
     with pytest.raises(EmulatorError, match="data race on device memory: threadgroup 1 thread 0 "
                                             "writes byte 0 of output 'out0'.*in the same dispatch"):
         run(racy, [mx.zeros((1,))], [(1,)], [mx.uint32], (128, 1, 1), (64, 1, 1), mode="check")
+    within = "out0[thread_index_in_threadgroup / 2] = thread_index_in_threadgroup;"
+    with pytest.raises(EmulatorError, match="threadgroup 0 thread 1 writes byte 0 of output "
+                                            "'out0'.*thread 0 wrote between the same barriers"):
+        run(within, [mx.zeros((1,))], [(32,)], [mx.uint32], (64, 1, 1), (64, 1, 1), mode="check")
     atomic = """
         if (thread_index_in_threadgroup == 0) {
             atomic_fetch_add_explicit(&out0[0], threadgroup_position_in_grid.x + 1, memory_order_relaxed);

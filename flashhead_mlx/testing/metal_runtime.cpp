@@ -452,9 +452,10 @@ void check_threadgroup(Slot& s, uintptr_t address, size_t bytes, bool write) {
                "out-of-bounds access to threadgroup memory: %u bytes before the start of '%s' "
                "(line %d, %u bytes)", near->offset - offset, near->name, near->line, near->size);
     } else if (near) {
+      uint32_t end = near->offset + near->size;
       snprintf(L->message, sizeof L->message,
                "out-of-bounds access to threadgroup memory: %u bytes past the end of '%s' "
-               "(line %d, %u bytes)", offset - near->offset - near->size, near->name, near->line,
+               "(line %d, %u bytes)", (offset > end ? offset : end) - end, near->name, near->line,
                near->size);
     } else {
       snprintf(L->message, sizeof L->message, "access to undeclared threadgroup memory");
@@ -566,9 +567,12 @@ int launch(void (*entry)(), const int64_t* config, const int64_t* ranges, int n_
     g.groups[d] = g.group[d] ? (g.grid[d] + g.group[d] - 1) / g.group[d] : 0;
     n_max *= int(g.group[d]);
   }
-  if (n_max > kMaxThreads) {
+  // MLX checks the threadgroup as given, before clipping it to the grid.
+  int64_t requested = config[3] * config[4] * config[5];
+  if (requested > kMaxThreads) {
     snprintf(message, size_t(message_size),
-             "threadgroup of %d threads: at most %d per threadgroup", n_max, kMaxThreads);
+             "threadgroup of %lld threads: at most %d per threadgroup", (long long)requested,
+             kMaxThreads);
     delete launch;
     return 2;
   }
