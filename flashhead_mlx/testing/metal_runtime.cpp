@@ -400,8 +400,24 @@ void describe_group(char* out, size_t size, int32_t group, int32_t thread) {
   }
 }
 
-// One byte accessed by the running thread; `what` names it in messages.
-void check_cell(Cell& c, bool write, const char* memory, const char* what) {
+// A byte the checking mode names in a message: of threadgroup variable `name` (declared at
+// `line`), or of buffer `buffer` (named by the Python side).
+struct Where {
+  const char* name;
+  int line, buffer;
+  size_t byte;
+};
+
+void describe_byte(char* out, size_t size, const Where& w) {
+  if (w.name) {
+    snprintf(out, size, "byte %zu of '%s' (line %d)", w.byte, w.name, w.line);
+  } else {
+    snprintf(out, size, "byte %zu of {buffer %d}", w.byte, w.buffer);
+  }
+}
+
+// One byte accessed by the running thread.
+void check_cell(Cell& c, bool write, const char* memory, const Where& where) {
   Thread& t = *L->current;
   int32_t g = t.slot->group, id = int32_t(t.lane.index);
   uint32_t e = t.slot->epoch;
@@ -416,8 +432,9 @@ void check_cell(Cell& c, bool write, const char* memory, const char* what) {
     clash = "read", other_group = c.r_group, other_thread = c.r_thread;
   }
   if (clash) {
-    char other[96];
+    char other[96], what[128];
     describe_group(other, sizeof other, other_group, other_thread);
+    describe_byte(what, sizeof what, where);
     snprintf(L->message, sizeof L->message,
              "data race on %s memory: threadgroup %d thread %d %s %s, which %s %s %s%s", memory,
              g, id, write ? "writes" : "reads", what, other, clash,
@@ -463,17 +480,17 @@ void check_threadgroup(Slot& s, uintptr_t address, size_t bytes, bool write) {
     siglongjmp(L->exit, 2);
   }
   for (size_t k = 0; k < bytes; k++) {
-    uint32_t byte = offset + uint32_t(k) - var->offset;
-    char what[128];
-    snprintf(what, sizeof what, "byte %u of '%s' (line %d)", byte, var->name, var->line);
+    Where where = {var->name, var->line, 0, offset + k - var->offset};
     Cell& c = s.shadow[offset + k];
     if (!write && !(c.state & kWritten)) {
+      char what[128];
+      describe_byte(what, sizeof what, where);
       snprintf(L->message, sizeof L->message,
                "read of uninitialised threadgroup memory: threadgroup %d thread %u reads %s, "
                "which no thread of its threadgroup wrote", s.group, L->current->lane.index, what);
       siglongjmp(L->exit, 2);
     }
-    check_cell(c, write, "threadgroup", what);
+    check_cell(c, write, "threadgroup", where);
   }
 }
 
@@ -492,9 +509,7 @@ void check_access(const void* p, size_t bytes, bool write) {
     if (a < r.start || a + bytes > end) fault_at(a < r.start || a >= end ? a : end);
     if (!r.output) return;
     for (size_t k = 0; k < bytes; k++) {
-      char what[64];
-      snprintf(what, sizeof what, "byte %zu of {buffer %d}", a + k - r.start, i);
-      check_cell(r.shadow[a + k - r.start], write, "device", what);
+      check_cell(r.shadow[a + k - r.start], write, "device", Where{nullptr, 0, i, a + k - r.start});
     }
     return;
   }
