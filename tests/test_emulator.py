@@ -419,14 +419,16 @@ def test_shuffled_order_exposes_a_missing_barrier():
 
 def test_emulate_patches_metal_and_restores_it():
     factory, available = mx.fast.metal_kernel, mx.metal.is_available
-    with emulate(shuffle=True, seed=3):
+    with emulate(shuffle=True, seed=3, mode="check") as launches:
         source = "uint i = thread_position_in_grid.x; out0[i] = 2 * x[i];"
         kernel = mx.fast.metal_kernel(name="k", input_names=["x"], output_names=["out0"],
                                       source=source)
         assert mx.metal.is_available() and kernel.shuffle and kernel.seed == 3
+        assert kernel.mode == "check" and launches == []
         (out,) = kernel(inputs=[mx.arange(4.0)], output_shapes=[(4,)], output_dtypes=[mx.float32],
                         grid=(4, 1, 1), threadgroup=(4, 1, 1))
         np.testing.assert_array_equal(np.array(out), [0, 2, 4, 6])
+        assert launches == ["k"]
     assert mx.fast.metal_kernel is factory and mx.metal.is_available is available
 
 
