@@ -540,15 +540,18 @@ def test_shuffle_interleaves_threadgroups():
     """Each threadgroup counts the threadgroups that started before it finished its barrier:
     1 when they run one after the other, more when they interleave."""
     source = """
-        uint g = threadgroup_position_in_grid.x;
-        if (thread_index_in_threadgroup == 0) {
-            atomic_fetch_add_explicit(&out0[0], 1u, memory_order_relaxed);
-            atomic_store_explicit(&out0[1 + g], 0u - atomic_load_explicit(&out0[0], memory_order_relaxed), memory_order_relaxed);
+        device atomic_uint* started = &out0[0];
+        device atomic_uint* count = &out0[1 + threadgroup_position_in_grid.x];
+        bool first = thread_index_in_threadgroup == 0;
+        if (first) {
+            uint before = atomic_fetch_add_explicit(started, 1u, memory_order_relaxed);
+            atomic_store_explicit(count, before, memory_order_relaxed);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (thread_index_in_threadgroup == 0) {
-            uint before = atomic_load_explicit(&out0[1 + g], memory_order_relaxed);
-            atomic_store_explicit(&out0[1 + g], before + atomic_load_explicit(&out0[0], memory_order_relaxed) + 1, memory_order_relaxed);
+        if (first) {
+            uint now = atomic_load_explicit(started, memory_order_relaxed);
+            uint before = atomic_load_explicit(count, memory_order_relaxed);
+            atomic_store_explicit(count, now - before, memory_order_relaxed);
         }
     """
     args = ([mx.zeros((1,))], [(17,)], [mx.uint32], (16 * 64, 1, 1), (64, 1, 1))
@@ -613,7 +616,8 @@ def test_check_catches_races_on_an_output():
         run(within, [mx.zeros((1,))], [(32,)], [mx.uint32], (64, 1, 1), (64, 1, 1), mode="check")
     atomic = """
         if (thread_index_in_threadgroup == 0) {
-            atomic_fetch_add_explicit(&out0[0], threadgroup_position_in_grid.x + 1, memory_order_relaxed);
+            uint g = threadgroup_position_in_grid.x;
+            atomic_fetch_add_explicit(&out0[0], g + 1, memory_order_relaxed);
         }
     """
     (out,) = run(atomic, [mx.zeros((1,))], [(1,)], [mx.uint32], (128, 1, 1), (64, 1, 1),

@@ -43,7 +43,8 @@ def centroid_topk(
         The cluster ids ``[..., n_probes]`` (uint32, ascending) and their scores (float32).
     """
     if not 1 <= n_probes <= centroids.shape[0]:
-        raise ValueError(f"n_probes must be in 1..{centroids.shape[0]} (the clusters), got {n_probes}")
+        n_clusters = centroids.shape[0]
+        raise ValueError(f"n_probes must be in 1..{n_clusters} (the clusters), got {n_probes}")
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):

@@ -151,9 +151,9 @@ def rewrite_threadgroup(source: str) -> str:
         t = f"emu_type_{name}"
         pieces += [
             source[pos:match.start()],
-            f"static char emu_tag_{name}; typedef {kind} {t}{dims}; {t}& {name} = *static_cast<{t}*>("
-            f"emu::threadgroup_memory(&emu_tag_{name}, sizeof({t}), alignof({t}), \"{name}\", "
-            "__LINE__))",
+            f"static char emu_tag_{name}; typedef {kind} {t}{dims}; "
+            f"{t}& {name} = *static_cast<{t}*>(emu::threadgroup_memory(&emu_tag_{name}, "
+            f"sizeof({t}), alignof({t}), \"{name}\", __LINE__))",
         ]
         pos = match.end() + len(declarator)
     return "".join(pieces) + source[pos:]

@@ -462,8 +462,11 @@ void check_threadgroup(Slot& s, uintptr_t address, size_t bytes, bool write) {
   }
   if (!var) {
     const Variable* near = nullptr;
-    for (int i = 0; i < s.n_vars; i++)
-      if (!near || (s.vars[i].offset <= offset && s.vars[i].offset > near->offset)) near = &s.vars[i];
+    for (int i = 0; i < s.n_vars; i++) {  // the last variable that starts at or before offset
+      if (!near || (s.vars[i].offset <= offset && s.vars[i].offset > near->offset)) {
+        near = &s.vars[i];
+      }
+    }
     if (near && offset < near->offset) {
       snprintf(L->message, sizeof L->message,
                "out-of-bounds access to threadgroup memory: %u bytes before the start of '%s' "
