@@ -33,6 +33,8 @@ CACHE_ATTRIBUTE = "flashhead_recent_tokens"
 HISTORY_SLACK = 64
 
 _RECENT: contextvars.ContextVar = contextvars.ContextVar("flashhead_recent", default=None)
+# Set while a forward pass only reads hidden states: its tokens are not tracked.
+_UNTRACKED: contextvars.ContextVar = contextvars.ContextVar("flashhead_untracked", default=False)
 
 
 def recent_tokens() -> Optional[mx.array]:
@@ -50,6 +52,17 @@ def reading(tokens: Optional[mx.array]) -> Iterator[None]:
         yield
     finally:
         _RECENT.reset(token)
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """Within this block forward passes leave their caches' token histories alone (a pass run
+    for its hidden states: :func:`flashhead_mlx.model_head.final_hidden_states`)."""
+    token = _UNTRACKED.set(True)
+    try:
+        yield
+    finally:
+        _UNTRACKED.reset(token)
 
 
 def windows(sequence: mx.array, length: int, size: int) -> mx.array:
@@ -110,7 +123,8 @@ class RecentTokensModel:
 
     def __call__(self, inputs: mx.array, cache=None, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
-        if size == 0 or batched(cache) or not mx.issubdtype(inputs.dtype, mx.integer):
+        untracked = _UNTRACKED.get() or not mx.issubdtype(inputs.dtype, mx.integer)
+        if size == 0 or untracked or batched(cache):
             return super().__call__(inputs, cache, *args, **kwargs)
         with reading(track(cache, inputs, size)):
             return super().__call__(inputs, cache, *args, **kwargs)

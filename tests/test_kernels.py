@@ -9,6 +9,7 @@ from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
 from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx import transform
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
 from flashhead_mlx.testing.metal_emulator import emulate
@@ -283,9 +284,9 @@ def test_cluster_argmax_matches_reference(seed, dtype, bits, group_size, shape):
     B, d, vocab_size, cluster_size, n_probes = shape
     softcap = 30.0 if seed % 2 else None
     case = head_case(seed, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
-    args = (*case, cluster_size, group_size, bits, softcap)
-    metal, reference = both_paths(cluster_argmax, *args)
-    exact, bound, tokens = reference_logits(*args)
+    args = (*case, cluster_size, group_size, bits)
+    metal, reference = both_paths(cluster_argmax, *args, transform.softcap(softcap))
+    exact, bound, tokens = reference_logits(*args, softcap)
     for token, logits in (metal, reference):
         assert token.shape == (B,) and logits.shape == (B, n_probes * cluster_size)
         check_argmax(token, logits, exact, bound, tokens)
@@ -410,10 +411,11 @@ def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, 
     assets = make_assets(make_clusters(weight, cluster_size), 7, centroid_bits=centroid_bits)
     rows = mx.array(weight).astype(dtype)
     if bits is None:
-        head = FlashHead(assets, rows, softcap=softcap)
+        head = FlashHead(assets, rows, transform=transform.softcap(softcap))
     else:
         packed, scales, biases = mx.quantize(rows, group_size=group_size, bits=bits)
-        head = FlashHead(assets, packed, scales, biases, group_size, bits, softcap=softcap)
+        head = FlashHead(assets, packed, scales, biases, group_size, bits,
+                         transform=transform.softcap(softcap))
     # Near some head rows, so that the best candidates stand out; leading dimensions [2, 3].
     h = 2 * weight[rng.integers(0, 900, 6)] + rng.normal(size=(6, 64))
     h = mx.array(h.astype(np.float32)).astype(dtype).reshape(2, 3, 64)
