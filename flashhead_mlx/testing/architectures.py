@@ -1,0 +1,355 @@
+"""Tiny random models of every mlx-lm text architecture, their configs generated from each
+architecture's ``ModelArgs`` fields (tests/test_architectures.py)."""
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm.models
+
+VOCAB_SIZE = 500
+HIDDEN = 64
+
+# Values by field name, shared by the architectures that have the field.
+COMMON = {
+    "vocab_size": VOCAB_SIZE,
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "model_dim", "dim", "hidden_dim"), HIDDEN),
+    **dict.fromkeys(
+        ("intermediate_size", "ffn_hidden_size", "n_inner", "ff_intermediate_size",
+         "intermediate_size_mlp", "block_dim"), 2 * HIDDEN),
+    **dict.fromkeys(
+        ("moe_intermediate_size", "expert_ffn_hidden_size", "shared_expert_intermediate_size",
+         "shared_intermediate_size"), 32),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers"), 2),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
+    "head_dim": HIDDEN // 4,
+    **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "num_shared_expert"), 1),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "model_max_length"), 512),
+    **dict.fromkeys(("sliding_window", "attention_window_size", "sliding_window_size"), 64),
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    **dict.fromkeys(("conv_kernel", "linear_conv_kernel_dim", "mamba_d_conv", "conv1d_width"), 4),
+    "conv_L_cache": 3,
+    **dict.fromkeys(("state_size", "mamba_d_state", "ssm_state_size"), 16),
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    **dict.fromkeys(("rope_theta", "rotary_emb_base"), 10000.0),
+    **dict.fromkeys(
+        ("rms_norm_eps", "layer_norm_epsilon", "norm_eps", "layer_norm_eps", "layernorm_epsilon",
+         "norm_epsilon"), 1e-6),
+    "tie_word_embeddings": True,
+    "sliding_window_pattern": 2,
+    "query_pre_attn_scalar": HIDDEN // 4,
+    "num_kv_shared_layers": 0,
+    "vocab_size_per_layer_input": VOCAB_SIZE,
+    "hidden_size_per_layer_input": 8,
+}
+
+SLIDING = ["sliding_attention", "full_attention"]
+# Per-architecture entries, where the generated config does not build a working tiny model.
+OVERRIDES = {
+    "Klear": dict(mlp_only_layers=[0], decoder_sparse_step=1),
+    "afm7": dict(num_layers=2, num_kv_reuse_layers=1),
+    "afmoe": dict(layer_types=SLIDING, num_dense_layers=1, mup_enabled=False),
+    "baichuan_m1": dict(sliding_window_layers=[0], conv_window=2),
+    "bailing_moe_linear": dict(layer_group_size=2, group_norm_size=1, first_k_dense_replace=0),
+    "cohere2": dict(sliding_window_pattern=2),
+    "dbrx": dict(
+        ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2),
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+    ),
+    "deepseek_v2": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                        rope_scaling=None, topk_method="greedy"),
+    "exaone4": dict(rope_scaling=None, sliding_window_pattern="LG"),
+    "exaone_moe": dict(layer_types=SLIDING, is_moe_layer=[False, True]),
+    "gear": dict(layer_types=SLIDING, final_logit_softcapping=30.0),
+    "glm4_moe": dict(rope_scaling=None, partial_rotary_factor=0.5),
+    "glm_moe_dsa": dict(index_head_dim=16, index_n_heads=2, index_topk=4, moe_layer_freq=1,
+                        topk_method="noaux_tc", scoring_func="sigmoid",
+                        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "gptj": dict(rotary_dim=8),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], embedding_multiplier=2.0,
+                             attention_multiplier=0.25, logits_scaling=8.0,
+                             residual_multiplier=0.5, mamba_n_heads=4, mamba_d_head=32,
+                             mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4),
+    "granite": dict(logits_scaling=8.0, embedding_multiplier=2.0, attention_multiplier=0.25,
+                    residual_multiplier=0.5),
+    "granitemoe": dict(logits_scaling=8.0, embedding_multiplier=2.0, attention_multiplier=0.25,
+                       residual_multiplier=0.5),
+    "hunyuan": dict(cla_share_factor=2, use_cla=False, num_shared_expert=1, use_mixed_mlp_moe=True),
+    "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1,
+                  expert_layer_period=2, mamba_expand=2, mamba_dt_rank=8),
+    "kimi_linear": dict(linear_attn_config=dict(kda_layers=[1], full_attn_layers=[2],
+                                                head_dim=16, num_heads=4, short_conv_kernel_size=4)),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_multiple_of=16,
+                 block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "llama4_text": dict(no_rope_layers=[1, 0], intermediate_size_mlp=128, use_qk_norm=False,
+                        tie_word_embeddings=False),
+    "longcat_flash": dict(attention_method="MLA", zero_expert_type="identity", zero_expert_num=1,
+                          mla_scale_q_lora=True, mla_scale_kv_lora=True),
+    "mamba2": dict(num_heads=8, head_dim=16, time_step_limit=(0.0, float("inf")),
+                   time_step_rank=8, n_groups=1),
+    "mellum": dict(layer_types=SLIDING),
+    "mimo_v2_flash": dict(hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1],
+                          topk_method="noaux_tc", scoring_func="sigmoid", swa_num_attention_heads=4,
+                          swa_num_key_value_heads=2, swa_head_dim=16, swa_v_head_dim=16,
+                          partial_rotary_factor=1),
+    "minicpm": dict(dim_model_base=32, scale_depth=1.4, scale_emb=2.0, tie_word_embeddings=False),
+    "minicpm3": dict(dim_model_base=32, scale_depth=1.4, scale_emb=2.0, rope_scaling=None),
+    "ministral3": dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "mistral4": dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "nemotron": dict(hidden_act="relu2", partial_rotary_factor=0.5),
+    "nemotron_h": dict(hybrid_override_pattern=["M", "*"], mamba_num_heads=4, mamba_head_dim=16,
+                       n_groups=1, ssm_state_size=16),
+    "olmo3": dict(layer_types=SLIDING),
+    "openelm": dict(num_transformer_layers=2, num_query_heads=[4, 4], num_kv_heads=[2, 2],
+                    ffn_multipliers=[1.0, 1.0], ffn_dim_divisor=8, model_dim=HIDDEN),
+    "phixtral": dict(rotary_dim=8, num_experts_per_tok=2),
+    "plamo": dict(n_shared_head=2),
+    "qwen": dict(intermediate_size=4 * HIDDEN),
+    "qwen3_moe": dict(mlp_only_layers=[], decoder_sparse_step=1),
+    "qwen3_next": dict(mlp_only_layers=[], decoder_sparse_step=1, full_attention_interval=2),
+    "qwen3_5": dict(full_attention_interval=2),
+    "qwen3_5_moe": dict(full_attention_interval=2, mlp_only_layers=[], decoder_sparse_step=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], logits_soft_cap=30.0,
+                            lru_width=HIDDEN, embeddings_scale_by_sqrt_dim=True),
+    "spark2_5": dict(rope_parameters={
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        "full_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    }, layer_types=SLIDING),
+    "step3p5": dict(num_attention_groups=2),
+}
+# Multimodal wrappers: the text architecture whose tiny config is their ``text_config``.
+WRAPPED = {
+    "gemma3": "gemma3_text",
+    "gemma4": "gemma4_text",
+    "mistral3": "ministral3",
+    "pixtral": "llama",
+    "qwen3_vl_moe": "qwen3_moe",
+    "lfm2-vl": "lfm2",
+}
+
+
+def text_architectures() -> list:
+    """Every module of ``mlx_lm.models`` that defines a ``Model``, by name."""
+    names = []
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        try:
+            module = importlib.import_module(f"mlx_lm.models.{info.name}")
+        except BaseException:  # noqa: BLE001 (a model file may exit when a package is missing)
+            names.append(info.name)
+            continue
+        if hasattr(module, "Model"):
+            names.append(info.name)
+    return sorted(names)
+
+
+def _default(field: dataclasses.Field):
+    """A value for a required field that :data:`COMMON` does not name, from its type."""
+    kind = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        origin = typing.get_origin(kind)
+    name = field.name
+    if kind is bool:
+        return False
+    if kind is int:
+        return 1 if any(w in name for w in ("period", "step", "every", "factor")) else (
+            0 if any(w in name for w in ("offset", "num_dense", "zero")) else 16)
+    if kind is float:
+        return 1e-6 if "eps" in name else 1.0
+    if kind is str:
+        return None
+    if kind in (list, dict) or origin in (list, dict, tuple):
+        return None
+    return None
+
+
+def _filled(config: dict, args_class) -> dict:
+    """``config`` with a value for each required field of ``args_class`` it lacks."""
+    for field in dataclasses.fields(args_class):
+        missing = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if missing and field.name not in config:
+            value = _default(field)
+            if value is not None:
+                config[field.name] = value
+    return config
+
+
+def _text_args(module):
+    """The dataclass of a wrapper's ``text_config`` defined in its own file, if any."""
+    for name in ("TextModelArgs", "TextArgs", "TextConfig"):
+        if dataclasses.is_dataclass(getattr(module, name, None)):
+            return getattr(module, name)
+    return None
+
+
+def tiny_config(name: str) -> dict:
+    """The tiny config of the ``mlx_lm.models`` file ``name``: :data:`COMMON`, a value for
+    every other required field of its ``ModelArgs`` (and of its ``text_config``), then
+    :data:`OVERRIDES`."""
+    module = importlib.import_module(f"mlx_lm.models.{name}")
+    config = _filled({"model_type": name, **COMMON}, module.ModelArgs)
+    if "text_config" in {f.name for f in dataclasses.fields(module.ModelArgs)}:
+        if name in WRAPPED:
+            text = tiny_config(WRAPPED[name])
+        else:
+            text = {"model_type": name, **COMMON}
+            if _text_args(module) is not None:
+                text = _filled(text, _text_args(module))
+            text.update(OVERRIDES.get(name, {}))
+        config["text_config"] = text
+    config.update(OVERRIDES.get(name, {}))
+    return config
+
+
+def build(name: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random model of ``name`` (float32; its :func:`tiny_config` with ``overrides``),
+    its parameters evaluated."""
+    module = importlib.import_module(f"mlx_lm.models.{name}")
+    config = {**tiny_config(name), **overrides}
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+# The tested architectures: the head and post-head transform the probe must find in each tiny
+# model (flashhead_mlx.probe.HeadProbe.describe), as read in mlx-lm's model files. Granite's
+# ``x / 8`` is found as ``x * 0.125``, its equal bit for bit.
+TESTED = {
+    "Klear": "lm_head, no transform",
+    "afm7": "model.embedding.as_linear, no transform",
+    "afmoe": "model.embed_tokens.as_linear, no transform",
+    "apertus": "model.embed_tokens.as_linear, no transform",
+    "bailing_hybrid": "model.word_embeddings.as_linear, no transform",
+    "bailing_moe": "model.word_embeddings.as_linear, no transform",
+    "bailing_moe_linear": "model.word_embeddings.as_linear, no transform",
+    "bailing_moe_v3": "model.word_embeddings.as_linear, no transform",
+    "cohere": "model.embed_tokens.as_linear, x * 0.0625",
+    "cohere2": "model.embed_tokens.as_linear, x * 0.0625",
+    "dbrx": "lm_head, no transform",
+    "deepseek": "lm_head, no transform",
+    "deepseek_v3": "lm_head, no transform",
+    "deepseek_v32": "lm_head, no transform",
+    "deepseek_v41": "lm_head, no transform",
+    "dots1": "model.embed_tokens.as_linear, no transform",
+    "ernie4_5": "model.embed_tokens.as_linear, no transform",
+    "ernie4_5_moe": "model.embed_tokens.as_linear, no transform",
+    "exaone": "transformer.wte.as_linear, no transform",
+    "exaone4": "model.embed_tokens.as_linear, no transform",
+    "exaone_moe": "model.embed_tokens.as_linear, no transform",
+    "falcon_h1": "model.embed_tokens.as_linear, x * 0.00690534",
+    "gear": "model.embed_tokens.as_linear, softcap tanh(x / 30) * 30",
+    "gemma": "model.embed_tokens.as_linear, no transform",
+    "gemma2": "model.embed_tokens.as_linear, softcap tanh(x / 30) * 30",
+    "gemma3": "language_model.lm_head, no transform",
+    "gemma3_text": "lm_head, no transform",
+    "gemma4": "language_model.model.embed_tokens.as_linear, softcap tanh(x / 30) * 30",
+    "gemma4_text": "model.embed_tokens.as_linear, softcap tanh(x / 30) * 30",
+    "glm": "model.embed_tokens.as_linear, no transform",
+    "glm4": "lm_head, no transform",
+    "glm4_moe": "lm_head, no transform",
+    "glm4_moe_lite": "lm_head, no transform",
+    "glm_moe_dsa": "lm_head, no transform",
+    "gpt2": "model.wte.as_linear, no transform",
+    "gpt_bigcode": "transformer.wte.as_linear, no transform",
+    "gpt_neox": "model.embed_out, no transform",
+    "gpt_oss": "lm_head, no transform",
+    "granite": "model.embed_tokens.as_linear, x * 0.125",
+    "granitemoe": "model.embed_tokens.as_linear, x * 0.125",
+    "granitemoehybrid": "model.embed_tokens.as_linear, x * 0.125",
+    "helium": "model.embed_tokens.as_linear, no transform",
+    "hunyuan_v1_dense": "model.embed_tokens.as_linear, no transform",
+    "internlm2": "model.tok_embeddings.as_linear, no transform",
+    "internlm3": "model.embed_tokens.as_linear, no transform",
+    "iquestloopcoder": "model.embed_tokens.as_linear, no transform",
+    "jamba": "model.embed_tokens.as_linear, no transform",
+    "kimi_k25": "language_model.lm_head, no transform",
+    "kimi_linear": "model.embed_tokens.as_linear, no transform",
+    "kimi_vl": "language_model.lm_head, no transform",
+    "laguna": "model.embed_tokens.as_linear, no transform",
+    "lfm2_moe": "model.embed_tokens.as_linear, no transform",
+    "lille-130m": "transformer.tok_embeddings.as_linear, no transform",
+    "llama": "model.embed_tokens.as_linear, no transform",
+    "llama4_text": "output, no transform",
+    "longcat_flash": "lm_head, no transform",
+    "mamba": "backbone.embeddings.as_linear, no transform",
+    "mamba2": "backbone.embeddings.as_linear, no transform",
+    "mimo": "model.embed_tokens.as_linear, no transform",
+    "mimo_v2_flash": "lm_head, no transform",
+    "minicpm": "lm_head, no transform",
+    "minimax": "model.embed_tokens.as_linear, no transform",
+    "minimax_m3_vl": "language_model.model.embed_tokens.as_linear, no transform",
+    "mixtral": "model.embed_tokens.as_linear, no transform",
+    "nanbeige": "model.embed_tokens.as_linear, no transform",
+    "nanochat": "lm_head, softcap tanh(x / 15) * 15",
+    "nemotron": "model.embed_tokens.as_linear, no transform",
+    "nemotron_h": "lm_head, no transform",
+    "olmo2": "model.embed_tokens.as_linear, no transform",
+    "olmo3": "model.embed_tokens.as_linear, no transform",
+    "olmo_hybrid": "model.embed_tokens.as_linear, no transform",
+    "olmoe": "model.embed_tokens.as_linear, no transform",
+    "openelm": "transformer.token_embeddings.as_linear, no transform",
+    "phi3": "model.embed_tokens.as_linear, no transform",
+    "pixtral": "language_model.lm_head, no transform",
+    "plamo": "lm_head, no transform",
+    "plamo2": "model.embed_tokens.as_linear, no transform",
+    "plamo3": "model.embed_tokens.as_linear, no transform",
+    "qwen2": "model.embed_tokens.as_linear, no transform",
+    "qwen2_moe": "lm_head, no transform",
+    "qwen2_vl": "language_model.model.embed_tokens.as_linear, no transform",
+    "qwen3": "model.embed_tokens.as_linear, no transform",
+    "qwen3_5": "language_model.model.embed_tokens.as_linear, no transform",
+    "qwen3_5_moe": "language_model.model.embed_tokens.as_linear, no transform",
+    "qwen3_moe": "model.embed_tokens.as_linear, no transform",
+    "qwen3_next": "model.embed_tokens.as_linear, no transform",
+    "qwen3_vl": "language_model.model.embed_tokens.as_linear, no transform",
+    "qwen3_vl_moe": "language_model.model.embed_tokens.as_linear, no transform",
+    "recurrent_gemma": "lm_head, softcap tanh(x / 30) * 30",
+    "rwkv7": "model.embeddings.as_linear, no transform",
+    "smollm3": "model.embed_tokens.as_linear, no transform",
+    "solar_open": "lm_head, no transform",
+    "spark2_5": "model.embedding.as_linear, no transform",
+    "stablelm": "lm_head, no transform",
+    "starcoder2": "model.embed_tokens.as_linear, no transform",
+    "telechat3": "model.embed_tokens.as_linear, no transform",
+    "youtu_llm": "model.embed_tokens.as_linear, no transform",
+}
+# Architectures FlashHead refuses, and the reason its probe gives (a regular expression).
+REFUSED = {
+    "gptj": "lm_head has a bias",
+    "phi": "lm_head has a bias",
+    "phimoe": "lm_head has a bias",
+    "phixtral": "lm_head.linear has a bias",
+    "seed_oss": r"computed from model.embed_tokens.weight \(h @ weight.T\)",
+    "talkie": "no module's output reaches the logits",
+    "muse_glimmer": "cannot reproduce exactly",
+}
+# Configurations of tested architectures that FlashHead refuses: name -> (overrides, reason).
+REFUSED_VARIANTS = {
+    "minicpm": (dict(tie_word_embeddings=True), r"computed from model.embed_tokens.weight"),
+    "llama4_text": (dict(tie_word_embeddings=True), r"computed from model.embed_tokens.weight"),
+}
+# Architectures without a tiny model in the matrix, and why.
+SKIPPED = {
+    "olmo": "needs the ai2-olmo package (its model file exits without it)",
+    "bitnet": "BitLinear layers run a Metal-only kernel (no CPU path to test on)",
+    "prism_hadamard_qwen35": "its weights must come with a Hadamard rotation pack",
+}
