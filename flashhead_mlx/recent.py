@@ -19,6 +19,7 @@ their caches' rows, which the history would have to follow (:func:`batched`).
 """
 
 import contextvars
+import inspect
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -121,10 +122,20 @@ class RecentTokensModel:
     sets its rows' last tokens (:func:`track`, as many as the head's ``recent_tokens``) for the
     head. The mixed class sets ``flashhead_head``, the FlashHead."""
 
-    def __call__(self, inputs: mx.array, cache=None, *args, **kwargs):
+    def __call__(self, inputs: mx.array, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
         untracked = _UNTRACKED.get() or not mx.issubdtype(inputs.dtype, mx.integer)
+        cache = cache_argument(type(self).flashhead_original, inputs, args, kwargs)
         if size == 0 or untracked or batched(cache):
-            return super().__call__(inputs, cache, *args, **kwargs)
+            return super().__call__(inputs, *args, **kwargs)
         with reading(track(cache, inputs, size)):
-            return super().__call__(inputs, cache, *args, **kwargs)
+            return super().__call__(inputs, *args, **kwargs)
+
+
+def cache_argument(model_class: type, inputs: mx.array, args: tuple, kwargs: dict):
+    """The ``cache`` argument of a call of ``model_class`` (positional or not: minimax's
+    second parameter is ``mask``)."""
+    if "cache" in kwargs:
+        return kwargs["cache"]
+    signature = inspect.signature(model_class.__call__)
+    return signature.bind_partial(None, inputs, *args).arguments.get("cache")
