@@ -15,7 +15,11 @@ cache trimmed back (speculative decoding's rejected drafts, verified decoding's 
 the trimmed tokens: a sequence's output does not depend on how its tokens were split into forward
 passes. Without a cache the inputs themselves are the context. Batches (``BatchGenerator``,
 ``batch_generate``, a server's concurrent requests) score none: mlx-lm merges, filters and extends
-their caches' rows, which the history would have to follow (:func:`batched`).
+their caches' rows, which the history would have to follow (:func:`batched`). Hybrid models
+(qwen3_5, lfm2, mamba, ...) keep the history on their first cache entry too, an ``ArraysCache``
+without an offset: mlx-lm never trims such a cache (no speculative decoding, no prompt-cache
+trim), and FlashHead's verified decoding refuses it, so the history only grows with the
+sequence.
 """
 
 import contextvars
@@ -111,10 +115,13 @@ def track(cache, inputs: mx.array, size: int) -> mx.array:
 
 def batched(cache) -> bool:
     """Whether ``cache`` is a batch's (mlx-lm's ``BatchKVCache`` and kin, whose offsets are
-    per-row arrays): its rows are merged, filtered and extended by mlx-lm, so no history is kept
-    and batches score no recent tokens (a batch row decodes as its prompt alone would with
-    ``recent_tokens=0``)."""
-    return bool(cache) and not isinstance(getattr(cache[0], "offset", 0), int)
+    per-row arrays; a hybrid model's ``ArraysCache`` with per-row padding): its rows are merged,
+    filtered and extended by mlx-lm, so no history is kept and batches score no recent tokens
+    (a batch row decodes as its prompt alone would with ``recent_tokens=0``)."""
+    return any(
+        not isinstance(getattr(c, "offset", 0), int) or getattr(c, "left_padding", None) is not None
+        for c in cache or ()
+    )
 
 
 class RecentTokensModel:
@@ -124,7 +131,9 @@ class RecentTokensModel:
 
     def __call__(self, inputs: mx.array, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
-        untracked = _UNTRACKED.get() or not mx.issubdtype(inputs.dtype, mx.integer)
+        untracked = (
+            _UNTRACKED.get() or inputs is None or not mx.issubdtype(inputs.dtype, mx.integer)
+        )
         cache = cache_argument(type(self).flashhead_original, inputs, args, kwargs)
         if size == 0 or untracked or batched(cache):
             return super().__call__(inputs, *args, **kwargs)

@@ -2,6 +2,9 @@
 refused by FlashHead with its reason, or skipped with a written reason
 (flashhead_mlx/testing/architectures.py)."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -23,10 +26,13 @@ from flashhead_mlx.testing.architectures import (
     TESTED,
     VOCAB_SIZE,
     build,
+    matrix_page,
+    readme_section,
     text_architectures,
 )
 from flashhead_mlx.transform import Transform
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = mx.array([5, 17, 42, 99, 3, 250, 7])
 FEW_PROBES = 2
 
@@ -45,6 +51,14 @@ def test_every_architecture_is_tested_refused_or_skipped():
     missing = sorted(set(text_architectures()) - set(listed))
     assert not missing, f"neither tested, refused nor skipped with a reason: {missing}"
     assert not set(listed) - set(text_architectures()), "listed but not in mlx_lm.models"
+
+
+def test_readme_and_matrix_page_are_generated_from_the_matrix():
+    readme = (ROOT / "README.md").read_text()
+    assert readme_section() in readme, "run scripts/architectures.py"
+    assert (ROOT / "docs" / "architectures.md").read_text() == matrix_page(), (
+        "run scripts/architectures.py"
+    )
 
 
 def greedy_tokens(model, n: int = 4) -> list:
@@ -115,12 +129,60 @@ def test_architecture(name):
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused_architecture(name):
-    with pytest.raises(Unsupported, match=REFUSED[name]):
+    with pytest.raises(Unsupported, match=REFUSED[name][0]):
         probe_head(build(name))
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_VARIANTS))
 def test_refused_configuration(name):
-    overrides, reason = REFUSED_VARIANTS[name]
+    overrides, (reason, _) = REFUSED_VARIANTS[name]
     with pytest.raises(Unsupported, match=reason):
         probe_head(build(name, **overrides))
+
+
+def patched_with_every_cluster(name: str):
+    model = build(name)
+    clusters = make_clusters(np.array(head_rows(head_module(model))))
+    dense = build(name)
+    apply_flashhead(model, make_assets(clusters, len(clusters["centroids"])))
+    return dense, model
+
+
+def test_tied_embedding_read_by_the_body():
+    """gemma4_text matches input embeddings against its tied table (``embed_tokens.weight``
+    and ``as_linear``) before the head: those reads get the dense table and logits."""
+    dense, model = patched_with_every_cluster("gemma4_text")
+    embeddings = dense.model.embed_tokens(PROMPT[None])
+    reference = np.array(dense(None, input_embeddings=embeddings))
+    np.testing.assert_array_equal(np.array(model(None, input_embeddings=embeddings)), reference)
+    with decoding():
+        step = np.array(model(None, input_embeddings=embeddings))
+    np.testing.assert_allclose(step, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "lfm2", "mamba"])
+def test_caches_without_trim(name):
+    """Hybrid and recurrent models: verified decoding refuses their ArraysCache, whose states
+    cannot be rolled back; plain and batched decoding work, recent tokens included."""
+    from flashhead_mlx.generation import batch_generate
+    from flashhead_mlx.verified import verified_generate_step
+
+    from mlx_lm.models.cache import ArraysCache
+
+    from flashhead_mlx.recent import batched
+
+    assert batched([ArraysCache(2, left_padding=[0, 1])]) and not batched([ArraysCache(2)])
+    dense, model = patched_with_every_cluster(name)
+    with pytest.raises(ValueError, match="cannot roll back a ArraysCache"):
+        next(verified_generate_step(PROMPT, model, max_tokens=2))
+    assert greedy_tokens(model, 6) == greedy_tokens(dense, 6)
+    prompts = [[5, 17, 42], [99, 3, 250, 7, 8]]
+    no_eos = SimpleNamespace(eos_token_ids=[], decode=str)
+    rows = batch_generate(model, no_eos, prompts, max_tokens=3, return_token_ids=True).token_ids
+    singles = [greedy_tokens_of(dense, p, 3) for p in prompts]
+    assert rows == singles
+
+
+def greedy_tokens_of(model, prompt, n):
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n,
+                                             sampler=make_sampler(0.0))]

@@ -379,20 +379,25 @@ TESTED = {
     "telechat3": "model.embed_tokens.as_linear, no transform",
     "youtu_llm": "model.embed_tokens.as_linear, no transform",
 }
-# Architectures FlashHead refuses, and the reason its probe gives (a regular expression).
+# Architectures FlashHead refuses: name -> (what the probe's reason says, a regular expression;
+# why, in words).
+BIAS = ("has a bias", "the head has a bias")
+WEIGHT = (r"computed from model.embed_tokens.weight \(h @ weight.T\)",
+          "the head is h @ embed_tokens.weight.T, no module call")
 REFUSED = {
-    "gptj": "lm_head has a bias",
-    "phi": "lm_head has a bias",
-    "phimoe": "lm_head has a bias",
-    "phixtral": "lm_head.linear has a bias",
-    "seed_oss": r"computed from model.embed_tokens.weight \(h @ weight.T\)",
-    "talkie": "no module's output reaches the logits",
-    "muse_glimmer": "cannot reproduce exactly",  # x * m, then a softcap: two transforms
+    "gptj": BIAS,
+    "phi": BIAS,
+    "phimoe": BIAS,
+    "phixtral": BIAS,
+    "seed_oss": WEIGHT,
+    "talkie": ("no module's output reaches the logits",
+               "the head is h @ lm_head.T with lm_head an array, no module call"),
+    "muse_glimmer": ("cannot reproduce exactly", "x * m, then a softcap: two transforms"),
 }
 # Configurations of tested architectures that FlashHead refuses: name -> (overrides, reason).
 REFUSED_VARIANTS = {
-    "minicpm": (dict(tie_word_embeddings=True), r"computed from model.embed_tokens.weight"),
-    "llama4_text": (dict(tie_word_embeddings=True), r"computed from model.embed_tokens.weight"),
+    "minicpm": (dict(tie_word_embeddings=True), WEIGHT),
+    "llama4_text": (dict(tie_word_embeddings=True), WEIGHT),
 }
 # Architectures without a tiny model in the matrix, and why.
 SKIPPED = {
@@ -406,3 +411,69 @@ SKIPPED = {
         "dummy tokens set to -inf, is no transform FlashHead knows"
     ),
 }
+
+
+README_BEGIN = "<!-- architectures: written by scripts/architectures.py, do not edit -->"
+README_END = "<!-- end of architectures -->"
+
+
+def _names(names) -> str:
+    return ", ".join(f"`{n}`" for n in sorted(names, key=str.lower))
+
+
+def readme_section() -> str:
+    """The README's list of architectures, from the matrix above."""
+    transforms = {}
+    for name, describe in TESTED.items():
+        transform = describe.split(", ", 1)[1]
+        kind = transform.split(" ")[0] if transform != "no transform" else None
+        if kind is not None:
+            transforms.setdefault("a softcap" if kind == "softcap" else "a scale", []).append(name)
+    applied = "; ".join(f"{kind}: {_names(names)}" for kind, names in sorted(transforms.items()))
+    return "\n".join([
+        README_BEGIN,
+        f"Tested on a tiny random model of each ({len(TESTED)} of mlx-lm "
+        f"{mlx_lm.__version__}'s model files): {_names(TESTED)}.",
+        "",
+        f"The head's post-head transform, applied by the FlashHead itself: {applied}.",
+        "",
+        f"Refused, with the reason: {_names(REFUSED)}, and "
+        + " and ".join(f"`{n}` with {', '.join(f'{k}={v}' for k, v in o.items())}"
+                       for n, (o, _) in sorted(REFUSED_VARIANTS.items()))
+        + f". Not tested: {_names(SKIPPED)}. Each architecture's head, transform or reason: "
+        "[docs/architectures.md](docs/architectures.md).",
+        README_END,
+    ])
+
+
+def matrix_page() -> str:
+    """docs/architectures.md: the whole matrix."""
+    rows = []
+    for name, describe in sorted(TESTED.items(), key=lambda kv: kv[0].lower()):
+        head, transform = describe.split(", ", 1)
+        rows.append(f"| `{name}` | `{head}` | {transform} | tested |")
+    for name, (_, why) in sorted(REFUSED.items()):
+        rows.append(f"| `{name}` | | | refused: {why} |")
+    for name, (overrides, (_, why)) in sorted(REFUSED_VARIANTS.items()):
+        setting = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        rows.append(f"| `{name}` ({setting}) | | | refused: {why} |")
+    for name, reason in sorted(SKIPPED.items()):
+        rows.append(f"| `{name}` | | | not tested: {reason} |")
+    return "\n".join([
+        "# Architectures",
+        "",
+        "Written by `scripts/architectures.py` from `flashhead_mlx/testing/architectures.py`, the",
+        "matrix `tests/test_architectures.py` runs; do not edit. FlashHead finds each model's",
+        "head by probing (`flashhead_mlx.probe`): the head module, and what the model does to its",
+        "output before returning it, which the FlashHead then applies itself. A tested",
+        "architecture's tiny random model is probed, patched with every cluster probed (its exact",
+        "path and greedy decoding equal dense bit for bit) and with few (every other logit",
+        "`-inf`, sampling well defined), then unpatched (its weights restored bit for bit).",
+        "",
+        f"mlx-lm {mlx_lm.__version__}.",
+        "",
+        "| architecture | head | post-head transform | result |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ])
