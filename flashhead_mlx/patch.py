@@ -59,8 +59,12 @@ def flash_head(model: nn.Module) -> FlashHead:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` has a FlashHead installed."""
-    module = head_module(model)
+    """Whether ``model`` has a FlashHead installed (``False`` for a model whose head FlashHead
+    cannot serve)."""
+    try:
+        module = head_module(model)
+    except Unsupported:
+        return False
     return isinstance(module, (FlashHead, FlashEmbedding))
 
 

@@ -130,7 +130,7 @@ def _probe_values(like: mx.array, seed: int) -> mx.array:
     return mx.array(values.astype(np.float32)).astype(like.dtype)
 
 
-def _float_neighbours(value: float, dtype) -> List[float]:
+def _float_neighbours(value: float) -> List[float]:
     """``value`` and its nearest float32 neighbours (a constant recovered through a division)."""
     x = np.float32(value)
     up, down = [x], [x]
@@ -158,7 +158,7 @@ def identify_transform(pairs: List[Tuple[mx.array, mx.array]]) -> Optional[Trans
         guesses.append(("softcap", huge))
     if one != 0 and np.isfinite(one):
         guesses.append(("multiply", one))
-        guesses += [("divide", c) for c in _float_neighbours(1.0 / one, y.dtype)]
+        guesses += [("divide", c) for c in _float_neighbours(1.0 / one)]
     for kind, value in guesses:
         if value <= 0:
             raise Unsupported(
@@ -191,7 +191,9 @@ def _locate(model, tokens, reference) -> Tuple[str, nn.Module, Spy, Optional[Tra
     if not spies:
         raise Unsupported(f"no module has the {reference.shape[-1]} rows of the logits")
 
-    def run(path: str = None, replacement: mx.array = None) -> mx.array:
+    def run(path: Optional[str] = None, replacement: Optional[mx.array] = None) -> mx.array:
+        """The forward pass with every spy in place, ``path``'s last call (as counted by the
+        first run) returning ``replacement``."""
         for module, spy in spies.values():
             spy.inputs, spy.weight_reads, spy.replace_at = [], 0, None
         if path is not None:
@@ -205,8 +207,9 @@ def _locate(model, tokens, reference) -> Tuple[str, nn.Module, Spy, Optional[Tra
             for p, (module, _) in spies.items():
                 set_module(model, p, module)
 
+    calls: dict = {}
     run()
-    calls = {path: len(spy.inputs) for path, (_, spy) in spies.items()}
+    calls.update((path, len(spy.inputs)) for path, (_, spy) in spies.items())
     read = [path for path, (_, spy) in spies.items() if spy.weight_reads]
     for path, (module, spy) in spies.items():
         if not calls[path]:
@@ -230,7 +233,10 @@ def _locate(model, tokens, reference) -> Tuple[str, nn.Module, Spy, Optional[Tra
             f"the logits are computed from {read[0]}.weight (h @ weight.T), with no module "
             "call that FlashHead can take over"
         )
-    raise Unsupported("no module's output reaches the logits unchanged or through a transform")
+    raise Unsupported(
+        "no module's output reaches the logits unchanged or through a transform (a weight "
+        "array multiplied directly?)"
+    )
 
 
 def probe_head(model: nn.Module) -> HeadProbe:

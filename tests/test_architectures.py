@@ -24,7 +24,6 @@ from flashhead_mlx.testing.architectures import (
     REFUSED_VARIANTS,
     SKIPPED,
     TESTED,
-    VOCAB_SIZE,
     build,
     matrix_page,
     readme_section,
@@ -110,7 +109,7 @@ def test_architecture(name):
     head.n_probes = FEW_PROBES
     step = step_logits(model, dense)
     assert np.isfinite(step).sum(-1).max() <= FEW_PROBES * head.cluster_size + PROMPT.size
-    head.mass_bias = fit_mass_bias(head, final_hidden_states(model, mx.arange(VOCAB_SIZE)[None]))
+    head.mass_bias = fit_mass_bias(head, final_hidden_states(model, mx.arange(64)[None]))
     sampled = step_logits(model, dense, temperatures=[1.0])[0, -1]
     assert np.isfinite(sampled).sum() > FEW_PROBES * head.cluster_size
     probabilities = np.exp(sampled - sampled.max())
