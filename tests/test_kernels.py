@@ -9,6 +9,7 @@ from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
 from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS, _centroid_topk_metal
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx import transform
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
 from flashhead_mlx.testing.metal_emulator import EmulatorError, emulate
@@ -314,9 +315,9 @@ def test_cluster_argmax_matches_reference(seed, dtype, bits, group_size, shape):
     B, d, vocab_size, cluster_size, n_probes = shape
     softcap = 30.0 if seed % 2 else None
     case = head_case(seed, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
-    args = (*case, cluster_size, group_size, bits, softcap)
-    metal, reference = both_paths(cluster_argmax, *args)
-    exact, bound, tokens = reference_logits(*args)
+    args = (*case, cluster_size, group_size, bits)
+    metal, reference = both_paths(cluster_argmax, *args, transform.softcap(softcap))
+    exact, bound, tokens = reference_logits(*args, softcap)
     for token, logits in (metal, reference):
         assert token.shape == (B,) and logits.shape == (B, n_probes * cluster_size)
         check_argmax(token, logits, exact, bound, tokens)
@@ -441,9 +442,9 @@ def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, 
     assets = make_assets(make_clusters(weight, cluster_size), 7, centroid_bits=centroid_bits)
     stored = store(weight, dtype, bits, group_size)
     if bits is None:
-        head = FlashHead(assets, stored[0], softcap=softcap)
+        head = FlashHead(assets, stored[0], transform=transform.softcap(softcap))
     else:
-        head = FlashHead(assets, *stored, group_size, bits, softcap=softcap)
+        head = FlashHead(assets, *stored, group_size, bits, transform=transform.softcap(softcap))
     # Near some head rows, so that the best candidates stand out; leading dimensions [2, 3].
     h = 2 * weight[rng.integers(0, 900, 6)] + rng.normal(size=(6, 64))
     h = mx.array(h.astype(np.float32)).astype(dtype).reshape(2, 3, 64)
@@ -563,3 +564,21 @@ def test_kernels_on_real_hidden_states_and_heads(model_name, request):
             by_token[row, ids[ids >= 0]] = values[ids >= 0]
         tol = 1e-5 * bound2.max(axis=-1) + 1e-5
         assert_same_choice(metal2[0][:, None], reference2[0][:, None], by_token, tol)
+
+
+@pytest.mark.parametrize("kind,value", [("softcap", 3.0), ("multiply", 0.0625), ("divide", 8.0)])
+def test_cluster_argmax_applies_the_transform(kind, value):
+    """On both paths, a transform's logits are the transform of the untransformed ones (padding
+    slots -inf, not a softcap's -c), and the greedy token is their argmax."""
+    case = head_case(3, 4, 64, 700, 16, 9, mx.float32, 4, 32)
+    args = (*case, 16, 32, 4)
+    f = transform.Transform(kind, value)
+    plain = both_paths(cluster_argmax, *args)
+    transformed = both_paths(cluster_argmax, *args, f)
+    for (_, logits), (token, capped) in zip(plain, transformed):
+        expected = np.where(np.isneginf(logits), -np.inf, np.array(f(mx.array(logits))))
+        np.testing.assert_allclose(capped, expected, rtol=1e-6, atol=1e-6)  # padding stays -inf
+        tokens = np.array(case[-1])[np.array(case[1])[..., None] * 16 + np.arange(16)]
+        tokens = tokens.reshape(len(token), -1)
+        best = [row_tokens[r == r.max()].min() for row_tokens, r in zip(tokens, capped)]
+        np.testing.assert_array_equal(token, best)
