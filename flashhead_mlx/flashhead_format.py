@@ -28,6 +28,12 @@ CENTROID_GROUP_SIZES = (32, 64, 128)
 MAX_SIZE = 1 << 31
 
 
+def brief(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a corrupt file's strings can be long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def content_digest(arrays: dict) -> str:
     """``"sha256:<hex>"`` over ``arrays`` in name order: for each, the header
     ``"<name>:<dtype>:<d0,d1,...>:<nbytes>;"`` then its bytes (row-major, little-endian)."""
@@ -86,19 +92,19 @@ def assets_section(folder: Path, config: dict) -> dict:
         )
     if type(version) is int and version > FORMAT_VERSION:
         raise ValueError(
-            f"{folder}: FlashHead format_version {version!r} is newer than this flashhead-mlx "
+            f"{folder}: FlashHead format_version {brief(version)} is newer than this flashhead-mlx "
             f"reads ({FORMAT_VERSION}): upgrade flashhead-mlx (pip install -U flashhead-mlx)"
         )
     if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(
-            f"{folder}: FlashHead format_version {version!r} is not one flashhead-mlx writes "
+            f"{folder}: FlashHead format_version {brief(version)} is not one flashhead-mlx writes "
             f"(this version reads {FORMAT_VERSION}); {edited}"
         )
     name, digest = section.get("assets_file"), section.get("assets_digest")
     if not re.fullmatch("sha256:[0-9a-f]{64}", str(digest)) or name != assets_file_name(digest):
         raise ValueError(
-            f"{folder}: config.json's flashhead section names the assets file {name!r}, which is "
-            f"not the name of its assets_digest {digest!r}: convert the model again"
+            f"{folder}: config.json's flashhead section names the assets file {brief(name)}, which is "
+            f"not the name of its assets_digest {brief(digest)}: convert the model again"
         )
     required = (*SHAPE_KEYS, "centroid_bits", "head_fingerprint")
     missing = [key for key in required if key not in section]
@@ -110,13 +116,13 @@ def assets_section(folder: Path, config: dict) -> dict:
         value = section[key]
         if type(value) is not int or not 1 <= value < MAX_SIZE:
             raise ValueError(
-                f"{folder}: the flashhead section's {key} is {value!r}, not a positive integer; "
+                f"{folder}: the flashhead section's {key} is {brief(value)}, not a positive integer; "
                 f"{edited}"
             )
     bits, group_size = section["centroid_bits"], section["centroid_group_size"]
     if bits is not None and (type(bits) is not int or bits not in CENTROID_BITS):
         raise ValueError(
-            f"{folder}: the flashhead section's centroid_bits is {bits!r}, not one of "
+            f"{folder}: the flashhead section's centroid_bits is {brief(bits)}, not one of "
             f"{CENTROID_BITS} or null; {edited}"
         )
     dims = section["hidden_size"]
@@ -170,14 +176,32 @@ def fetch_assets(folder: Path, section: dict) -> Path:
     return path
 
 
+def load_safetensors(path: Path) -> dict:
+    """The arrays of the safetensors file ``path``, its header first checked by the
+    ``safetensors`` package against the format (every tensor's dtype, shape and offsets, the data
+    covering the file exactly); a ``ValueError`` naming the file if it is not one."""
+    try:
+        from safetensors import safe_open
+    except ImportError:  # the remote-code variant with neither flashhead_mlx nor safetensors
+        safe_open = None
+    try:
+        if safe_open is not None:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        return mx.load(str(path))
+    except Exception as error:  # SafetensorError, MLX's RuntimeError and ValueError
+        message = str(error).replace("\n", " ")
+        raise ValueError(f"{path} is unreadable (truncated or corrupt?): {message}") from error
+
+
 def read_assets(folder: Path, section: dict) -> dict:
     """The arrays of the assets file ``section`` names (fetched when ``folder`` is a hub
     snapshot without it), checked against the section's ``assets_digest``."""
     path = fetch_assets(folder, section)
     if not path.is_file():
         raise ValueError(f"{path} is missing: re-run the conversion")
+    arrays = load_safetensors(path)
     try:
-        arrays = mx.load(str(path))
         digest = content_digest(arrays)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{path} is unreadable (truncated or corrupt?): {error}") from error

@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .gguf_file import GGUFError, GGUFFile
+from .gguf_file import GGUFError, GGUFFile, brief
 
 # GGUF architecture -> mlx-lm model_type (docs/cli.md, under ``convert``, lists them for users).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -120,7 +120,7 @@ def import_gguf(
         )
     if architecture not in ARCHITECTURES:
         raise GGUFError(
-            f"{gguf_path}: GGUF architecture {architecture!r} is not supported; the GGUF import "
+            f"{gguf_path}: GGUF architecture {brief(architecture)} is not supported; the GGUF import "
             f"reads {', '.join(sorted(ARCHITECTURES))} ({SUPPORTED_LIST}); convert the model "
             "from its Hugging Face repo or an mlx-lm folder instead"
         )
@@ -159,7 +159,7 @@ def metadata(reader: GGUFFile, key: str, default=None, kind: str = None):
     ``kind`` (a key of :data:`KINDS`) a :class:`GGUFError` unless it is of that kind."""
     value = reader.fields.get(key, default)
     if kind is not None and value is not None and not KINDS[kind][0](value):
-        shown = f"a list of {len(value)} items" if isinstance(value, list) else repr(value)
+        shown = f"a list of {len(value)} items" if isinstance(value, list) else brief(value)
         raise GGUFError(f"{reader.path}: metadata {key} is {shown}, not {KINDS[kind][1]}")
     return value
 
@@ -209,7 +209,7 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
             raise GGUFError(f"{reader.path}: per-layer {key} is not supported")
         value = metadata(reader, key, default, kind=kind)
         if not 0 < value < MAX_HPARAM or value != value:
-            raise GGUFError(f"{reader.path}: metadata {key} is {value!r}, out of range")
+            raise GGUFError(f"{reader.path}: metadata {key} is {brief(value)}, out of range")
         # Floats are stored as float32: keep the decimal value they were written from.
         return float(f"{value:.7g}") if isinstance(value, float) else value
 
@@ -244,7 +244,7 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
         }
     elif scaling != "none":
         raise GGUFError(
-            f"{reader.path}: rope scaling {scaling!r} ({architecture}.rope.scaling.type) is not "
+            f"{reader.path}: rope scaling {brief(scaling)} ({architecture}.rope.scaling.type) is not "
             "supported (none and linear are)"
         )
     if architecture == "llama":
@@ -470,7 +470,7 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
         pre = metadata(reader, "tokenizer.ggml.pre", "default", kind="str")
         if pre not in BYTE_LEVEL_SPLITS:
             raise GGUFError(
-                f"{reader.path}: byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
+                f"{reader.path}: byte-level pre-tokenizer {brief(pre)} (tokenizer.ggml.pre) is not "
                 f"supported; supported: {', '.join(sorted(BYTE_LEVEL_SPLITS))}"
             )
         merges = metadata(reader, "tokenizer.ggml.merges", [], kind="strings")
@@ -518,7 +518,7 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
         )
     else:
         raise GGUFError(
-            f"{reader.path}: tokenizer {tokenizer_model!r} (tokenizer.ggml.model) is not "
+            f"{reader.path}: tokenizer {brief(tokenizer_model)} (tokenizer.ggml.model) is not "
             "supported; supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)"
         )
     tokenizer.add_special_tokens(

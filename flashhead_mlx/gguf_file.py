@@ -62,6 +62,12 @@ class GGUFTensor(NamedTuple):
     data: np.ndarray
 
 
+def brief(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a corrupt file's strings can be long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _aligned(offset: int, alignment: int) -> int:
     return -(-offset // alignment) * alignment
 
@@ -126,9 +132,9 @@ class GGUFFile:
         for index in range(n_fields):
             self._where = f"metadata field {index + 1} of {n_fields}"
             key = self._string("its key")
-            self._where = f"metadata field {key!r}"
+            self._where = f"metadata field {brief(key)}"
             if key in self.fields:
-                raise self._error(f"metadata field {key!r} appears twice")
+                raise self._error(f"metadata field {brief(key)} appears twice")
             self.fields[key] = self._value(self._scalar("<I"), nested=False)
         infos = []
         for index in range(n_tensors):
@@ -137,11 +143,11 @@ class GGUFFile:
         names = [info[0] for info in infos]
         if len(set(names)) != len(names):
             duplicate = next(name for name in names if names.count(name) > 1)
-            raise self._error(f"tensor {duplicate!r} appears twice in the tensor table")
+            raise self._error(f"tensor {brief(duplicate)} appears twice in the tensor table")
         self._where = "its tensor table"
         alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
         if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
-            raise self._error(f"general.alignment {alignment!r} is not a power of 2")
+            raise self._error(f"general.alignment {brief(alignment)} is not a power of 2")
         start = _aligned(self._offset, alignment)
         self.tensors: List[GGUFTensor] = self._tensors(start, alignment, infos)
 
@@ -186,19 +192,19 @@ class GGUFFile:
 
     def _tensor_info(self) -> tuple:
         name = self._string("a tensor name")
-        self._where = f"tensor {name!r}"
+        self._where = f"tensor {brief(name)}"
         n_dims = self._scalar("<I")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise self._error(f"tensor {name!r} declares {n_dims} dimensions (1 to {MAX_DIMS})")
+            raise self._error(f"tensor {brief(name)} declares {n_dims} dimensions (1 to {MAX_DIMS})")
         shape = tuple(self._scalar("<Q") for _ in range(n_dims))
         if 0 in shape:
-            raise self._error(f"tensor {name!r} has an empty dimension: {shape}")
+            raise self._error(f"tensor {brief(name)} has an empty dimension: {shape}")
         code = self._scalar("<I")
         try:
             tensor_type = gguf.GGMLQuantizationType(code)
         except ValueError:
             raise self._error(
-                f"tensor {name!r} has type code {code}, which is no GGML tensor type: the file "
+                f"tensor {brief(name)} has type code {code}, which is no GGML tensor type: the file "
                 "is corrupt, or newer than the installed gguf package (pip install -U gguf)"
             ) from None
         return name, tensor_type, shape, self._scalar("<Q")
@@ -212,13 +218,13 @@ class GGUFFile:
             block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
             if shape[0] % block_size:
                 raise self._error(
-                    f"tensor {name!r} has rows of {shape[0]} values, not a multiple of its "
+                    f"tensor {brief(name)} has rows of {shape[0]} values, not a multiple of its "
                     f"{tensor_type.name} block size {block_size}"
                 )
             n_bytes = int(np.prod(shape, dtype=object)) // block_size * type_size
             if offset != expected:
                 raise self._error(
-                    f"tensor {name!r} has its data at offset {offset}, but the tensor before it "
+                    f"tensor {brief(name)} has its data at offset {offset}, but the tensor before it "
                     f"ends at {expected}: the tensor table is corrupt"
                 )
             end = start + offset + n_bytes

@@ -28,6 +28,7 @@ import numpy as np
 
 from .arguments import add_assets_arguments
 from .assets import is_flashhead_folder
+from .flashhead_format import brief, load_safetensors
 from .clustering import clusters_from_order, slot_order
 from .loading import load
 from .model_card import read_card
@@ -85,7 +86,7 @@ def read_clustering(path: str, vocab_size: int, hidden_size: int) -> tuple:
         raise ValueError(f"{meta_path} lacks {missing}")
     for key in ("vocab_size", "hidden_size", "n_clusters"):
         if type(meta[key]) is not int:
-            raise ValueError(f"{meta_path}: {key} is {meta[key]!r}, not an integer")
+            raise ValueError(f"{meta_path}: {key} is {brief(meta[key])}, not an integer")
     for key, expected in (("vocab_size", vocab_size), ("hidden_size", hidden_size)):
         if meta[key] != expected:
             raise ValueError(
@@ -94,16 +95,13 @@ def read_clustering(path: str, vocab_size: int, hidden_size: int) -> tuple:
             )
     n_clusters = meta["n_clusters"]
     if not 1 <= n_clusters <= vocab_size:
-        raise ValueError(f"{meta_path}: n_clusters must be in [1, {vocab_size}], got {n_clusters!r}")
+        raise ValueError(f"{meta_path}: n_clusters must be in [1, {vocab_size}], got {brief(n_clusters)}")
     if vocab_size % n_clusters:
         raise ValueError(
             f"{meta_path}: {vocab_size} tokens cannot make {n_clusters} clusters of equal size "
             "(FlashHead needs clusters of equal size)"
         )
-    try:
-        arrays = mx.load(str(cache))
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{cache} is unreadable (truncated or corrupt?): {error}") from error
+    arrays = load_safetensors(cache)
     for name in ("centroids", "cluster_assignments"):
         if name not in arrays:
             raise ValueError(f"{cache} lacks the array {name!r} (it has {sorted(arrays)})")

@@ -51,7 +51,8 @@ SCALE = 25 if LONG else 1
 TIMEOUT = 60 if LONG else 30
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 COUNTS = Counter()
-MESSAGES = defaultdict(dict)  # target -> message (paths replaced) -> first case that gave it
+# target -> message with numbers as N -> the first such message (paths as DIR), its case, count
+MESSAGES = defaultdict(dict)
 
 
 def profile(ci_examples: int):
@@ -139,7 +140,10 @@ def check(answer: dict, target: str, case, clear: str, names: list, root: Path) 
     assert message and "\n" not in message, f"not one line: {message!r}"
     assert any(name in message for name in names), f"names no file: {message!r}"
     shown = message.replace(str(root), "DIR")
-    MESSAGES[target].setdefault(shown, repr(case)[:300])
+    kind = MESSAGES[target].setdefault(
+        re.sub(r"\d+", "N", shown), {"message": shown, "case": repr(case)[:300], "count": 0}
+    )
+    kind["count"] += 1
 
 
 # Mutations of bytes: ("truncate", n), ("flip", position, bit), ("write", position, bytes),
