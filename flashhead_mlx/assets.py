@@ -7,7 +7,8 @@ a ``"flashhead"`` section of ``config.json`` (format version 2, docs/format.md).
 the digest, every shape against the model and a fingerprint of the head's weights, so assets
 never silently produce wrong tokens. :func:`write_assets` is the one writer: a new assets file,
 then ``config.json`` replaced atomically, then the old file removed, so a reader sees the folder
-as before or as after. The reading side (digest, names, version, hub fetch) is in
+as before or as after; a killed writer's leftovers are reclaimed by the next
+(:func:`reclaim_leftovers`). The reading side (digest, names, version, hub fetch) is in
 :mod:`flashhead_mlx.flashhead_format`, which the remote-code variant's model file uses too.
 """
 
@@ -17,12 +18,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .durable import folder_lock, fsync_path, kill_point, replace_text
 from .flashhead_format import (
     CENTROID_BITS,
     FORMAT_VERSION,
@@ -32,6 +34,7 @@ from .flashhead_format import (
     read_assets,
     read_config,
 )
+from .model_card import CARD_FILE
 from .model_head import head_module as find_head_module
 
 # Names of the assets files: content-addressed (format 2), and format 1's single name.
@@ -53,20 +56,6 @@ def is_flashhead_folder(folder: Path) -> bool:
     """Whether ``folder``'s ``config.json`` has a ``flashhead`` section."""
     config = Path(folder) / "config.json"
     return config.is_file() and "flashhead" in read_config(folder)
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a hidden file beside it (with ``path``'s
-    permissions, or 0o644), renamed over it."""
-    fd, stage = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(stage, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(stage, path)
-    finally:
-        if os.path.exists(stage):
-            os.unlink(stage)
 
 
 def head_fingerprint(module: nn.Module) -> str:
@@ -140,51 +129,95 @@ def make_assets(
     return assets
 
 
+def reclaim_leftovers(folder) -> None:
+    """Remove what a killed :func:`write_assets` left in ``folder``, the folder locked: its hidden
+    stage files, content-addressed assets files and model files ``config.json`` does not name (a
+    format-1 ``flashhead.safetensors`` stays until new assets replace it); a staged card of the
+    assets it names is put in place (the kill came after the switch)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        with folder_lock(folder):
+            _reclaim(folder, json.loads((folder / "config.json").read_text()))
+
+
+def _reclaim(folder: Path, config: dict) -> None:
+    section = config.get("flashhead") or {}
+    current = section.get("assets_file")
+    hidden = tuple(f".{name}." for name in ("config.json", CARD_FILE, *MODEL_FILES))
+    for path in folder.iterdir():
+        name = path.name
+        if name == f".{CARD_FILE}.{current}.next":
+            os.replace(path, folder / CARD_FILE)
+        elif name.startswith(hidden) or fnmatch.fnmatchcase(name, f".{ASSETS_PATTERN}"):
+            path.unlink(missing_ok=True)
+        elif fnmatch.fnmatchcase(name, ASSETS_PATTERN) and name != current:
+            path.unlink(missing_ok=True)
+        elif name in MODEL_FILES and "model_file" not in config:
+            path.unlink(missing_ok=True)
+
+
 def write_assets(
     folder,
     arrays: dict,
     section: dict,
     model_file: Optional[bool] = None,
+    card: Optional[Callable[[dict], str]] = None,
 ) -> dict:
     """Make ``arrays`` the FlashHead assets of ``folder``, atomically; returns the new config.
 
-    The arrays are staged in a hidden file, their digest computed from it and the file renamed
-    to its content-addressed name; then ``config.json`` is replaced atomically, its ``flashhead``
-    section being ``section`` with the format version, file name and digest; then the assets file
-    the old config named is removed. ``model_file`` ``True`` makes the folder the remote-code
-    variant (the model file is written first and named by ``model_file``), ``False`` the default
-    one (key and file removed last), ``None`` keeps the folder's variant.
+    With the folder locked and the leftovers of a killed writer reclaimed
+    (:func:`reclaim_leftovers`): the arrays are staged in a hidden file, their digest computed
+    from it and the file renamed to its content-addressed name; the card ``card(config)`` is
+    staged; then ``config.json`` is replaced atomically (the switch), its ``flashhead`` section
+    being ``section`` with the format version, file name and digest; then the card is put in
+    place and the assets file the old config named is removed. Every file is flushed to disk
+    before it is named. ``model_file`` ``True`` makes the folder the remote-code variant (the
+    model file is written first and named by ``model_file``), ``False`` the default one (key and
+    file removed last), ``None`` keeps the folder's variant.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
-    config = read_config(folder)
-    previous = (config.get("flashhead") or {}).get("assets_file", LEGACY_ASSETS_FILE)
-    fd, stage = tempfile.mkstemp(prefix=".flashhead-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        mx.save_safetensors(stage, arrays, metadata={"format": "mlx"})
-        os.chmod(stage, config_path.stat().st_mode & 0o777)
-        digest = content_digest(mx.load(stage))
-        name = assets_file_name(digest)
-        os.replace(stage, folder / name)
-    finally:
-        if os.path.exists(stage):
-            os.unlink(stage)
-    if model_file:
-        for file in MODEL_FILES:
-            replace_text(folder / file, Path(__file__).with_name(file).read_text())
-        config["model_file"] = MODEL_FILE
-    elif model_file is False:
-        config.pop("model_file", None)
-    written = {"format_version": FORMAT_VERSION, "assets_file": name, "assets_digest": digest}
-    config["flashhead"] = {**written, **{k: v for k, v in section.items() if k not in written}}
-    replace_text(config_path, json.dumps(config, indent=4) + "\n")
-    for stale in {previous, LEGACY_ASSETS_FILE} - {name}:
-        if is_assets_file(stale):
-            (folder / stale).unlink(missing_ok=True)
-    if model_file is False:
-        for file in MODEL_FILES:
-            (folder / file).unlink(missing_ok=True)
+    with folder_lock(folder):
+        config = read_config(folder)
+        _reclaim(folder, config)
+        previous = (config.get("flashhead") or {}).get("assets_file", LEGACY_ASSETS_FILE)
+        fd, stage = tempfile.mkstemp(prefix=".flashhead-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            mx.save_safetensors(stage, arrays, metadata={"format": "mlx"})
+            os.chmod(stage, config_path.stat().st_mode & 0o777)
+            fsync_path(Path(stage))
+            kill_point("assets-staged")
+            digest = content_digest(mx.load(stage))
+            name = assets_file_name(digest)
+            os.replace(stage, folder / name)
+            fsync_path(folder)
+        finally:
+            if os.path.exists(stage):
+                os.unlink(stage)
+        kill_point("assets-named")
+        if model_file:
+            for file in MODEL_FILES:
+                replace_text(folder / file, Path(__file__).with_name(file).read_text())
+            config["model_file"] = MODEL_FILE
+        elif model_file is False:
+            config.pop("model_file", None)
+        written = {"format_version": FORMAT_VERSION, "assets_file": name, "assets_digest": digest}
+        config["flashhead"] = {**written, **{k: v for k, v in section.items() if k not in written}}
+        staged_card = folder / f".{CARD_FILE}.{name}.next"
+        if card is not None:
+            replace_text(staged_card, card(config))
+        replace_text(config_path, json.dumps(config, indent=4) + "\n")
+        kill_point("config-replaced")
+        if card is not None:
+            os.replace(staged_card, folder / CARD_FILE)
+        for stale in {previous, LEGACY_ASSETS_FILE} - {name}:
+            if is_assets_file(stale):
+                (folder / stale).unlink(missing_ok=True)
+        if model_file is False:
+            for file in MODEL_FILES:
+                (folder / file).unlink(missing_ok=True)
+        fsync_path(folder)
     return config
 
 
@@ -199,9 +232,10 @@ def save_assets(
     centroid_group_size: int = 64,
     provenance: Optional[dict] = None,
     model_file: Optional[bool] = None,
+    card: Optional[Callable[[dict], str]] = None,
 ) -> dict:
-    """Write the assets of ``clusters`` into ``folder`` (:func:`write_assets`); returns the new
-    config.
+    """Write the assets of ``clusters`` into ``folder`` (:func:`write_assets`, with the card
+    ``card(config)`` when given); returns the new config.
 
     ``head_module`` is the model's head (``lm_head`` or tied ``embed_tokens``) the clusters were
     computed from; its shape and fingerprint are stored, with ``provenance`` (``source``, ...).
@@ -220,7 +254,7 @@ def save_assets(
         **(provenance or {}),
     }
     arrays = {k: v for k, v in assets.items() if isinstance(v, mx.array)}
-    return write_assets(folder, arrays, section, model_file)
+    return write_assets(folder, arrays, section, model_file, card)
 
 
 def set_n_probes(folder, n_probes: int, mass_bias: mx.array) -> None:

@@ -49,6 +49,7 @@ from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import final_hidden_states, head_module, is_tied, language_model
+from .probe import probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 from .verified import Verification
@@ -321,11 +322,9 @@ class FreeEmbedding(nn.Module):
 def free_head(model: nn.Module) -> nn.Module:
     """Replace the dense head of ``model`` by the free head (:func:`free_logits`), in place, and
     return it: the baseline a head replacement can at best reach."""
-    lm, module = language_model(model), head_module(model)
-    if is_tied(model):
-        lm.model.embed_tokens = FreeEmbedding(module)
-    else:
-        lm.lm_head = FreeHead(module.weight.shape[0])
+    module, probe = head_module(model), probe_head(model)
+    free = FreeEmbedding(module) if probe.tied else FreeHead(module.weight.shape[0])
+    set_module(model, probe.path, free)
     return model
 
 

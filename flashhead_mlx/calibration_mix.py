@@ -2,24 +2,27 @@
 development suite it tunes ``n_probes`` on (docs/clustering.md).
 
 The mix: the model's own dense greedy replies through its chat template to the shipped
-calibration prompts (the hidden states of decode), shipped source code and the shipped novel,
-teacher-forced. No source holds a suite text or prompt (``tests/test_calibration.py``).
+calibration prompts and its own continuations of shipped openings in twenty-odd languages (the
+hidden states of decode), shipped source code and the shipped novel, teacher-forced. No source holds a suite text or prompt (``tests/test_calibration.py``).
 """
 
 import math
 import random
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
 from .calibration import CALIBRATION_TEXT, DATA_DIR, calibration_hidden_states, text_hidden_states
+from .durable import kill_point
 from .suite import (
     CHAT,
     REPLY_BATCH,
     chat_hidden_states,
+    chat_prompt_tokens,
     dense_replies,
+    plain_prompt_tokens,
     read_prompts,
     read_text,
     suite_files,
@@ -28,14 +31,20 @@ from .suite import (
 CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.txt"
 # Source code the suite does not use (scripts/make_calibration_code.py).
 CALIBRATION_CODE = DATA_DIR / "calibration_code.txt"
+# Openings of documents in twenty-odd languages, written for this project: the model continues
+# them (its own non-English decode states; no suite text).
+CALIBRATION_OPENINGS = DATA_DIR / "calibration_openings.txt"
 # Share of the calibration positions from each source (measured in docs/clustering.md).
-MIX = {"chat": 0.25, "code": 0.25, "prose": 0.5}
+MIX = {"chat": 0.25, "code": 0.25, "languages": 0.125, "prose": 0.375}
+SOURCES = ("chat", "code", "languages", "prose")
 # Tokens of each calibration reply: enough to cover a reply's start, middle and end.
 CALIBRATION_REPLY_TOKENS = 128
 # The most calibration prompts replied to: one batch_generate call, the mix's dearest positions;
 # a smaller chat share takes one prompt per CALIBRATION_REPLY_TOKENS positions (the replies'
 # shortfall on the share goes to the last source).
 CALIBRATION_REPLIES = REPLY_BATCH
+# Tokens of each continuation of an opening (a batch of them covers the languages share).
+CONTINUATION_TOKENS = 64
 # Positions per domain of the development suite that tuning measures.
 TUNING_DOMAIN_TOKENS = 2048
 # Tokens of each dev reply tuning measures (the first prompts' replies, a batch at a time).
@@ -58,9 +67,10 @@ def mix_budget(n_tokens: int, mix: Dict[str, float] = MIX) -> Dict[str, int]:
     return budget
 
 
-def calibration_prompts(seed: int = 0) -> List[str]:
-    """The shipped calibration prompts in the order ``seed`` gives them."""
-    prompts = read_prompts([CALIBRATION_PROMPTS])
+def calibration_prompts(seed: int = 0, path=CALIBRATION_PROMPTS) -> List[str]:
+    """The shipped calibration prompts (or the lines of ``path``) in the order ``seed`` gives
+    them."""
+    prompts = read_prompts([path])
     random.Random(seed).shuffle(prompts)
     return prompts
 
@@ -72,14 +82,22 @@ def reply_states(
     n_tokens: int,
     max_tokens: int,
     fingerprint: Optional[str],
+    prompt_tokens: Callable = chat_prompt_tokens,
 ) -> mx.array:
     """Hidden states of up to ``n_tokens`` positions of the model's dense replies to
-    ``prompts``, generated a batch of prompts at a time until there are enough."""
+    ``prompts`` (``prompt_tokens`` as :func:`flashhead_mlx.suite.dense_replies`'s), generated a
+    batch of prompts at a time until there are enough."""
     states, count = [], 0
     for start in range(0, len(prompts), REPLY_BATCH):
         batch = prompts[start : start + REPLY_BATCH]
-        replies, stopped = dense_replies(model, tokenizer, batch, fingerprint, max_tokens)
-        states.append(chat_hidden_states(model, tokenizer, batch, replies, stopped))
+        replies, stopped = dense_replies(
+            model, tokenizer, batch, fingerprint, max_tokens, prompt_tokens=prompt_tokens
+        )
+        states.append(
+            chat_hidden_states(
+                model, tokenizer, batch, replies, stopped, prompt_tokens=prompt_tokens
+            )
+        )
         count += states[-1].shape[0]
         if count >= n_tokens:
             break
@@ -96,15 +114,16 @@ def mix_hidden_states(
 ) -> mx.array:
     """Final hidden states ``[n_tokens, d]`` (float32) of the calibration mix: ``mix``'s shares
     of the model's replies to the first :data:`CALIBRATION_REPLIES` calibration prompts
-    (``chat``, in ``seed``'s order), the calibration code (``code``) and the calibration novel
-    (``prose``); the positions the replies fall short of their share go to the last source, and
+    (``chat``, in ``seed``'s order), its continuations of the calibration openings
+    (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order), the calibration code
+    (``code``) and the calibration novel (``prose``); the positions the replies fall short of their share go to the last source, and
     a model without a chat template has no replies (the other sources share their positions). The
     replies are cached by ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`;
     ``None``: not cached)."""
     if not has_chat_template(tokenizer):
         mix = {source: share for source, share in mix.items() if source != "chat"}
     budget = mix_budget(n_tokens, mix)
-    unknown = set(budget) - {"chat", "code", "prose"}
+    unknown = set(budget) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown calibration sources: {', '.join(sorted(unknown))}")
     parts, last = [], list(budget)[-1]
@@ -119,11 +138,24 @@ def mix_hidden_states(
             states = reply_states(
                 model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
             )
+        elif source == "languages":
+            openings = min(CALIBRATION_REPLIES, math.ceil(count / CONTINUATION_TOKENS))
+            prompts = calibration_prompts(seed, CALIBRATION_OPENINGS)[:openings]
+            states = reply_states(
+                model,
+                tokenizer,
+                prompts,
+                count,
+                CONTINUATION_TOKENS,
+                fingerprint,
+                plain_prompt_tokens,
+            )
         else:
             text = (CALIBRATION_CODE if source == "code" else CALIBRATION_TEXT).read_text()
             states = calibration_hidden_states(model, tokenizer, text, n_tokens=count)
         print(f"[INFO] Calibration: {states.shape[0]} positions of {source}")
         parts.append(states)
+        kill_point("calibration")
     return mx.concatenate(parts)
 
 

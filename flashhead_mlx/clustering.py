@@ -14,6 +14,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .durable import kill_point
+
 
 def _deferred_acceptance(
     scores: np.ndarray, candidates: np.ndarray, capacity: np.ndarray
@@ -359,6 +361,7 @@ def cluster_head(
     weight = weight.astype(mx.float32)
     x = weight if hidden_states is None else data_aware_rows(weight, hidden_states)
     order = slot_order(balanced_clusters(x, cluster_size, seed), cluster_size)
+    kill_point("clustering")
     return clusters_from_order(weight, order, cluster_size, hidden_states, ridge)
 
 

@@ -164,7 +164,7 @@ class FallbackEmbedding(nn.Module):
 def install_fallback(model: nn.Module, config: dict, arrays: dict) -> None:
     """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed)."""
     lm = getattr(model, "language_model", model)
-    no_head = "lm_head" not in lm and not hasattr(lm.model, "embed_tokens")
+    no_head = "lm_head" not in lm and not hasattr(lm.get("model"), "embed_tokens")
     if config.get("final_logit_softcapping") or no_head:
         warnings.warn(
             "this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept"

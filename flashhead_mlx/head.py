@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .decode import DecodeContext, decode_context, temperature_array
+from .forward import head_outputs
 from .kernels import (
     centroid_topk,
     cluster_argmax,
@@ -24,6 +25,7 @@ from .kernels import (
     top_clusters,
 )
 from .recent import RECENT_TOKENS, recent_tokens
+from .transform import Transform, apply
 from .sampling import full_vocabulary_logits
 
 
@@ -42,7 +44,9 @@ class FlashHead(nn.Module):
         group_size, bits (int, optional): quantization of ``weight``. Default: ``None``.
         mode (str): quantization mode of ``weight``. Default: ``"affine"``.
         n_probes (int, optional): clusters scored exactly per token. Default: the assets'.
-        softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+        transform (Transform, optional): what the model does to the head's logits before
+            returning them (:mod:`flashhead_mlx.transform`: a softcap, a scale), which the
+            FlashHead applies itself. Default: ``None``.
         recent_tokens (int): tokens of each row's context also scored exactly at greedy decode
             steps (:mod:`flashhead_mlx.recent`).
             Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
@@ -58,7 +62,7 @@ class FlashHead(nn.Module):
         bits: Optional[int] = None,
         mode: str = "affine",
         n_probes: Optional[int] = None,
-        softcap: Optional[float] = None,
+        transform: Optional[Transform] = None,
         recent_tokens: int = RECENT_TOKENS,
     ):
         super().__init__()
@@ -98,7 +102,7 @@ class FlashHead(nn.Module):
         self.cluster_bias = assets["cluster_bias"].astype(dtype)
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
-        self.softcap = softcap
+        self.transform = transform
         if recent_tokens < 0:
             raise ValueError(f"recent_tokens must be >= 0, got {recent_tokens}")
         self.recent_tokens = recent_tokens
@@ -115,7 +119,7 @@ class FlashHead(nn.Module):
         module: nn.Module,
         assets: dict,
         n_probes: Optional[int] = None,
-        softcap: Optional[float] = None,
+        transform: Optional[Transform] = None,
         recent_tokens: int = RECENT_TOKENS,
     ) -> "FlashHead":
         """Build from the model's ``lm_head`` or tied ``embed_tokens`` (float or quantized)."""
@@ -129,7 +133,7 @@ class FlashHead(nn.Module):
             bits=module.bits if quantized else None,
             mode=getattr(module, "mode", "affine"),
             n_probes=n_probes,
-            softcap=softcap,
+            transform=transform,
             recent_tokens=recent_tokens,
         )
 
@@ -140,11 +144,6 @@ class FlashHead(nn.Module):
             f"recent_tokens={self.recent_tokens}, bits={self.bits}, "
             f"centroid_bits={self.centroid_bits}"
         )
-
-    def _softcap(self, logits: mx.array) -> mx.array:
-        if self.softcap is None:
-            return logits
-        return mx.tanh(logits / self.softcap) * self.softcap
 
     # The two stages are the kernels' (flashhead_mlx.kernels: Metal when available, else their
     # pure-MLX path), so every caller gets the same scores, probes and logits.
@@ -182,7 +181,7 @@ class FlashHead(nn.Module):
             self.cluster_size,
             self.group_size,
             self.bits,
-            self.softcap,
+            self.transform,
             self.mode,
             self.batch_path,
         )
@@ -210,7 +209,7 @@ class FlashHead(nn.Module):
         """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
         logits = row_logits(h, self.weight, self.get("scales"), self.get("biases"),
                             self.group_size, self.bits, self.mode)
-        return mx.where(self.order >= 0, self._softcap(logits), -mx.inf)
+        return mx.where(self.order >= 0, apply(self.transform, logits), -mx.inf)
 
     def dense_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every token ``[..., V]``, in vocabulary order.
@@ -218,7 +217,12 @@ class FlashHead(nn.Module):
         The rows are put back in token order first (one gather of the head), so the matrix
         product is the dense head's own and its logits equal the dense ones bit for bit.
         """
-        return self._softcap(self._row_logits(h, self.inverse))
+        return apply(self.transform, self.raw_logits(h))
+
+    def raw_logits(self, h: mx.array) -> mx.array:
+        """The dense head module's output ``[..., V]``: :meth:`dense_logits` before the
+        transform, what the model's own forward pass transforms."""
+        return self._row_logits(h, self.inverse)
 
     def scatter(self, tokens: mx.array, logits: mx.array) -> mx.array:
         """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens."""
@@ -248,7 +252,7 @@ class FlashHead(nn.Module):
 
     def token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
         """The exact logits ``[..., K]`` (float32) of the tokens ``[K]``."""
-        return self._softcap(self._row_logits(h, self.inverse[tokens]).astype(mx.float32))
+        return apply(self.transform, self._row_logits(h, self.inverse[tokens]).astype(mx.float32))
 
     def row_token_logits(self, h: mx.array, tokens: mx.array) -> mx.array:
         """The exact logits ``[B, L, R]`` (float32) of each position's own tokens ``[B, L, R]``
@@ -266,7 +270,7 @@ class FlashHead(nn.Module):
             self.bits,
             self.mode,
         )
-        logits = self._softcap(logits).reshape(tokens.shape)
+        logits = apply(self.transform, logits).reshape(tokens.shape)
         return mx.where(tokens >= 0, logits, -mx.inf)
 
     def recent_extra(self, h: mx.array, probes: mx.array) -> Optional[mx.array]:
@@ -321,6 +325,11 @@ class FlashHead(nn.Module):
         else (perplexity, evaluation, any forward pass) the exact :meth:`dense_logits`.
         """
         context = decode_context()
-        if context is None:
-            return self.dense_logits(h)
-        return self.decode_logits(h, context)
+        outputs = head_outputs()
+        if outputs is None:  # called on its own
+            return self.dense_logits(h) if context is None else self.decode_logits(h, context)
+        # Within a FlashHead model's forward pass (flashhead_mlx.forward), which transforms what
+        # this returns, and returns the decode step's logits set aside here instead.
+        if context is not None:
+            outputs.append(self.decode_logits(h, context))
+        return self.raw_logits(h)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arguments import add_assets_arguments
-from .assets import is_flashhead_folder
+from .assets import is_flashhead_folder, reclaim_leftovers
 from .flashhead_format import brief, load_safetensors
 from .clustering import clusters_from_order, slot_order
 from .loading import load
@@ -144,6 +144,7 @@ def import_assets(
     folder = Path(model).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an mlx-lm model folder (no config.json)")
+    reclaim_leftovers(folder)
     if is_flashhead_folder(folder) and not force:
         raise ValueError(f"{folder} already has FlashHead assets; pass --force to replace them")
     mlx_model, tokenizer = load(str(folder), flashhead=False)

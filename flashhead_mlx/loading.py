@@ -12,12 +12,12 @@ from .assets import (
     head_fingerprint,
     load_assets,
     read_config,
-    replace_text,
     save_assets,
 )
+from .durable import replace_text
 from .model_head import head_module
 from .patch import apply_flashhead, disabled, is_patched
-from .pipeline import cluster_model
+from .pipeline import cluster_model, is_local
 from .verified import DEFAULT_BLOCK, set_verification
 
 CACHE_DIR = Path.home() / ".cache" / "flashhead-mlx" / "clusters"
@@ -32,6 +32,8 @@ def download(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     path = Path(path_or_hf_repo)
     if path.exists():
         return path
+    if is_local(path_or_hf_repo):
+        raise ValueError(f"{path_or_hf_repo} does not exist (a model folder, or a hub repo id)")
     import huggingface_hub
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 

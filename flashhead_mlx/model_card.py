@@ -9,13 +9,12 @@ measured section stays in the card until a new JSON file replaces it.
 """
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .clustering import scored_fraction
+from .durable import replace_text
 
 CARD_FILE = "README.md"
 TAGS = ["mlx", "flashhead"]
@@ -317,13 +316,5 @@ def render_folder_card(
 
 
 def write_card(folder: Path, text: str) -> None:
-    """Write ``text`` as ``folder``'s card, atomically (a temporary file renamed into place)."""
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{CARD_FILE}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, Path(folder) / CARD_FILE)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    """Write ``text`` as ``folder``'s card, atomically (:func:`flashhead_mlx.durable.replace_text`)."""
+    replace_text(Path(folder) / CARD_FILE, text)

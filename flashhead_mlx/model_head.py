@@ -3,33 +3,24 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from .probe import Spy, get_module, probe_head, set_module
+from .recent import untracked
+
 
 def language_model(model: nn.Module) -> nn.Module:
-    """The text model that owns the head (the language model inside multimodal wrappers)."""
+    """The text model inside multimodal wrappers (``language_model``), else ``model``."""
     return getattr(model, "language_model", model)
 
 
 def is_tied(model: nn.Module) -> bool:
-    """Whether the head is the token embedding table (``embed_tokens.as_linear``)."""
-    lm = language_model(model)
-    if "lm_head" in lm.children():
-        return False
-    args = getattr(lm, "args", None)
-    return bool(getattr(lm, "tie_word_embeddings", getattr(args, "tie_word_embeddings", True)))
+    """Whether the head is an embedding table's ``as_linear`` (found by probing)."""
+    return probe_head(model).tied
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The module whose rows are the head: ``lm_head`` or the tied ``embed_tokens``."""
-    lm = language_model(model)
-    if not is_tied(model):
-        return lm.lm_head
-    inner = getattr(lm, "model", None)
-    if inner is None or not hasattr(inner, "embed_tokens"):
-        raise ValueError(
-            f"Unsupported architecture {getattr(lm, 'model_type', type(lm).__name__)!r}: "
-            "no lm_head and no model.embed_tokens"
-        )
-    return inner.embed_tokens
+    """The module whose rows are the head: ``lm_head``, a tied ``embed_tokens``, ... (found by
+    :func:`flashhead_mlx.probe.probe_head`)."""
+    return get_module(model, probe_head(model).path)
 
 
 def head_rows(module: nn.Module) -> mx.array:
@@ -47,5 +38,18 @@ def head_rows(module: nn.Module) -> mx.array:
 
 
 def final_hidden_states(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
-    """The hidden states the head reads (after the final norm) for ``tokens`` ``[B, L]``."""
-    return language_model(model).model(tokens, cache=cache)
+    """The hidden states the head reads for ``tokens`` ``[B, L]``: the body's output (after
+    the final norm), or, where the model changes it before the head (minicpm scales it), the
+    head's input recorded in a forward pass, whose logits are never computed."""
+    probe = probe_head(model)
+    if probe.body_is_model:
+        return language_model(model).model(tokens, cache=cache)
+    module = get_module(model, probe.path)
+    spy = Spy(module, probe.tied)
+    set_module(model, probe.path, spy)
+    try:
+        with untracked():
+            model(tokens, cache=cache)
+    finally:
+        set_module(model, probe.path, module)
+    return spy.inputs[-1]

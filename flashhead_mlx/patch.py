@@ -11,14 +11,11 @@ import mlx.nn as nn
 
 from .assets import load_assets
 from .clustering import scored_fraction
+from .forward import HeadOutputModel
 from .head import FlashHead
-from .model_head import head_module, is_tied, language_model
+from .model_head import head_module, language_model
+from .probe import Unsupported, probe_head, set_module
 from .recent import RECENT_TOKENS, RecentTokensModel
-
-# mlx-lm model files whose forward pass ends in ``embed_tokens.as_linear`` or ``lm_head``.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma2")
-# Architectures that apply a final logit softcap after the head, and the attribute holding it.
-SOFTCAP_ATTRIBUTES = {"gemma2": "final_logit_softcapping"}
 
 # Assets of the heads that :func:`unpatch` removed, by id of their model, for :func:`patch`.
 _removed: dict = {}
@@ -32,7 +29,9 @@ def disabled() -> bool:
 class FlashEmbedding(nn.Module):
     """A tied embedding whose table is the FlashHead's rows, stored once in cluster order.
 
-    Token ids are mapped to their slots at lookup, and ``as_linear`` is the FlashHead.
+    Token ids are mapped to their slots at lookup, and ``as_linear`` is the FlashHead. A body
+    that reads the table itself (gemma4_text matches input embeddings against it) gets the rows
+    in token order from ``weight``, gathered when read.
     """
 
     def __init__(self, head: FlashHead):
@@ -45,18 +44,9 @@ class FlashEmbedding(nn.Module):
     def as_linear(self, h: mx.array) -> mx.array:
         return self.head(h)
 
-
-class SoftcappedModel:
-    """Mixed into a softcapping model's class while a FlashHead is installed: the head applies
-    the softcap itself (``-inf`` must stay ``-inf``), so the model's own is skipped."""
-
-    def __call__(self, inputs: mx.array, cache=None):
-        return self.model.embed_tokens.as_linear(self.model(inputs, cache))
-
-
-def architecture(model: nn.Module) -> str:
-    """The mlx-lm model file of the language model (``"llama"``, ``"gemma3_text"``, ...)."""
-    return type(language_model(model)).__module__.rsplit(".", 1)[-1]
+    @property
+    def weight(self) -> mx.array:
+        return mx.take(self.head.weight, self.head.inverse, axis=0)
 
 
 def flash_head(model: nn.Module) -> FlashHead:
@@ -69,8 +59,12 @@ def flash_head(model: nn.Module) -> FlashHead:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` has a FlashHead installed."""
-    module = head_module(model)
+    """Whether ``model`` has a FlashHead installed (``False`` for a model whose head FlashHead
+    cannot serve)."""
+    try:
+        module = head_module(model)
+    except Unsupported:
+        return False
     return isinstance(module, (FlashHead, FlashEmbedding))
 
 
@@ -119,6 +113,10 @@ def apply_flashhead(
     embedding becomes a :class:`FlashEmbedding` over the same (reordered) table, an untied
     ``lm_head`` becomes the :class:`FlashHead`. Returns ``model``.
 
+    The head and what the model does to its output are found by probing
+    (:func:`flashhead_mlx.probe.probe_head`); a model whose head FlashHead cannot serve exactly
+    raises :class:`~flashhead_mlx.probe.Unsupported` (a ``ValueError``) saying why.
+
     Args:
         model (nn.Module): a model loaded with ``mlx_lm.load``.
         assets (dict): from :func:`flashhead_mlx.assets.load_assets` or ``make_assets``.
@@ -127,28 +125,34 @@ def apply_flashhead(
             steps (:mod:`flashhead_mlx.recent`).
             Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
     """
-    arch = architecture(model)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"FlashHead does not support the {arch!r} architecture "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    try:
+        probe = probe_head(model)
+    except Unsupported as e:
+        raise Unsupported(f"FlashHead cannot serve the head of {architecture(model)}: {e}") from None
     if is_patched(model):
         raise ValueError("the model already has a FlashHead: call flashhead_mlx.unpatch first")
-    lm = language_model(model)
-    softcap = getattr(lm, SOFTCAP_ATTRIBUTES[arch]) if arch in SOFTCAP_ATTRIBUTES else None
     recent_tokens = RECENT_TOKENS if recent_tokens is None else recent_tokens
     head = FlashHead.from_module(
-        head_module(model), assets, n_probes=n_probes, softcap=softcap, recent_tokens=recent_tokens
+        head_module(model),
+        assets,
+        n_probes=n_probes,
+        transform=probe.transform,
+        recent_tokens=recent_tokens,
     )
     mx.eval(head.parameters())
-    if is_tied(model):
-        lm.model.embed_tokens = FlashEmbedding(head)
+    set_module(model, probe.path, FlashEmbedding(head) if probe.tied else head)
+    lm = language_model(model)
+    if lm is model:
+        mix_in(model, (HeadOutputModel, RecentTokensModel), flashhead_head=head)
     else:
-        lm.lm_head = head
-    mixins = (RecentTokensModel,) + ((SoftcappedModel,) if softcap is not None else ())
-    mix_in(lm, mixins, flashhead_head=head)
+        mix_in(model, (HeadOutputModel,))
+        mix_in(lm, (RecentTokensModel,), flashhead_head=head)
     return model
+
+
+def architecture(model: nn.Module) -> str:
+    """The mlx-lm model file of ``model`` (``"llama"``, ``"gemma3"``, ...)."""
+    return type(model).__module__.rsplit(".", 1)[-1]
 
 
 def head_assets(head: FlashHead) -> dict:
@@ -192,15 +196,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     :func:`patch` without assets installs the same FlashHead again. Returns ``model``.
     """
     head = flash_head(model)
-    lm = language_model(model)
-    tied = isinstance(head_module(model), FlashEmbedding)
-    dense = _dense_module(head, tied)
+    probe = probe_head(model)
+    dense = _dense_module(head, probe.tied)
     mx.eval(dense.parameters())
-    if tied:
-        lm.model.embed_tokens = dense
-    else:
-        lm.lm_head = dense
-    mix_out(lm)
+    set_module(model, probe.path, dense)
+    mix_out(model)
+    mix_out(language_model(model))
     if id(model) not in _removed:
         weakref.finalize(model, _removed.pop, id(model), None)
     _removed[id(model)] = head_assets(head)

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,8 +25,9 @@ from .calibration import text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
 from .clustering import cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
+from .durable import publish_folder, reclaim_stages, stage_folder
 from .head import FlashHead
-from .model_card import CARD_FILE, render_folder_card, write_card
+from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
 from .sampling import fit_mass_bias
 from .storage import check_free_space, check_writable, storage_error
@@ -280,15 +280,20 @@ def install_flashhead(
 ) -> None:
     """Make the mlx-lm folder at ``path`` a FlashHead folder: the assets (``result``, from
     :func:`finish_assets`) of ``model``'s head with ``provenance`` (added to ``config.json``'s
-    ``flashhead`` section), written atomically (:func:`flashhead_mlx.assets.save_assets`), the
-    model file when ``model_file`` (the remote-code variant), then the model card (``card``:
-    keyword arguments of :func:`flashhead_mlx.model_card.render_folder_card`).
+    ``flashhead`` section), the model file when ``model_file`` (the remote-code variant) and the
+    model card (``card``: keyword arguments of
+    :func:`flashhead_mlx.model_card.render_folder_card`), written atomically, ``config.json``
+    the switch (:func:`flashhead_mlx.assets.write_assets`).
     """
     provenance = {**provenance, "flashhead_mlx_version": __version__}
-    config = save_assets(
-        path, **result, head_module=head_module(model), provenance=provenance, model_file=model_file
+    save_assets(
+        path,
+        **result,
+        head_module=head_module(model),
+        provenance=provenance,
+        model_file=model_file,
+        card=lambda config: render_folder_card(path, config, **(card or {})),
     )
-    write_card(path, render_folder_card(path, config, **(card or {})))
 
 
 def add_flashhead(
@@ -333,8 +338,9 @@ def convert(
     With ``model_file``, the folder carries the model file that gives plain mlx-lm the FlashHead
     (``trust_remote_code=True``); without it plain mlx-lm loads the folder dense.
 
-    Everything is written to a temporary folder beside ``output`` and renamed into place at the
-    end, so an interrupted conversion leaves nothing that looks finished. ``eval_json`` and
+    Everything is written to a hidden stage folder beside ``output`` and renamed into place at
+    the end (:func:`flashhead_mlx.durable.publish_folder`), so an interrupted or killed
+    conversion leaves nothing that looks finished; the next one reclaims its stage folder. ``eval_json`` and
     ``bench_json`` (from ``flashhead-mlx eval`` and ``bench``) put measurements in the model card.
     Without ``n_probes``, the fewest probes with 99.9% top-1 containment on every domain of the
     development suite within the scored-fraction cap (or on the file ``tuning_text``) are chosen
@@ -345,41 +351,40 @@ def convert(
     if tuning_text is not None and not Path(tuning_text).is_file():
         raise ValueError(f"--tuning-text {tuning_text} is not a file")
     output_path = Path(output).expanduser().resolve()
+    reclaim_stages(output_path)
     if output_path.exists() and not force:
         raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
     check_writable(output_path.parent)
     needed = conversion_bytes(model, dtype, quantize)
     if needed is not None:
         check_free_space(output_path.parent, needed, f"converting {source_name(model)}")
-    stage = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
     try:
-        mlx_path = stage / "model"
-        _prepare_mlx_model(
-            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
-        )
-        add_flashhead(
-            mlx_path,
-            source=model,
-            card={"model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json},
-            cluster_size=cluster_size,
-            n_clusters=n_clusters,
-            n_probes=n_probes,
-            centroid_bits=centroid_bits,
-            seed=seed,
-            calibration_tokens=calibration_tokens,
-            tuning_text=tuning_text,
-            model_file=model_file,
-        )
-        if output_path.exists():
-            output_path.rename(stage / "previous")
-        mlx_path.rename(output_path)
+        with stage_folder(output_path) as stage:
+            mlx_path = stage / "model"
+            _prepare_mlx_model(
+                model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+            )
+            add_flashhead(
+                mlx_path,
+                source=model,
+                card={
+                    "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
+                },
+                cluster_size=cluster_size,
+                n_clusters=n_clusters,
+                n_probes=n_probes,
+                centroid_bits=centroid_bits,
+                seed=seed,
+                calibration_tokens=calibration_tokens,
+                tuning_text=tuning_text,
+                model_file=model_file,
+            )
+            publish_folder(mlx_path, output_path, stage)
     except (OSError, RuntimeError) as error:  # a full disk, a folder turned read-only, ...
         plain = storage_error(error, output_path.parent)
         if plain is None:
             raise
         raise plain from error
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     print(f"[INFO] Wrote {output_path}")
     return output_path
 

@@ -15,10 +15,15 @@ cache trimmed back (speculative decoding's rejected drafts, verified decoding's 
 the trimmed tokens: a sequence's output does not depend on how its tokens were split into forward
 passes. Without a cache the inputs themselves are the context. Batches (``BatchGenerator``,
 ``batch_generate``, a server's concurrent requests) score none: mlx-lm merges, filters and extends
-their caches' rows, which the history would have to follow (:func:`batched`).
+their caches' rows, which the history would have to follow (:func:`batched`). Hybrid models
+(qwen3_5, lfm2, mamba, ...) keep the history on their first cache entry too, an ``ArraysCache``
+without an offset: mlx-lm never trims such a cache (no speculative decoding, no prompt-cache
+trim), and FlashHead's verified decoding refuses it, so the history only grows with the
+sequence.
 """
 
 import contextvars
+import inspect
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -33,6 +38,8 @@ CACHE_ATTRIBUTE = "flashhead_recent_tokens"
 HISTORY_SLACK = 64
 
 _RECENT: contextvars.ContextVar = contextvars.ContextVar("flashhead_recent", default=None)
+# Set while a forward pass only reads hidden states: its tokens are not tracked.
+_UNTRACKED: contextvars.ContextVar = contextvars.ContextVar("flashhead_untracked", default=False)
 
 
 def recent_tokens() -> Optional[mx.array]:
@@ -50,6 +57,17 @@ def reading(tokens: Optional[mx.array]) -> Iterator[None]:
         yield
     finally:
         _RECENT.reset(token)
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """Within this block forward passes leave their caches' token histories alone (a pass run
+    for its hidden states: :func:`flashhead_mlx.model_head.final_hidden_states`)."""
+    token = _UNTRACKED.set(True)
+    try:
+        yield
+    finally:
+        _UNTRACKED.reset(token)
 
 
 def windows(sequence: mx.array, length: int, size: int) -> mx.array:
@@ -97,10 +115,13 @@ def track(cache, inputs: mx.array, size: int) -> mx.array:
 
 def batched(cache) -> bool:
     """Whether ``cache`` is a batch's (mlx-lm's ``BatchKVCache`` and kin, whose offsets are
-    per-row arrays): its rows are merged, filtered and extended by mlx-lm, so no history is kept
-    and batches score no recent tokens (a batch row decodes as its prompt alone would with
-    ``recent_tokens=0``)."""
-    return bool(cache) and not isinstance(getattr(cache[0], "offset", 0), int)
+    per-row arrays; a hybrid model's ``ArraysCache`` with per-row padding): its rows are merged,
+    filtered and extended by mlx-lm, so no history is kept and batches score no recent tokens
+    (a batch row decodes as its prompt alone would with ``recent_tokens=0``)."""
+    return any(
+        not isinstance(getattr(c, "offset", 0), int) or getattr(c, "left_padding", None) is not None
+        for c in cache or ()
+    )
 
 
 class RecentTokensModel:
@@ -108,9 +129,22 @@ class RecentTokensModel:
     sets its rows' last tokens (:func:`track`, as many as the head's ``recent_tokens``) for the
     head. The mixed class sets ``flashhead_head``, the FlashHead."""
 
-    def __call__(self, inputs: mx.array, cache=None, *args, **kwargs):
+    def __call__(self, inputs: mx.array, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
-        if size == 0 or batched(cache) or not mx.issubdtype(inputs.dtype, mx.integer):
-            return super().__call__(inputs, cache, *args, **kwargs)
+        untracked = (
+            _UNTRACKED.get() or inputs is None or not mx.issubdtype(inputs.dtype, mx.integer)
+        )
+        cache = cache_argument(type(self).flashhead_original, inputs, args, kwargs)
+        if size == 0 or untracked or batched(cache):
+            return super().__call__(inputs, *args, **kwargs)
         with reading(track(cache, inputs, size)):
-            return super().__call__(inputs, cache, *args, **kwargs)
+            return super().__call__(inputs, *args, **kwargs)
+
+
+def cache_argument(model_class: type, inputs: mx.array, args: tuple, kwargs: dict):
+    """The ``cache`` argument of a call of ``model_class`` (positional or not: minimax's
+    second parameter is ``mask``)."""
+    if "cache" in kwargs:
+        return kwargs["cache"]
+    signature = inspect.signature(model_class.__call__)
+    return signature.bind_partial(None, inputs, *args).arguments.get("cache")

@@ -8,7 +8,7 @@ on it), and chat prompts whose positions are the model's own dense greedy replie
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -96,6 +96,11 @@ def chat_prompt_tokens(tokenizer, prompt: str) -> List[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
+def plain_prompt_tokens(tokenizer, text: str) -> List[int]:
+    """``text`` as the start of a document (the model's own BOS first), ready to continue."""
+    return list(tokenizer.encode(text))
+
+
 def dense_replies(
     model: nn.Module,
     tokenizer,
@@ -103,11 +108,14 @@ def dense_replies(
     fingerprint: Optional[str],
     max_tokens: Optional[int] = None,
     cache_dir: Optional[Path] = None,
+    prompt_tokens: Callable = chat_prompt_tokens,
 ) -> Tuple[List[List[int]], List[bool]]:
     """The model's dense greedy replies to ``prompts`` through its chat template (mlx-lm's
     ``batch_generate``, FlashHead taken off for it and put back), cached under ``cache_dir``
     (default :data:`CHAT_CACHE_DIR`) by the model's ``fingerprint`` (:func:`model_fingerprint`;
     ``None``: not cached), the prompts and ``max_tokens`` (default :data:`REPLY_TOKENS`).
+    ``prompt_tokens`` (:func:`plain_prompt_tokens`: continuations of the prompts as plain text)
+    makes the prompts' tokens.
 
     Returns the reply tokens (without the stop token) and whether each reply stopped on a stop
     token (else it ran to ``max_tokens``).
@@ -115,18 +123,21 @@ def dense_replies(
     from mlx_lm import batch_generate
 
     max_tokens = max_tokens or REPLY_TOKENS
-    key = hashlib.sha256(json.dumps([list(prompts), max_tokens]).encode()).hexdigest()[:16]
+    keyed = [list(prompts), max_tokens]
+    if prompt_tokens is not chat_prompt_tokens:
+        keyed.append(prompt_tokens.__name__)
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
     path = fingerprint and Path(cache_dir or CHAT_CACHE_DIR) / fingerprint / f"{key}.json"
     if path and path.is_file():
         cached = json.loads(path.read_text())
         return cached["replies"], cached["stopped"]
-    tokens = [chat_prompt_tokens(tokenizer, p) for p in prompts]
+    tokens = [prompt_tokens(tokenizer, p) for p in prompts]
     replies, texts = [], []
     patched = is_patched(model)
     if patched:
         unpatch(model)
     try:
-        for start in tqdm(range(0, len(tokens), REPLY_BATCH), desc="Dense chat replies"):
+        for start in tqdm(range(0, len(tokens), REPLY_BATCH), desc="Dense replies"):
             response = batch_generate(
                 model,
                 tokenizer,
@@ -163,22 +174,23 @@ def chat_hidden_states(
     replies: Sequence[Sequence[int]],
     stopped: Sequence[bool],
     max_tokens: Optional[int] = None,
+    prompt_tokens: Callable = chat_prompt_tokens,
 ) -> mx.array:
     """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``:
     for each prompt, from its last token (which predicts the reply's first token) to the reply's
     last token when the reply stopped there (it predicts the stop token), else to the one before.
     At most ``max_tokens`` positions, taken in prompt order; :data:`FORWARD_BATCH` prompts per
-    forward pass."""
+    forward pass; ``prompt_tokens`` as :func:`dense_replies`'s."""
     rows, count = [], 0
     for prompt, reply, stop in zip(prompts, replies, stopped):
         if max_tokens is not None and count >= max_tokens:
             break
-        tokens = chat_prompt_tokens(tokenizer, prompt)
+        tokens = prompt_tokens(tokenizer, prompt)
         start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
         rows.append((tokens + list(reply), start, end))
         count += end - start
     states = []
-    for i in tqdm(range(0, len(rows), FORWARD_BATCH), desc="Chat replies forward"):
+    for i in tqdm(range(0, len(rows), FORWARD_BATCH), desc="Replies forward"):
         batch = rows[i : i + FORWARD_BATCH]
         width = max(len(tokens) for tokens, _, _ in batch)
         padded = mx.array([tokens + [0] * (width - len(tokens)) for tokens, _, _ in batch])

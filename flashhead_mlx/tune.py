@@ -19,7 +19,7 @@ from typing import Optional
 from .arguments import add_text_arguments
 import mlx.core as mx
 
-from .assets import set_n_probes
+from .assets import reclaim_leftovers, set_n_probes
 from .calibration import text_hidden_states
 from .calibration_mix import dev_suite_states
 from .containment import (
@@ -28,6 +28,7 @@ from .containment import (
     TUNING_TOKENS,
     suite_n_probes,
 )
+from .durable import kill_point
 from .metrics import dense_pass, evenly, format_rows, head_row, load_head, pool_rows, probing
 from .pipeline import MASS_FIT_POSITIONS
 from .sampling import fit_mass_bias
@@ -57,6 +58,7 @@ def tune(
         raise ValueError(f"{text} is not a file")
     if not Path(model).is_dir():
         raise ValueError(f"{model} is not a local folder (tune writes into it)")
+    reclaim_leftovers(model)
     lm, tokenizer, head = load_head(model)
     if text is None:
         states = dev_suite_states(lm, tokenizer, model_fingerprint(Path(model)), max_tokens)
@@ -66,6 +68,7 @@ def tune(
         )
         states = {Path(text).name: hidden}
     stats = {name: dense_pass(head, hidden) for name, hidden in states.items()}
+    kill_point("tuning")
     before = head.n_probes
     ranks = {name: s["top1_ranks"] for name, s in stats.items()}
     cap = max_scored_fraction if text is None else None

@@ -2,11 +2,13 @@
 prompts at 48 tokens), per FlashHead setting, with Wilson 95% intervals.
 
     python scripts/chat_agreement.py --model DIR [--split held-out] [--max-tokens 48]
-        [--n-probes P] [--recent-tokens 128,0] [--prompts N] [--json OUT.json]
+        [--n-probes P] [--recent-tokens 128,0] [--prompts N] [--chat-template FILE] [--json OUT.json]
 
 Each prompt goes through the model's chat template, one sequence at a time (as a chat app decodes
 it): the dense head with mlx-lm's ``generate``, FlashHead with flashhead_mlx's, at each
 ``--recent-tokens`` setting. An answer counts as identical when its tokens are the dense ones.
+A model whose tokenizer has no chat template (the Gemma-3-270M GGUF file) takes one from
+``--chat-template`` (a Jinja file; Gemma 3's turn format is in docs/suite.md).
 """
 
 import argparse
@@ -33,9 +35,13 @@ def main() -> None:
     parser.add_argument("--n-probes", type=int, help="override the folder's n_probes")
     parser.add_argument("--recent-tokens", default="128,0", help="settings, comma-separated")
     parser.add_argument("--prompts", type=int, default=None, help="the first N prompts only")
+    parser.add_argument("--chat-template", help="a Jinja chat template file for the tokenizer")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     model, tokenizer = load(args.model, n_probes=args.n_probes)
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            tokenizer.chat_template = f.read()
     dense, _ = load(args.model, flashhead=False)
     head = flash_head(model)
     prompts = read_prompts(suite_files(args.split)[CHAT])[: args.prompts]

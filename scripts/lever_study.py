@@ -3,6 +3,7 @@ part 4; docs/clustering.md, "Levers"): per-token adaptive probes, an always-scor
 context's recent tokens scored per row, each at an equal mean scored fraction.
 
     python scripts/lever_study.py --model DIR [--split dev] [--max-tokens 2048] [--states DIR]
+        [--curve OUT.png]
 
 Per domain, every position's stage-1 rank of the dense argmax's cluster, its context (the window
 or the prompt and reply so far) and its best stage-1 scores are measured once; each lever is read
@@ -29,9 +30,11 @@ from flashhead_mlx.calibration_mix import (
     TUNING_REPLY_TOKENS,
     calibration_prompts,
 )
-from flashhead_mlx.containment import dense_targets, token_clusters
+from flashhead_mlx.containment import MAX_SCORED_FRACTION, dense_targets, token_clusters
 from flashhead_mlx.kernels import cluster_rank
 from flashhead_mlx.metrics import load_head
+from flashhead_mlx.recent import RECENT_TOKENS
+from flashhead_mlx.report import pyplot
 from flashhead_mlx.model_head import final_hidden_states
 from flashhead_mlx.suite import (
     CHAT,
@@ -204,6 +207,70 @@ def table(head, domains: Dict[str, dict], short: np.ndarray, budgets: List[int])
             row(f"{label} + recent 128", hit, c + mean * s + 128)
 
 
+def needed(head, domains: Dict[str, dict], target: float = 0.999) -> None:
+    """Per domain, the fewest probes (and the scored share) whose containment reaches
+    ``target``, alone and with :data:`RECENT_TOKENS` recent tokens: what the target would take."""
+    print(f"| domain | probes for {100 * target:g}% | scored | with recent {RECENT_TOKENS}: probes "
+          "| scored |")
+    print("|---|---:|---:|---:|---:|")
+    for name, d in domains.items():
+        cells = []
+        for recent in (0, RECENT_TOKENS):
+            curve = containment(head, d, recent)
+            reached = np.flatnonzero(curve >= target)
+            p = int(reached[0]) + 1 if reached.size else head.n_clusters
+            rows = head.n_clusters + p * head.cluster_size + recent
+            cells += [str(p), f"{100 * min(rows, head.vocab_size) / head.vocab_size:.1f}%"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def containment(head, d: dict, recent: int) -> np.ndarray:
+    """Top-1 containment at 1..n_clusters probes, the last ``recent`` context tokens scored."""
+    near = d["back"] < recent
+    missed = np.bincount(d["ranks"][~near], minlength=head.n_clusters)[: head.n_clusters]
+    return 1 - (np.sum(~near) - np.cumsum(missed)) / d["ranks"].size
+
+
+def curve_plot(head, domains: Dict[str, dict], path: Path, title: str) -> None:
+    """Containment per domain against the share of the vocabulary scored, probes alone (dashed)
+    and with the recent tokens (solid), on a logit scale; the 99.9% target and the 12% cap drawn."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    n = max(d["ranks"].size for d in domains.values())
+    for name, d in domains.items():
+        color = None
+        for recent, style in ((RECENT_TOKENS, "-"), (0, "--")):
+            probes = np.arange(1, head.n_clusters + 1)
+            rows = head.n_clusters + probes * head.cluster_size + recent
+            scored = 100 * np.minimum(rows, head.vocab_size) / head.vocab_size
+            curve = np.clip(containment(head, d, recent), 1e-4, 1 - 0.5 / n)
+            label = name if recent else None
+            (line,) = ax.plot(scored, curve, style, color=color, label=label, lw=1.2)
+            color = line.get_color()
+    ax.axhline(0.999, color="black", lw=0.7, ls=":")
+    ax.axvline(100 * MAX_SCORED_FRACTION, color="black", lw=0.7, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("logit")
+    ticks = [t for t in (0.9, 0.99, 0.999, 0.9999) if t < 1 - 0.5 / n]
+    ax.set_yticks(ticks, [f"{100 * t:g}%" for t in ticks])
+    ax.set_yticks([], minor=True)
+    ax.set_ylim(0.9, 1 - 0.5 / n)
+    low = 100 * (head.n_clusters + head.cluster_size) / head.vocab_size
+    xticks = [x for x in (2, 3, 5, 7, 10, 12, 15, 20, 30, 50, 70, 100) if x > low]
+    ax.set_xticks(xticks, [f"{x:g}" for x in xticks])
+    ax.set_xticks([], minor=True)
+    ax.set_xlim(low, 100)
+    ax.set_xlabel(f"% of the vocabulary scored per token (solid: with {RECENT_TOKENS} recent "
+                  "tokens; dashed: probes alone)")
+    ax.set_ylabel("top-1 containment")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     reexec_with_openblas([__file__, *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,6 +279,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="positions per domain")
     parser.add_argument("--budgets", default="115,176,268", help="probe budgets, comma-separated")
     parser.add_argument("--states", type=Path, help="cache the per-position measurements here")
+    parser.add_argument("--curve", type=Path, help="plot containment per domain to this PNG")
     args = parser.parse_args()
     model, tokenizer, head = load_head(args.model)
     fingerprint = model_fingerprint(Path(args.model))
@@ -235,6 +303,9 @@ def main() -> None:
     short = shortlist(tokenizer, model, fingerprint, max(SHORTLIST))
     budgets = [int(b) for b in args.budgets.split(",")]
     table(head, domains, short, budgets)
+    needed(head, domains)
+    if args.curve:
+        curve_plot(head, domains, args.curve, f"{Path(args.model).name}, {args.split} split")
 
 
 if __name__ == "__main__":

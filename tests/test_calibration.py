@@ -62,7 +62,9 @@ def test_calibration_prompts_are_no_suite_prompts_and_follow_the_seed():
 
 
 def test_mix_budget():
-    assert calibration_mix.mix_budget(16384) == {"chat": 4096, "code": 4096, "prose": 8192}
+    assert calibration_mix.mix_budget(16384) == {
+        "chat": 4096, "code": 4096, "languages": 2048, "prose": 6144
+    }
     assert calibration_mix.mix_budget(10, {"a": 1, "b": 1, "c": 1}) == {"a": 3, "b": 3, "c": 4}
     with pytest.raises(ValueError, match="calibration mix"):
         calibration_mix.mix_budget(0)
@@ -83,8 +85,9 @@ def test_mix_is_deterministic_for_a_seed(chat_source, capsys):
         patch.setattr(calibration_mix, "CALIBRATION_REPLIES", 1)
         patch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 4)
         short = calibration_mix.mix_hidden_states(model, tokenizer, 96, seed=0)
-    assert short.shape == (96, 64)  # one reply of 4 positions, 24 of code, the novel's 68
-    assert "68 positions of prose" in capsys.readouterr().out.splitlines()[-1]
+    # One reply of 4 positions, 24 of code, 12 of continuations, the novel's 56.
+    assert short.shape == (96, 64)
+    assert "56 positions of prose" in capsys.readouterr().out.splitlines()[-1]
     # Without a chat template the other sources share the replies' positions.
     tokenizer._tokenizer.chat_template = None
     assert calibration_mix.mix_hidden_states(model, tokenizer, 96).shape == (96, 64)

@@ -2,6 +2,7 @@
 checks it makes, and mlx-lm's own Metal kernels against their MLX references."""
 
 import importlib.util
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -18,12 +19,12 @@ from flashhead_mlx.testing.metal_emulator import (
 
 def run(source, inputs, output_shapes, output_dtypes, grid, threadgroup, header="", template=None,
         init_value=None, shuffle=False, seed=0, ensure_row_contiguous=True, atomic_outputs=False,
-        input_names=None, output_names=None):
+        input_names=None, output_names=None, mode=None, msl="3.2"):
     """Compile and run a one-off kernel; the inputs are named x, y, z, ... unless named."""
     input_names = input_names or ["x", "y", "z", "u", "v"][: len(inputs)]
     output_names = output_names or [f"out{i}" for i in range(len(output_shapes))]
     kernel = metal_kernel("test", input_names, output_names, source, header, ensure_row_contiguous,
-                          atomic_outputs, shuffle=shuffle, seed=seed)
+                          atomic_outputs, shuffle=shuffle, seed=seed, mode=mode, msl=msl)
     outputs = kernel(inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
                      grid=grid, threadgroup=threadgroup, template=template, init_value=init_value)
     return [np.array(o.astype(mx.float32) if o.dtype == mx.bfloat16 else o) for o in outputs]
@@ -68,7 +69,7 @@ def test_source_matches_mlx_generated_source(tmp_path, capfd, atomic_outputs):
     assert emulated.cpp_source(inputs, call["output_dtypes"], call["template"])[0] == expected
 
 
-def test_rewrite_threadgroup_shares_declarations_only():
+def test_rewrite_threadgroup_places_declarations_only():
     source = """
     inline float f(threadgroup float* a, const threadgroup uint& n) { return a[n]; }
     threadgroup float buf[2][32];
@@ -77,13 +78,17 @@ def test_rewrite_threadgroup_shares_declarations_only():
     threadgroup_barrier(mem_flags::mem_threadgroup); // threadgroup memory
     """
     rewritten = rewrite_threadgroup(source)
-    assert "static float buf[2][32];" in rewritten
-    assert "static atomic_uint count;" in rewritten
+    assert "typedef float emu_type_buf[2][32]; emu_type_buf& buf = " in rewritten
+    assert "typedef atomic_uint emu_type_count; emu_type_count& count = " in rewritten
+    assert rewritten.count("emu::threadgroup_memory(") == 2
+    assert rewritten.count("\n") == source.count("\n")
     assert "threadgroup float* a, const threadgroup uint& n" in rewritten
     assert "(threadgroup float*)buf" in rewritten
     assert "threadgroup_barrier(mem_flags::mem_threadgroup);" in rewritten
     with pytest.raises(EmulatorError, match="threadgroup declaration"):
         rewrite_threadgroup("threadgroup float (buf)[4];")
+    with pytest.raises(EmulatorError, match="initializer"):
+        rewrite_threadgroup("threadgroup float total = 0;")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,14 +419,16 @@ def test_shuffled_order_exposes_a_missing_barrier():
 
 def test_emulate_patches_metal_and_restores_it():
     factory, available = mx.fast.metal_kernel, mx.metal.is_available
-    with emulate(shuffle=True, seed=3):
+    with emulate(shuffle=True, seed=3, mode="check") as launches:
         source = "uint i = thread_position_in_grid.x; out0[i] = 2 * x[i];"
         kernel = mx.fast.metal_kernel(name="k", input_names=["x"], output_names=["out0"],
                                       source=source)
         assert mx.metal.is_available() and kernel.shuffle and kernel.seed == 3
+        assert kernel.mode == "check" and launches == []
         (out,) = kernel(inputs=[mx.arange(4.0)], output_shapes=[(4,)], output_dtypes=[mx.float32],
                         grid=(4, 1, 1), threadgroup=(4, 1, 1))
         np.testing.assert_array_equal(np.array(out), [0, 2, 4, 6])
+        assert launches == ["k"]
     assert mx.fast.metal_kernel is factory and mx.metal.is_available is available
 
 
@@ -429,7 +436,8 @@ def test_emulate_patches_metal_and_restores_it():
 # What fails loudly
 
 
-def expect_error(match, source, inputs=None, grid=(64, 1, 1), threadgroup=(64, 1, 1), **kwargs):
+def expect_error(match, source, inputs=None, grid=(64, 1, 1), threadgroup=(64, 1, 1),
+                 **kwargs):
     inputs = inputs or [mx.arange(64, dtype=mx.float32)]
     with pytest.raises(EmulatorError, match=match):
         run(source, inputs, [(64,)], [mx.float32], grid, threadgroup, **kwargs)
@@ -437,12 +445,12 @@ def expect_error(match, source, inputs=None, grid=(64, 1, 1), threadgroup=(64, 1
 
 def test_read_past_the_end_of_an_input():
     expect_error("0 bytes past the end of input 'x'",
-                 "uint i = thread_position_in_grid.x; out0[i] = x[i + 1];")
+                 "uint i = thread_position_in_grid.x; out0[i] = x[i + 1];", mode="fast")
 
 
 def test_write_past_the_end_of_an_output():
     expect_error("past the end of output 'out0'",
-                 "uint i = thread_position_in_grid.x; out0[i + 4] = 1.0f;")
+                 "uint i = thread_position_in_grid.x; out0[i + 4] = 1.0f;", mode="fast")
 
 
 def test_barrier_not_reached_by_every_thread():
@@ -474,6 +482,8 @@ def test_unsupported_metal_fails_to_compile():
 
 def test_threadgroup_larger_than_metal_allows():
     expect_error("at most 1024", "out0[0] = 0;", grid=(2048, 1, 1), threadgroup=(2048, 1, 1))
+    # MLX checks the threadgroup as given, also when the grid is smaller.
+    expect_error("at most 1024", "out0[0] = 0;", grid=(64, 1, 1), threadgroup=(64, 32, 1))
 
 
 def test_spin_wait_times_out(monkeypatch):
@@ -486,15 +496,195 @@ def test_spin_wait_times_out(monkeypatch):
             atomic_outputs=True)
 
 
+def test_threadgroup_memory_limit():
+    expect_error("32784 bytes declared .*Metal allows 32768", """
+        threadgroup float a[4096];
+        threadgroup uint b[4100];
+        a[thread_index_in_threadgroup] = 0;
+        b[thread_index_in_threadgroup] = 0;
+        out0[thread_position_in_grid.x] = 1.0f;
+    """)
+    (out,) = run("threadgroup float a[8192]; a[thread_index_in_threadgroup] = 1.0f;"
+                 "out0[thread_position_in_grid.x] = a[thread_index_in_threadgroup];",
+                 [mx.zeros((1,))], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    assert (out == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of the "check" and "sanitize" modes, and MSL 3.1, each on a broken kernel
+
+
+def test_threadgroup_memory_is_per_threadgroup_and_poisoned():
+    """Threads >= 32 read what nobody wrote: 0xff bytes (NaN) in every threadgroup, also when
+    threadgroups interleave; the checking mode names the read."""
+    source = """
+        threadgroup float buf[64];
+        uint t = thread_index_in_threadgroup, i = thread_position_in_grid.x;
+        if (t < 32) { buf[t] = x[i]; }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out0[i] = buf[t];
+    """
+    x = np.arange(256, dtype=np.float32)
+    args = ([mx.array(x)], [(256,)], [mx.float32], (256, 1, 1), (64, 1, 1))
+    for shuffle in (False, True):
+        (out,) = run(source, *args, shuffle=shuffle, mode="fast")
+        written = np.arange(256) % 64 < 32
+        np.testing.assert_array_equal(out[written], x[written])
+        assert np.isnan(out[~written]).all()
+    with pytest.raises(EmulatorError, match="uninitialised threadgroup memory: threadgroup 0 "
+                                            "thread 32 reads byte 128 of 'buf'"):
+        run(source, *args, mode="check")
+
+
+def test_shuffle_interleaves_threadgroups():
+    """Each threadgroup counts the threadgroups that started before it finished its barrier:
+    1 when they run one after the other, more when they interleave."""
+    source = """
+        device atomic_uint* started = &out0[0];
+        device atomic_uint* count = &out0[1 + threadgroup_position_in_grid.x];
+        bool first = thread_index_in_threadgroup == 0;
+        if (first) {
+            uint before = atomic_fetch_add_explicit(started, 1u, memory_order_relaxed);
+            atomic_store_explicit(count, before, memory_order_relaxed);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (first) {
+            uint now = atomic_load_explicit(started, memory_order_relaxed);
+            uint before = atomic_load_explicit(count, memory_order_relaxed);
+            atomic_store_explicit(count, now - before, memory_order_relaxed);
+        }
+    """
+    args = ([mx.zeros((1,))], [(17,)], [mx.uint32], (16 * 64, 1, 1), (64, 1, 1))
+    (ordered,) = run(source, *args, init_value=0, atomic_outputs=True)
+    np.testing.assert_array_equal(ordered[1:], 1)
+    (shuffled,) = run(source, *args, init_value=0, atomic_outputs=True, shuffle=True, seed=1)
+    assert shuffled[0] == 16 and (shuffled[1:] >= 1).all() and (shuffled[1:] > 1).any()
+
+
+def test_check_catches_a_race_on_threadgroup_memory():
+    """Every thread adds to one threadgroup float: lost updates on a GPU."""
+    source = """
+        threadgroup float total[1];
+        if (thread_index_in_threadgroup == 0) { total[0] = 0.0f; }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        total[0] += x[thread_position_in_grid.x];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out0[thread_position_in_grid.x] = total[0];
+    """
+    (out,) = run(source, [mx.ones((64,))], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1),
+                 mode="fast")
+    assert (out == 64).all()  # runs here without the check
+    expect_error("data race on threadgroup memory: threadgroup 0 thread 1 reads byte 0 of "
+                 "'total' .*which threadgroup 0 thread 0 wrote between the same barriers",
+                 source, mode="check")
+
+
+def test_check_catches_a_missing_barrier():
+    """Each thread reads its neighbour's value, then overwrites its own without waiting for the
+    neighbour to have read it."""
+    source = """
+        threadgroup float buf[64];
+        uint t = thread_index_in_threadgroup, i = thread_position_in_grid.x;
+        buf[t] = x[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float v = buf[(t + 1) % 64];
+        {barrier}
+        buf[t] = 2.0f * v;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out0[i] = buf[(t + 1) % 64];
+    """
+    racy = source.replace("{barrier}", "")
+    expect_error("data race on threadgroup memory: threadgroup 0 thread 1 writes byte 4 of "
+                 "'buf'.*which threadgroup 0 thread 0 read between the same barriers", racy,
+                 mode="check")
+    correct = source.replace("{barrier}", "threadgroup_barrier(mem_flags::mem_threadgroup);")
+    (out,) = run(correct, [mx.arange(64, dtype=mx.float32)], [(64,)], [mx.float32], (64, 1, 1),
+                 (64, 1, 1), mode="check", shuffle=True)
+    np.testing.assert_array_equal(out, 2 * ((np.arange(64) + 2) % 64))
+
+
+def test_check_catches_races_on_an_output():
+    racy = """
+        if (thread_index_in_threadgroup == 0) { out0[0] = threadgroup_position_in_grid.x; }
+    """
+    with pytest.raises(EmulatorError, match="data race on device memory: threadgroup 1 thread 0 "
+                                            "writes byte 0 of output 'out0'.*in the same dispatch"):
+        run(racy, [mx.zeros((1,))], [(1,)], [mx.uint32], (128, 1, 1), (64, 1, 1), mode="check")
+    within = "out0[thread_index_in_threadgroup / 2] = thread_index_in_threadgroup;"
+    with pytest.raises(EmulatorError, match="threadgroup 0 thread 1 writes byte 0 of output "
+                                            "'out0'.*thread 0 wrote between the same barriers"):
+        run(within, [mx.zeros((1,))], [(32,)], [mx.uint32], (64, 1, 1), (64, 1, 1), mode="check")
+    atomic = """
+        if (thread_index_in_threadgroup == 0) {
+            uint g = threadgroup_position_in_grid.x;
+            atomic_fetch_add_explicit(&out0[0], g + 1, memory_order_relaxed);
+        }
+    """
+    (out,) = run(atomic, [mx.zeros((1,))], [(1,)], [mx.uint32], (128, 1, 1), (64, 1, 1),
+                 init_value=0, atomic_outputs=True, mode="check")
+    assert out[0] == 3
+
+
+OUT_OF_BOUNDS = {
+    "device": "uint i = thread_position_in_grid.x; out0[i] = x[int(i) - 1];",
+    "threadgroup": """
+        threadgroup float buf[64];
+        threadgroup float* next = buf + 1;
+        uint t = thread_index_in_threadgroup;
+        buf[t] = x[t];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out0[t] = next[t];
+    """,
+}
+
+
+@pytest.mark.parametrize("memory,mode,match", [
+    ("device", "check", "4 bytes before the start of input 'x'"),
+    ("device", "sanitize", "AddressSanitizer: heap-buffer-overflow.*kernel.metal:"),
+    ("threadgroup", "check", "threadgroup memory: 0 bytes past the end of 'buf'"),
+    ("threadgroup", "sanitize", "AddressSanitizer: use-after-poison.*kernel.metal:"),
+])
+def test_out_of_bounds_reads(memory, mode, match):
+    with pytest.raises(EmulatorError, match=f"(?s){match}"):
+        run(OUT_OF_BOUNDS[memory], [mx.arange(64, dtype=mx.float32)], [(64,)], [mx.float32],
+            (64, 1, 1), (64, 1, 1), mode=mode)
+
+
+def test_sanitize_runs_a_kernel_and_catches_undefined_behaviour():
+    source = """
+        uint i = thread_position_in_grid.x;
+        out0[i] = simd_sum(x[i]) + float(y[i] << {shift});
+    """
+    x, y = mx.arange(64, dtype=mx.float32), mx.arange(64, dtype=mx.int32)
+    args = ([x, y], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    (out,) = run(source.replace("{shift}", "3"), *args, mode="sanitize")
+    sums = np.repeat([np.arange(32).sum(), np.arange(32, 64).sum()], 32)
+    np.testing.assert_array_equal(out, sums + 8 * np.arange(64))
+    with pytest.raises(EmulatorError, match="runtime error: shift exponent 40"):
+        run(source.replace("{shift}", "(i + 40)"), *args, mode="sanitize")
+
+
+def test_msl_3_1_has_no_atomic_thread_fence():
+    source = """
+        atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+        out0[thread_position_in_grid.x] = 1.0f;
+    """
+    (out,) = run(source, [mx.zeros((1,))], [(4,)], [mx.float32], (4, 1, 1), (4, 1, 1), msl="3.2")
+    assert (out == 1).all()
+    expect_error("atomic_thread_fence is MSL 3.2", source, msl="3.1")
+
+
 # ---------------------------------------------------------------------------------------------
 # mlx-lm's Metal kernels (nobody here wrote them) against MLX references
 
 
 def load_emulated(module: str, **options):
-    """A fresh copy of an mlx-lm module whose kernels were made by the emulator."""
+    """A fresh copy of an mlx-lm module whose kernels were made by the emulator: as MSL 3.1 (they
+    run on macOS 14), in the checking mode unless FLASHHEAD_EMULATOR_MODE chooses one."""
     spec = importlib.util.find_spec(module)
     copy = importlib.util.module_from_spec(spec)
-    with emulate(**options):
+    options.setdefault("mode", os.environ.get("FLASHHEAD_EMULATOR_MODE", "check"))
+    with emulate(msl="3.1", **options):
         spec.loader.exec_module(copy)
     return copy
 

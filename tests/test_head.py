@@ -11,6 +11,7 @@ from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, union_clusters
 from flashhead_mlx.kernels.cluster_argmax import DENSE_PROBE_RATIO
 from flashhead_mlx.sampling import sampling_logits
+from flashhead_mlx.transform import softcap
 
 VOCAB, DIMS, CLUSTER = 1000, 64, 16  # 63 clusters, 8 padding slots
 
@@ -25,12 +26,12 @@ def clusters(weight):
     return make_clusters(weight, CLUSTER)
 
 
-def make_head(weight, clusters, quantized=False, n_probes=8, centroid_bits=4, softcap=None):
+def make_head(weight, clusters, quantized=False, n_probes=8, centroid_bits=4, cap=None):
     assets = make_assets(clusters, n_probes, centroid_bits=centroid_bits)
     if not quantized:
-        return FlashHead(assets, mx.array(weight), softcap=softcap), weight
+        return FlashHead(assets, mx.array(weight), transform=softcap(cap)), weight
     packed, scales, biases = mx.quantize(mx.array(weight), 32, 4)
-    head = FlashHead(assets, packed, scales, biases, group_size=32, bits=4, softcap=softcap)
+    head = FlashHead(assets, packed, scales, biases, group_size=32, bits=4, transform=softcap(cap))
     return head, np.array(mx.dequantize(packed, scales, biases, 32, 4))
 
 
@@ -143,10 +144,10 @@ def test_batch_rows_get_their_own_probes(weight, clusters, path):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_batch_paths_match_single_rows(weight, clusters, quantized, softcap):
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_batch_paths_match_single_rows(weight, clusters, quantized, cap):
     """Rows that share some clusters and not others, and more rows than the union can hold."""
-    head, _ = make_head(weight, clusters, quantized, n_probes=8, softcap=softcap)
+    head, _ = make_head(weight, clusters, quantized, n_probes=8, cap=cap)
     h = hidden(weight, 12)
     h[6:] = h[:6] + np.random.default_rng(2).normal(0, 0.3, h[:6].shape)  # neighbours
     assert_batch_matches_single_rows(head, mx.array(h), [None, *BATCH_PATHS])
@@ -203,7 +204,7 @@ def test_embedding_lookup_is_unchanged(weight, clusters, quantized):
 
 
 def test_softcap(weight, clusters):
-    head, rows = make_head(weight, clusters, softcap=3.0)
+    head, rows = make_head(weight, clusters, cap=3.0)
     h = hidden(weight, 2)
     capped = np.tanh(h @ rows.T / 3.0) * 3.0
     dense = np.array(head.dense_logits(mx.array(h)))

@@ -7,11 +7,12 @@ import pytest
 
 from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
-from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS
+from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS, _centroid_topk_metal
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx import transform
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels._common import order_key
-from flashhead_mlx.testing.metal_emulator import emulate
+from flashhead_mlx.testing.metal_emulator import EmulatorError, emulate
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 QUANTIZED = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
@@ -30,14 +31,31 @@ def grid(shapes):
     ]
 
 
-def both_paths(fn, *args, shuffle=False, seed=0, **kwargs):
-    """fn's results through the Metal kernel (emulated) and through the pure-MLX path."""
-    with emulate(shuffle=shuffle, seed=seed):
+def both_paths(fn, *args, shuffle=False, seed=0, mode=None, msl="3.2", **kwargs):
+    """fn's results through its Metal kernel (emulated with these options, forced with
+    FLASHHEAD_KERNELS=metal, and checked to have run) and through the pure-MLX path."""
+    with emulate(shuffle=shuffle, seed=seed, mode=mode, msl=msl) as launches, \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHHEAD_KERNELS", "metal")
         metal = [np.array(a) for a in fn(*args, **kwargs)]
+    assert launches == [fn.__name__], f"{fn.__name__} launched {launches}, not its kernel"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLASHHEAD_KERNELS", "mlx")
         reference = [np.array(a) for a in fn(*args, **kwargs)]
     return metal, reference
+
+
+def assert_same_choice(a, b, value, tol) -> np.ndarray:
+    """a and b (ids ``[rows, k]``: greedy tokens, probed clusters) are the same sets per row but
+    for near-ties: where they differ, the differing ids' exact values ``value[row, id]`` lie
+    within ``2 * tol[row]`` of each other, a tie that another summation order (a GPU's) may
+    break the other way. Returns the rows where they agree."""
+    a, b = (np.asarray(x).reshape(len(value), -1) for x in (a, b))
+    same = np.array([set(x) == set(y) for x, y in zip(a, b)])
+    for row in np.nonzero(~same)[0]:
+        differ = value[row, np.setxor1d(a[row], b[row]).astype(np.int64)]
+        assert differ.max() - differ.min() <= 2 * tol[row], f"row {row}: {a[row]} vs {b[row]}"
+    return same
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -219,6 +237,20 @@ def test_centroid_topk_is_the_same_in_any_thread_order():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("n_probes", [0, 71])
+def test_centroid_topk_validates_n_probes(n_probes):
+    h, centroids, scales, biases, cluster_bias = centroid_case(0, 2, 64, 70, mx.float32, 4, 64)
+    for kernels in ("metal", "mlx"):
+        with emulate(), pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FLASHHEAD_KERNELS", kernels)
+            with pytest.raises(ValueError, match="1..70"):
+                centroid_topk(h, centroids, scales, biases, cluster_bias, n_probes, 64, 4)
+    # Without the check, the kernel's selection would read threadgroup memory nobody wrote.
+    with emulate(mode="check"), pytest.raises(EmulatorError, match="uninitialised threadgroup "
+                                                                  "memory.*'buf'"):
+        _centroid_topk_metal(h, centroids, scales, biases, cluster_bias, n_probes, 64, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # cluster_argmax
 
@@ -283,9 +315,9 @@ def test_cluster_argmax_matches_reference(seed, dtype, bits, group_size, shape):
     B, d, vocab_size, cluster_size, n_probes = shape
     softcap = 30.0 if seed % 2 else None
     case = head_case(seed, B, d, vocab_size, cluster_size, n_probes, dtype, bits, group_size)
-    args = (*case, cluster_size, group_size, bits, softcap)
-    metal, reference = both_paths(cluster_argmax, *args)
-    exact, bound, tokens = reference_logits(*args)
+    args = (*case, cluster_size, group_size, bits)
+    metal, reference = both_paths(cluster_argmax, *args, transform.softcap(softcap))
+    exact, bound, tokens = reference_logits(*args, softcap)
     for token, logits in (metal, reference):
         assert token.shape == (B,) and logits.shape == (B, n_probes * cluster_size)
         check_argmax(token, logits, exact, bound, tokens)
@@ -347,7 +379,7 @@ def test_cluster_argmax_ties_go_to_the_lowest_token_and_never_to_padding(dtype, 
 
 def test_cluster_argmax_is_the_same_in_any_thread_order():
     case = head_case(2, 3, 64, 900, 16, 19, mx.float16, 8, 64)
-    args = (*case, 16, 64, 8, 30.0)
+    args = (*case, 16, 64, 8, transform.softcap(30.0))
     ordered, _ = both_paths(cluster_argmax, *args)
     for seed in range(2):
         shuffled, _ = both_paths(cluster_argmax, *args, shuffle=True, seed=seed)
@@ -408,12 +440,11 @@ def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, 
     rng = np.random.default_rng(cluster_size)
     weight = rng.normal(size=(900, 64)).astype(np.float32)
     assets = make_assets(make_clusters(weight, cluster_size), 7, centroid_bits=centroid_bits)
-    rows = mx.array(weight).astype(dtype)
+    stored = store(weight, dtype, bits, group_size)
     if bits is None:
-        head = FlashHead(assets, rows, softcap=softcap)
+        head = FlashHead(assets, stored[0], transform=transform.softcap(softcap))
     else:
-        packed, scales, biases = mx.quantize(rows, group_size=group_size, bits=bits)
-        head = FlashHead(assets, packed, scales, biases, group_size, bits, softcap=softcap)
+        head = FlashHead(assets, *stored, group_size, bits, transform=transform.softcap(softcap))
     # Near some head rows, so that the best candidates stand out; leading dimensions [2, 3].
     h = 2 * weight[rng.integers(0, 900, 6)] + rng.normal(size=(6, 64))
     h = mx.array(h.astype(np.float32)).astype(dtype).reshape(2, 3, 64)
@@ -422,13 +453,10 @@ def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, 
         return [np.array(a) for a in (head.greedy(h), *head.candidates(h), head.probe(h),
                                       head.probe(h, head.cluster_scores(h)))]
 
-    made = []
-    with emulate(), pytest.MonkeyPatch.context() as mp:
+    with emulate() as launches, pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLASHHEAD_KERNELS", "metal")
-        factory = mx.fast.metal_kernel
-        mp.setattr(mx.fast, "metal_kernel", lambda **kw: made.append(kw["name"]) or factory(**kw))
         metal = run()
-    assert sorted(set(made)) == ["centroid_topk", "cluster_argmax"]
+    assert sorted(set(launches)) == ["centroid_topk", "cluster_argmax"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLASHHEAD_KERNELS", "mlx")
         reference = run()
@@ -441,10 +469,57 @@ def test_flashhead_gives_the_same_tokens_on_both_paths(dtype, bits, group_size, 
         np.testing.assert_array_equal(probes, scored_probes)
         best = logits == logits.max(axis=-1, keepdims=True)
         np.testing.assert_array_equal(greedy, np.where(best, tokens, 1 << 30).min(axis=-1))
-    for a, b in zip(metal[:2] + metal[3:], reference[:2] + reference[3:]):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(np.isinf(metal[2]), np.isinf(reference[2]))
-    np.testing.assert_allclose(metal[2], reference[2], rtol=1e-5, atol=1e-5)
+    # The same tokens and probes, up to near-ties in the exact logits and the clusters' scores.
+    x = as64(h).reshape(6, 64)
+    exact_rows, magnitude = rows64(*stored, group_size, bits)
+    exact, tol = x @ exact_rows.T, 1e-5 * (np.abs(x) @ magnitude.T) + 1e-5
+    if softcap:
+        exact = np.tanh(exact / softcap) * softcap
+    scores = np.array(head.cluster_scores(h), dtype=np.float64).reshape(6, -1)
+    assert_same_choice(metal[0], reference[0], exact, tol.max(axis=-1))
+    same = assert_same_choice(metal[3], reference[3], scores, 1e-5 * np.abs(scores).max(-1) + 1e-5)
+    (tokens, logits), (ref_tokens, ref_logits) = (
+        [a.reshape(6, -1)[same] for a in path[1:3]] for path in (metal, reference))
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_array_equal(np.isinf(logits), np.isinf(ref_logits))
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator's checks (tests/test_emulator.py) on one small shape per kernel; the whole file
+# runs in one mode with FLASHHEAD_EMULATOR_MODE=check (or sanitize)
+
+
+def small_cases():
+    """A small stage-1 and stage-2 call (4-bit, bfloat16) and their checks."""
+    stage1 = (*centroid_case(1, 2, 64, 70, mx.bfloat16, 4, 32), 9, 32, 4)
+    rows, magnitude = rows64(*stage1[1:4], 32, 4)
+    exact = as64(stage1[0]) @ rows.T + as64(stage1[4])
+    bound = np.abs(as64(stage1[0])) @ magnitude.T + np.abs(as64(stage1[4]))
+    stage2 = (*head_case(2, 2, 64, 300, 16, 11, mx.bfloat16, 4, 32), 16, 32, 4)
+    return [
+        (centroid_topk, stage1, lambda ids, scores: check_topk(ids, scores, exact, bound, 9)),
+        (cluster_argmax, (*stage2, transform.softcap(30.0)),
+         lambda token, logits: check_argmax(token, logits, *reference_logits(*stage2, 30.0))),
+    ]
+
+
+@pytest.mark.parametrize("kernel", [0, 1], ids=["centroid_topk", "cluster_argmax"])
+@pytest.mark.parametrize("mode,shuffle", [("check", True), ("sanitize", False)])
+def test_kernels_pass_the_emulator_checks(kernel, mode, shuffle):
+    fn, args, check = small_cases()[kernel]
+    metal, _ = both_paths(fn, *args, mode=mode, shuffle=shuffle, seed=3)
+    check(*metal)
+
+
+@pytest.mark.xfail(raises=EmulatorError, strict=True,
+                   reason="issue 16 item 1: atomic_thread_fence(thread_scope_device) is MSL 3.2; "
+                          "MLX compiles custom kernels as MSL 3.1 on macOS 14")
+@pytest.mark.parametrize("kernel", [0, 1], ids=["centroid_topk", "cluster_argmax"])
+def test_kernels_compile_as_msl_3_1(kernel):
+    fn, args, check = small_cases()[kernel]
+    metal, _ = both_paths(fn, *args, msl="3.1")
+    check(*metal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,4 +559,26 @@ def test_kernels_on_real_hidden_states_and_heads(model_name, request):
         exact2, bound2, tokens2 = reference_logits(*args)
         for token, logits in (metal2, reference2):
             check_argmax(token, logits, exact2, bound2, tokens2)
-        np.testing.assert_array_equal(metal2[0], reference2[0])
+        by_token = np.full((len(tokens2), int(tokens2.max()) + 1), -np.inf)
+        for row, (ids, values) in enumerate(zip(tokens2, exact2)):
+            by_token[row, ids[ids >= 0]] = values[ids >= 0]
+        tol = 1e-5 * bound2.max(axis=-1) + 1e-5
+        assert_same_choice(metal2[0][:, None], reference2[0][:, None], by_token, tol)
+
+
+@pytest.mark.parametrize("kind,value", [("softcap", 3.0), ("multiply", 0.0625), ("divide", 8.0)])
+def test_cluster_argmax_applies_the_transform(kind, value):
+    """On both paths, a transform's logits are the transform of the untransformed ones (padding
+    slots -inf, not a softcap's -c), and the greedy token is their argmax."""
+    case = head_case(3, 4, 64, 700, 16, 9, mx.float32, 4, 32)
+    args = (*case, 16, 32, 4)
+    f = transform.Transform(kind, value)
+    plain = both_paths(cluster_argmax, *args)
+    transformed = both_paths(cluster_argmax, *args, f)
+    for (_, logits), (token, capped) in zip(plain, transformed):
+        expected = np.where(np.isneginf(logits), -np.inf, np.array(f(mx.array(logits))))
+        np.testing.assert_allclose(capped, expected, rtol=1e-6, atol=1e-6)  # padding stays -inf
+        tokens = np.array(case[-1])[np.array(case[1])[..., None] * 16 + np.arange(16)]
+        tokens = tokens.reshape(len(token), -1)
+        best = [row_tokens[r == r.max()].min() for row_tokens, r in zip(tokens, capped)]
+        np.testing.assert_array_equal(token, best)

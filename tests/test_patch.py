@@ -271,5 +271,5 @@ def test_unsupported_architecture():
     class Model(nn.Module):
         pass
 
-    with pytest.raises(ValueError, match="'test_patch' architecture"):
+    with pytest.raises(ValueError, match="cannot serve the head of test_patch: its forward pass"):
         apply_flashhead(Model(), {})

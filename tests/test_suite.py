@@ -19,7 +19,11 @@ from conftest import make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import evaluate, flash_head, suite
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.calibration import CALIBRATION_TEXT, TUNING_TEXT
-from flashhead_mlx.calibration_mix import CALIBRATION_CODE, CALIBRATION_PROMPTS
+from flashhead_mlx.calibration_mix import (
+    CALIBRATION_CODE,
+    CALIBRATION_OPENINGS,
+    CALIBRATION_PROMPTS,
+)
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.metrics import (
     evaluate as evaluate_head,
@@ -79,13 +83,14 @@ def held_out_paragraphs():
 
 
 def test_held_out_text_is_not_in_dev_calibration_or_tuning_text():
-    """Nor in any source of the calibration mix (novel, code, prompts)."""
+    """Nor in any source of the calibration mix (novel, code, prompts, openings)."""
     dev = "\n".join((suite.SUITE_DIR / n).read_text() for n in entries("dev"))
     others = {
         "dev": dev,
         "calibration": CALIBRATION_TEXT.read_text(),
         "calibration code": CALIBRATION_CODE.read_text(),
         "calibration prompts": CALIBRATION_PROMPTS.read_text(),
+        "calibration openings": CALIBRATION_OPENINGS.read_text(),
         "tuning": TUNING_TEXT.read_text(),
     }
     checked = 0
@@ -105,6 +110,9 @@ def test_held_out_prompts_and_sources_are_not_in_dev():
     assert len(held_out) >= 100 and not dev & held_out
     calibration = {" ".join(p.lower().split()) for p in suite.read_prompts([CALIBRATION_PROMPTS])}
     assert len(calibration) >= 80 and not calibration & held_out
+    every_text = "\n".join((suite.SUITE_DIR / n).read_text() for n in FILES)
+    openings = suite.read_prompts([CALIBRATION_OPENINGS])
+    assert len(openings) >= 40 and not [o for o in openings if o in every_text]
     for domain in {e["domain"] for e in FILES.values()}:
         dev_origins = {o for e in entries("dev", domain).values() for o in e["origins"]}
         held_origins = {o for e in entries("held-out", domain).values() for o in e["origins"]}
@@ -245,6 +253,39 @@ def test_chat_replies_are_mlx_lms_dense_greedy_generation(chat_model, tmp_path, 
     for end, stop in zip(np.cumsum(counts), stopped):
         mask[end - 1] = not stop  # that position predicts the stop token
     assert argmax[mask].tolist() == [t for reply in replies for t in reply]
+
+
+def test_plain_continuations_are_mlx_lms_dense_greedy_generation(chat_model, tmp_path):
+    """The calibration's ``languages`` source: continuations of plain text, cached apart from
+    the chat replies to the same prompts."""
+    import mlx_lm
+    from flashhead_mlx.metrics import load_head
+    from flashhead_mlx.model_head import head_module, head_rows
+
+    source, converted = chat_model
+    lm, tokenizer, _ = load_head(str(converted))
+    fingerprint = suite.model_fingerprint(converted)
+    plain = suite.plain_prompt_tokens
+    suite.dense_replies(lm, tokenizer, PROMPTS, fingerprint, 12, tmp_path)
+    replies, stopped = suite.dense_replies(
+        lm, tokenizer, PROMPTS, fingerprint, 12, tmp_path, prompt_tokens=plain
+    )
+    assert len(list((tmp_path / fingerprint).glob("*.json"))) == 2
+    dense, dense_tokenizer = mlx_lm.load(str(source))
+    for prompt, reply, stop in zip(PROMPTS, replies, stopped):
+        tokens = dense_tokenizer.encode(prompt)
+        expected = [
+            r.token for r in mlx_lm.stream_generate(dense, dense_tokenizer, tokens, max_tokens=12)
+        ]
+        if expected[-1] in dense_tokenizer.eos_token_ids:
+            expected = expected[:-1]
+        assert reply == expected and stop == (len(reply) < 12)
+    hidden = suite.chat_hidden_states(lm, tokenizer, PROMPTS, replies, stopped, prompt_tokens=plain)
+    weight = np.array(head_rows(head_module(dense)))
+    argmax = np.argmax(np.array(hidden) @ weight.T, axis=1)
+    starts = np.cumsum([0] + [len(r) + s for r, s in zip(replies, stopped)])[:-1]
+    for start, reply in zip(starts, replies):
+        assert argmax[start : start + len(reply)].tolist() == reply
 
 
 def run_eval(monkeypatch, capsys, *args) -> str:

@@ -35,13 +35,16 @@ def centroid_topk(
         centroids (mx.array): ``[n_clusters, d]`` floats, or packed ``[n_clusters, d * bits / 32]``.
         scales, biases (mx.array, optional): the packed centroids' quantization parameters.
         cluster_bias (mx.array): ``[n_clusters]``.
-        n_probes (int): clusters to keep, at most ``n_clusters``.
+        n_probes (int): clusters to keep, from 1 to ``n_clusters``.
         group_size (int): quantization group size. Default: ``64``.
         bits (int, optional): quantization bits, ``None`` for float centroids. Default: ``4``.
 
     Returns:
         The cluster ids ``[..., n_probes]`` (uint32, ascending) and their scores (float32).
     """
+    if not 1 <= n_probes <= centroids.shape[0]:
+        n_clusters = centroids.shape[0]
+        raise ValueError(f"n_probes must be in 1..{n_clusters} (the clusters), got {n_probes}")
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from ..transform import Transform, apply
 from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_metal
 
 # Probes (clusters) per threadgroup: one per SIMD group (see metal/cluster_argmax.metal).
@@ -36,7 +37,7 @@ def cluster_argmax(
     cluster_size: int,
     group_size: Optional[int] = None,
     bits: Optional[int] = None,
-    softcap: Optional[float] = None,
+    transform: Optional[Transform] = None,
     mode: str = "affine",
     path: Optional[str] = None,
 ) -> Tuple[mx.array, mx.array]:
@@ -52,7 +53,8 @@ def cluster_argmax(
             -1 for padding.
         cluster_size (int): rows per cluster.
         group_size, bits (int, optional): quantization of packed rows. Default: ``None``.
-        softcap (float, optional): final logit softcap ``tanh(x / c) * c``. Default: ``None``.
+        transform (Transform, optional): what the model does to the head's logits (a softcap, a
+            scale), applied to the scored ones. Default: ``None``.
         mode (str): quantization mode of packed rows; the kernel takes ``"affine"`` rows, the
             others (``"mxfp4"``, ...) take the pure-MLX path. Default: ``"affine"``.
         path (str, optional): one of :data:`BATCH_PATHS`; ``None``: ``"rows"`` where the Metal
@@ -68,7 +70,7 @@ def cluster_argmax(
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     probes = probes.reshape(h.shape[0], -1).astype(mx.uint32)
-    args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, softcap)
+    args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, transform)
     kernel_format = mode == "affine" and bits in KERNEL_BITS
     kernel = use_metal() and kernel_format and (bits is not None or h.shape[-1] % 4 == 0)
     if path is None:
@@ -158,15 +160,15 @@ def gathered_logits(x, clusters, weight, scales, biases, cluster_size, group_siz
 
 
 def _cluster_argmax_mlx(h, probes, weight, scales, biases, order, cluster_size, group_size, bits,
-                        softcap, mode):
+                        transform, mode):
     x = h.astype(mx.float32)[:, None, None, :]  # [B, 1, 1, d] against [B, n_probes] probes
     logits = gathered_logits(x, probes, weight, scales, biases, cluster_size, group_size, bits,
                               mode)
-    return _finish(logits.reshape(probes.shape[0], -1), probes, order, cluster_size, softcap)
+    return _finish(logits.reshape(probes.shape[0], -1), probes, order, cluster_size, transform)
 
 
 def _cluster_argmax_batch(h, probes, weight, scales, biases, order, cluster_size, group_size,
-                          bits, softcap, mode, dense):
+                          bits, transform, mode, dense):
     """The union path (or, with ``dense``, the dense one): every row against the union of the
     rows' clusters (every cluster), then each row takes its own clusters' logits."""
     x = h.astype(mx.float32)
@@ -178,22 +180,24 @@ def _cluster_argmax_batch(h, probes, weight, scales, biases, order, cluster_size
         logits = gathered_logits(x[None], union, weight, scales, biases, cluster_size,
                                   group_size, bits, mode).swapaxes(0, 1)  # [M, union, s]
     own = mx.take_along_axis(logits, positions[..., None].astype(mx.int32), axis=1)
-    return _finish(own.reshape(probes.shape[0], -1), probes, order, cluster_size, softcap)
+    return _finish(own.reshape(probes.shape[0], -1), probes, order, cluster_size, transform)
 
 
-def _finish(logits, probes, order, cluster_size, softcap):
-    """The softcap and the padding mask on the probed slots' logits ``[M, K * s]``, and the
+def _finish(logits, probes, order, cluster_size, transform):
+    """The transform and the padding mask on the probed slots' logits ``[M, K * s]``, and the
     greedy token."""
-    if softcap is not None:
-        logits = mx.tanh(logits / softcap) * softcap
+    logits = apply(transform, logits)
     tokens = slot_tokens(probes, order, cluster_size)
     logits = mx.where(tokens >= 0, logits, -mx.inf)
     return best_token(tokens, logits), logits
 
 
 def _cluster_argmax_metal(h, probes, weight, scales, biases, order, cluster_size, group_size,
-                          bits, softcap):
+                          bits, transform):
+    """The fused kernel, which applies a softcap itself; another transform is applied to its
+    logits after it, and the greedy token taken again from them."""
     B, n_probes = probes.shape
+    softcap = transform.value if transform is not None and transform.kind == "softcap" else None
     if scales is None:
         scales = biases = placeholder(weight.dtype)
     kernel = metal_kernel(
@@ -212,4 +216,7 @@ def _cluster_argmax_metal(h, probes, weight, scales, biases, order, cluster_size
         init_value=0,
     )[0]
     logits = out[:n_logits].view(mx.float32).reshape(B, -1)
+    if transform is not None and softcap is None:
+        logits = transform(logits)
+        return best_token(slot_tokens(probes, order, cluster_size), logits), logits
     return out[n_logits : n_logits + B].view(mx.int32), logits

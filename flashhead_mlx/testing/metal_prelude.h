@@ -7,6 +7,11 @@
 // yield to the scheduler. Anything not defined here fails to compile.
 #pragma once
 
+// The Metal Shading Language version the kernel is compiled as: 310 (MLX on macOS 14) or 320.
+#ifndef EMU_MSL
+#define EMU_MSL 320
+#endif
+
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -47,9 +52,13 @@ Lane* lane();
 const Grid* grid();
 void simd_wait();
 void barrier(Site site);
-void atomic_tick();
+void atomic_begin();  // an atomic operation starts (the checking mode tags its accesses)
+void atomic_end();
+// The storage of a threadgroup variable (declaration `tag`) in the running threadgroup.
+void* threadgroup_memory(const void* tag, size_t size, size_t align, const char* name, int line);
 [[noreturn]] void fail(const char* message);
-int launch(void (*entry)(), const int64_t* config, char* message, int message_size, void** fault);
+int launch(void (*entry)(), const int64_t* config, const int64_t* ranges, int n_ranges,
+           char* message, int message_size, void** fault);
 
 }  // namespace emu
 
@@ -62,8 +71,9 @@ int launch(void (*entry)(), const int64_t* config, char* message, int message_si
 #define EMU_HERE const char *file_ = __builtin_FILE(), int line_ = __builtin_LINE()
 #define EMU_SITE emu::Site{file_, line_}
 
-// Address spaces are plain memory. Threadgroup variables are made shared by the emulator,
-// which rewrites their declarations to `static` before compiling; as a qualifier it is empty.
+// Address spaces are plain memory. The emulator rewrites threadgroup variable declarations to
+// references into the running threadgroup's memory (emu::threadgroup_memory) before compiling;
+// as a qualifier `threadgroup` is empty.
 #define device
 #define constant
 #define thread
@@ -434,7 +444,7 @@ struct numeric_limits<bfloat16_t> {
 
 // ------------------------------------------------------------------------------------------
 // Atomics. Threads switch only at barriers and SIMD-group functions, so every atomic
-// operation is indivisible; atomic_tick() stops spin-waits, which would never end here.
+// operation is indivisible; atomic_begin() stops spin-waits, which would never end here.
 
 enum memory_order { memory_order_relaxed, memory_order_seq_cst };
 enum thread_scope {
@@ -457,27 +467,32 @@ typedef atomic<bool> atomic_bool;
 
 template <class T>
 EMU_INLINE T atomic_load_explicit(const atomic<T>* a, memory_order) {
-  emu::atomic_tick();
-  return a->value;
+  emu::atomic_begin();
+  T v = a->value;
+  emu::atomic_end();
+  return v;
 }
 template <class T, class U>
 EMU_INLINE void atomic_store_explicit(atomic<T>* a, U v, memory_order) {
-  emu::atomic_tick();
+  emu::atomic_begin();
   a->value = T(v);
+  emu::atomic_end();
 }
 template <class T, class U>
 EMU_INLINE T atomic_exchange_explicit(atomic<T>* a, U v, memory_order) {
-  emu::atomic_tick();
+  emu::atomic_begin();
   T old = a->value;
   a->value = T(v);
+  emu::atomic_end();
   return old;
 }
 #define EMU_ATOMIC_FETCH(name, expr)                                                         \
   template <class T, class U>                                                                 \
   EMU_INLINE T atomic_fetch_##name##_explicit(atomic<T>* a, U v_, memory_order) {            \
-    emu::atomic_tick();                                                                       \
+    emu::atomic_begin();                                                                      \
     T old = a->value, v = T(v_);                                                              \
     a->value = (expr);                                                                        \
+    emu::atomic_end();                                                                        \
     return old;                                                                               \
   }
 EMU_ATOMIC_FETCH(add, old + v)
@@ -491,15 +506,27 @@ EMU_ATOMIC_FETCH(min, v < old ? v : old)
 template <class T, class U>
 EMU_INLINE bool atomic_compare_exchange_weak_explicit(atomic<T>* a, T* expected, U desired,
                                                       memory_order, memory_order) {
-  emu::atomic_tick();
-  if (a->value == *expected) {
+  emu::atomic_begin();
+  bool swapped = a->value == *expected;
+  if (swapped) {
     a->value = T(desired);
-    return true;
+  } else {
+    *expected = a->value;
   }
-  *expected = a->value;
-  return false;
+  emu::atomic_end();
+  return swapped;
 }
+
+// Fences are no-ops: every access is sequentially consistent here. atomic_thread_fence is
+// MSL 3.2 (macOS 15); MLX compiles custom kernels as MSL 3.1 on macOS 14 (EMU_MSL = 310).
+#if EMU_MSL >= 320
 EMU_INLINE void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope_device) {}
+#else
+template <class... A>
+void atomic_thread_fence(A...) {
+  static_assert(sizeof...(A) > 99, "atomic_thread_fence is MSL 3.2 (macOS 15): not in MSL 3.1");
+}
+#endif
 
 }  // namespace metal
 
