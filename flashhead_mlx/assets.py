@@ -26,11 +26,13 @@ import numpy as np
 
 from .durable import folder_lock, fsync_path, kill_point, replace_text
 from .flashhead_format import (
+    CENTROID_BITS,
     FORMAT_VERSION,
     assets_file_name,
     assets_section,
     content_digest,
     read_assets,
+    read_config,
 )
 from .model_card import CARD_FILE
 from .model_head import head_module as find_head_module
@@ -42,7 +44,6 @@ LEGACY_ASSETS_FILE = "flashhead.safetensors"
 # and the format reader it runs (the whole variant: these files beside the config).
 MODEL_FILE = "flashhead_model.py"
 MODEL_FILES = (MODEL_FILE, "flashhead_format.py")
-CENTROID_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def is_assets_file(name: str) -> bool:
@@ -54,7 +55,7 @@ def is_assets_file(name: str) -> bool:
 def is_flashhead_folder(folder: Path) -> bool:
     """Whether ``folder``'s ``config.json`` has a ``flashhead`` section."""
     config = Path(folder) / "config.json"
-    return config.is_file() and "flashhead" in json.loads(config.read_text())
+    return config.is_file() and "flashhead" in read_config(folder)
 
 
 def head_fingerprint(module: nn.Module) -> str:
@@ -177,7 +178,7 @@ def write_assets(
     folder = Path(folder)
     config_path = folder / "config.json"
     with folder_lock(folder):
-        config = json.loads(config_path.read_text())
+        config = read_config(folder)
         _reclaim(folder, config)
         previous = (config.get("flashhead") or {}).get("assets_file", LEGACY_ASSETS_FILE)
         fd, stage = tempfile.mkstemp(prefix=".flashhead-", suffix=".safetensors", dir=folder)
@@ -260,7 +261,7 @@ def set_n_probes(folder, n_probes: int, mass_bias: mx.array) -> None:
     """Store a new default ``n_probes`` in a converted ``folder``, with the sampling mass offsets
     fitted for it (they depend on which clusters are probed), atomically (:func:`write_assets`)."""
     folder = Path(folder)
-    section = assets_section(folder, json.loads((folder / "config.json").read_text()))
+    section = assets_section(folder, read_config(folder))
     n_clusters = section["n_clusters"]
     if not 1 <= n_probes <= n_clusters:
         raise ValueError(f"n_probes must be in [1, {n_clusters}], got {n_probes}")
@@ -268,6 +269,16 @@ def set_n_probes(folder, n_probes: int, mass_bias: mx.array) -> None:
         raise ValueError(f"mass_bias must be [terms, {n_clusters}], got {tuple(mass_bias.shape)}")
     arrays = {**read_assets(folder, section), "mass_bias": mass_bias.astype(mx.float32)}
     write_assets(folder, arrays, {**section, "n_probes": n_probes})
+
+
+# The type of each array of the assets file (centroids: float32, or uint32 when quantized).
+ARRAY_DTYPES = {
+    "order": mx.int32,
+    "cluster_bias": mx.float32,
+    "centroid_scales": mx.float32,
+    "centroid_biases": mx.float32,
+    "mass_bias": mx.float32,
+}
 
 
 def _check_shape(path: Path, name: str, array: mx.array, expected: tuple) -> None:
@@ -287,21 +298,7 @@ def load_assets(folder, model: nn.Module) -> dict:
     inconsistent with ``config.json``.
     """
     folder = Path(folder)
-    section = assets_section(folder, json.loads((folder / "config.json").read_text()))
-    required = (
-        "vocab_size",
-        "hidden_size",
-        "n_clusters",
-        "cluster_size",
-        "n_probes",
-        "centroid_bits",
-        "centroid_group_size",
-        "head_fingerprint",
-    )
-    missing = [key for key in required if key not in section]
-    if missing:
-        raise ValueError(f"{folder}: the flashhead section of config.json lacks {missing}")
-
+    section = assets_section(folder, read_config(folder))  # checks the entries' types too
     module = find_head_module(model)
     vocab_size, dims = _head_shape(module)
     if (section["vocab_size"], section["hidden_size"]) != (vocab_size, dims):
@@ -317,8 +314,6 @@ def load_assets(folder, model: nn.Module) -> dict:
             f"{vocab_size} (need n_clusters * cluster_size >= {vocab_size} with less than one "
             "cluster of padding)"
         )
-    if not 1 <= section["n_probes"] <= n_clusters:
-        raise ValueError(f"{folder}: n_probes {section['n_probes']} is not in [1, {n_clusters}]")
 
     path = folder / section["assets_file"]
     arrays = read_assets(folder, section)
@@ -334,11 +329,20 @@ def load_assets(folder, model: nn.Module) -> dict:
         if name not in arrays:
             raise ValueError(f"{path} lacks the array {name!r}: re-run the conversion")
         _check_shape(path, name, arrays[name], shape)
-    if "mass_bias" in arrays and arrays["mass_bias"].shape[-1] != n_clusters:
+    mass_bias = arrays.get("mass_bias")
+    if mass_bias is not None and (
+        mass_bias.ndim not in (1, 2) or mass_bias.shape[-1] != n_clusters
+    ):
         raise ValueError(
-            f"{path}: mass_bias has shape {tuple(arrays['mass_bias'].shape)}, expected "
-            f"{n_clusters} clusters in its last axis"
+            f"{path}: mass_bias has shape {tuple(mass_bias.shape)}, expected "
+            f"[{n_clusters}] or [terms, {n_clusters}]"
         )
+    dtypes = {**ARRAY_DTYPES, "centroids": mx.float32 if bits is None else mx.uint32}
+    for name, array in arrays.items():
+        if name in dtypes and array.dtype != dtypes[name]:
+            raise ValueError(f"{path}: {name} is {array.dtype}, expected {dtypes[name]}")
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+            raise ValueError(f"{path}: {name} holds values that are not finite (NaN or infinite)")
 
     order = np.array(arrays["order"])
     tokens = np.sort(order[order != -1])

@@ -6,6 +6,12 @@ the GGUF's own metadata, so ``mlx_lm.load(folder)`` returns a working ``(model, 
 Tensors are dequantized with the ``gguf`` package to ``dtype``. With ``keep_quantized``, Q4_0,
 Q4_1 and Q8_0 tensors instead map losslessly onto MLX's affine quantization (group size 32); that
 suits Metal, while on the CPU MLX's quantized matmuls are far slower than float32 BLAS.
+
+Nothing is written unless the file makes a model: every metadata value read has its type checked,
+the hyperparameters are checked against the tensors (shapes, layer count) and the tensors against
+the parameters of the mlx-lm model they make, and every weight must be finite. A file that does
+not ends in a :class:`~flashhead_mlx.gguf_file.GGUFError`, one line naming the file and the
+problem (the supported architectures are listed in docs/cli.md, under ``convert``).
 """
 
 import json
@@ -18,10 +24,13 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFError, GGUFFile, brief
 
-# GGUF architecture -> mlx-lm model_type.
+# GGUF architecture -> mlx-lm model_type (docs/cli.md, under ``convert``, lists them for users).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+SUPPORTED_LIST = "docs/cli.md, under convert"
+# Hyperparameters are counts of at most this (a corrupt value is caught before a model is built).
+MAX_HPARAM = 1 << 31
 
 GROUP_SIZE = 32
 QUANTIZED_BITS = {
@@ -103,13 +112,21 @@ def import_gguf(
     if not isinstance(float_type, mx.Dtype) or not mx.issubdtype(float_type, mx.floating):
         raise ValueError(f"dtype must be a float type such as 'float32', got {dtype!r}")
     reader = GGUFFile(gguf_path)
-    architecture = metadata(reader, "general.architecture")
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"Unsupported GGUF architecture {architecture!r} in {gguf_path}; "
-            f"supported: {sorted(ARCHITECTURES)}"
+    architecture = metadata(reader, "general.architecture", kind="str")
+    if architecture is None:
+        raise GGUFError(
+            f"{gguf_path} has no general.architecture: not a model file (a vocabulary or an "
+            "adapter?)"
         )
+    if architecture not in ARCHITECTURES:
+        raise GGUFError(
+            f"{gguf_path}: GGUF architecture {brief(architecture)} is not supported; the GGUF import "
+            f"reads {', '.join(sorted(ARCHITECTURES))} ({SUPPORTED_LIST}); convert the model "
+            "from its Hugging Face repo or an mlx-lm folder instead"
+        )
+    check_tensor_types(reader)
     config = model_config(reader, architecture)
+    check_tensors(reader, architecture, config)
     weights, quantization = convert_tensors(
         reader, architecture, config, float_type, keep_quantized
     )
@@ -122,27 +139,84 @@ def import_gguf(
     return output_dir
 
 
-def metadata(reader: GGUFFile, key: str, default=None):
-    """The value of the metadata ``key`` (a scalar, a string or a list), or ``default``."""
-    return reader.fields.get(key, default)
+# What a metadata value may be: a check and its name in messages.
+KINDS = {
+    "int": (lambda v: type(v) is int, "an integer"),
+    "number": (lambda v: type(v) in (int, float), "a number"),
+    "bool": (lambda v: type(v) is bool, "a boolean"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "strings": (lambda v: type(v) is list and all(type(x) is str for x in v), "a list of strings"),
+    "ints": (lambda v: type(v) is list and all(type(x) is int for x in v), "a list of integers"),
+    "numbers": (
+        lambda v: type(v) is list and all(type(x) in (int, float) for x in v),
+        "a list of numbers",
+    ),
+}
+
+
+def metadata(reader: GGUFFile, key: str, default=None, kind: str = None):
+    """The value of the metadata ``key`` (a scalar, a string or a list), or ``default``; with
+    ``kind`` (a key of :data:`KINDS`) a :class:`GGUFError` unless it is of that kind."""
+    value = reader.fields.get(key, default)
+    if kind is not None and value is not None and not KINDS[kind][0](value):
+        shown = f"a list of {len(value)} items" if isinstance(value, list) else brief(value)
+        raise GGUFError(f"{reader.path}: metadata {key} is {shown}, not {KINDS[kind][1]}")
+    return value
+
+
+def token_id(reader: GGUFFile, key: str, n_tokens: int):
+    """The token id in the metadata ``key`` (``None`` if absent), checked to be a token."""
+    value = metadata(reader, key, kind="int")
+    if value is not None and not 0 <= value < n_tokens:
+        raise GGUFError(
+            f"{reader.path}: metadata {key} is {value}, not a token id (0 to {n_tokens - 1})"
+        )
+    return value
+
+
+def dequantizable(tensor_type: gguf.GGMLQuantizationType) -> bool:
+    """Whether ``gguf.quants`` dequantizes ``tensor_type``."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+    try:
+        with np.errstate(all="ignore"):
+            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor_type)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_tensor_types(reader: GGUFFile) -> None:
+    """A :class:`GGUFError` naming the first tensor whose type cannot be dequantized."""
+    for tensor in reader.tensors:
+        if not dequantizable(tensor.tensor_type):
+            supported = [t.name for t in gguf.GGMLQuantizationType if dequantizable(t)]
+            raise GGUFError(
+                f"{reader.path}: tensor {tensor.name} is of type {tensor.tensor_type.name}, which "
+                f"the GGUF import cannot dequantize (it reads {', '.join(supported)}); "
+                "requantize the model to one of them (llama.cpp's llama-quantize)"
+            )
 
 
 def model_config(reader: GGUFFile, architecture: str) -> dict:
     """The mlx-lm ``config.json`` of the model, from the GGUF hyperparameters."""
 
-    def hparam(name, default=None):
-        value = metadata(reader, f"{architecture}.{name}", default)
+    def hparam(name, default=None, kind="int"):
+        key = f"{architecture}.{name}"
+        value = reader.fields.get(key, default)
         if value is None:
-            raise ValueError(f"GGUF metadata {architecture}.{name} is missing")
+            raise GGUFError(f"{reader.path}: metadata {key} is missing")
         if isinstance(value, list):
-            raise ValueError(f"Per-layer {architecture}.{name} is not supported")
+            raise GGUFError(f"{reader.path}: per-layer {key} is not supported")
+        value = metadata(reader, key, default, kind=kind)
+        if not 0 < value < MAX_HPARAM or value != value:
+            raise GGUFError(f"{reader.path}: metadata {key} is {brief(value)}, out of range")
         # Floats are stored as float32: keep the decimal value they were written from.
         return float(f"{value:.7g}") if isinstance(value, float) else value
 
     tensor_names = {tensor.name for tensor in reader.tensors}
     hidden_size = hparam("embedding_length")
     n_heads = hparam("attention.head_count")
-    head_dim = hparam("attention.key_length", hidden_size // n_heads)
+    head_dim = hparam("attention.key_length", hidden_size // n_heads or None)
     config = {
         "model_type": ARCHITECTURES[architecture],
         "vocab_size": int(tensor_shape(reader, "token_embd.weight")[0]),
@@ -152,19 +226,27 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
         "num_attention_heads": n_heads,
         "num_key_value_heads": hparam("attention.head_count_kv", n_heads),
         "head_dim": head_dim,
-        "rms_norm_eps": hparam("attention.layer_norm_rms_epsilon"),
-        "rope_theta": hparam("rope.freq_base", 10000.0),
+        "rms_norm_eps": hparam("attention.layer_norm_rms_epsilon", kind="number"),
+        "rope_theta": hparam("rope.freq_base", 10000.0, kind="number"),
         "max_position_embeddings": hparam("context_length"),
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
-    scaling = metadata(reader, f"{architecture}.rope.scaling.type", "none")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise GGUFError(
+            f"{reader.path}: {architecture}.attention.head_count {n_heads} is not a multiple of "
+            f"{architecture}.attention.head_count_kv {config['num_key_value_heads']}"
+        )
+    scaling = metadata(reader, f"{architecture}.rope.scaling.type", "none", kind="str")
     if scaling == "linear":
         config["rope_scaling"] = {
             "type": "linear",
-            "factor": hparam("rope.scaling.factor"),
+            "factor": hparam("rope.scaling.factor", kind="number"),
         }
     elif scaling != "none":
-        raise ValueError(f"Unsupported rope scaling {scaling!r} ({architecture}.rope.scaling.type)")
+        raise GGUFError(
+            f"{reader.path}: rope scaling {brief(scaling)} ({architecture}.rope.scaling.type) is not "
+            "supported (none and linear are)"
+        )
     if architecture == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
@@ -177,10 +259,18 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
         config["sliding_window"] = hparam("attention.sliding_window")
         config["sliding_window_pattern"] = 6
         config["rope_local_base_freq"] = 10000.0
-    eos_ids = {metadata(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")} - {None}
+    vocab_size = config["vocab_size"]
+    n_tokens = len(vocabulary(reader))
+    if n_tokens > vocab_size:
+        raise GGUFError(
+            f"{reader.path}: its vocabulary has {n_tokens} tokens, more than the {vocab_size} rows "
+            "of token_embd.weight"
+        )
+    eos_ids = {token_id(reader, f"tokenizer.ggml.{k}_token_id", vocab_size) for k in ("eos", "eot")}
+    eos_ids -= {None}
     if eos_ids:
         config["eos_token_id"] = sorted(eos_ids) if len(eos_ids) > 1 else eos_ids.pop()
-    bos_id = metadata(reader, "tokenizer.ggml.bos_token_id")
+    bos_id = token_id(reader, "tokenizer.ggml.bos_token_id", vocab_size)
     if bos_id is not None:
         config["bos_token_id"] = bos_id
     return config
@@ -191,20 +281,83 @@ def tensor_shape(reader: GGUFFile, name: str) -> tuple[int, ...]:
     for tensor in reader.tensors:
         if tensor.name == name:
             return tuple(int(n) for n in reversed(tensor.shape))
-    raise ValueError(f"GGUF tensor {name!r} is missing")
+    raise GGUFError(f"{reader.path}: tensor {name!r} is missing")
+
+
+def check_tensors(reader: GGUFFile, architecture: str, config: dict) -> None:
+    """A :class:`GGUFError` unless the tensors are exactly the parameters, in name and shape, of
+    the mlx-lm model ``config`` makes (built lazily, nothing allocated, once the layer count and
+    the hidden size are known to be the tensors')."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    names = {}
+    for tensor in reader.tensors:
+        try:
+            names[mlx_name(tensor.name, architecture)] = tensor
+        except GGUFError as error:
+            raise GGUFError(f"{reader.path}: {error}") from None
+    blocks = [tensor.name for tensor in reader.tensors if tensor.name.startswith("blk.")]
+    layers = {int(name.split(".")[1]) for name in blocks}
+    n_layers = config["num_hidden_layers"]
+    if layers != set(range(n_layers)):
+        raise GGUFError(
+            f"{reader.path}: {architecture}.block_count is {n_layers}, but the tensors are of "
+            f"{len(layers)} layers (blk.{min(layers, default=0)} to blk.{max(layers, default=0)})"
+        )
+    hidden_size = tensor_shape(reader, "token_embd.weight")[-1]
+    if hidden_size != config["hidden_size"]:
+        raise GGUFError(
+            f"{reader.path}: {architecture}.embedding_length is {config['hidden_size']}, but "
+            f"token_embd.weight has rows of {hidden_size}"
+        )
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+    except Exception as error:  # whatever mlx-lm's model makes of impossible hyperparameters
+        raise GGUFError(
+            f"{reader.path}: its hyperparameters make no {config['model_type']} model "
+            f"({type(error).__name__}: {error})".replace("\n", " ")
+        ) from error
+    expected = {name: tuple(array.shape) for name, array in tree_flatten(model.parameters())}
+    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in names.items()}
+    if hasattr(model, "sanitize"):  # as mlx-lm's loader does (a tied head drops lm_head)
+        kept = model.sanitize({name: mx.zeros(shape) for name, shape in shapes.items()})
+        expected = {name: tuple(array.shape) for name, array in tree_flatten(model.parameters())}
+        names = {name: names[name] for name in kept if name in names}
+    for name, tensor in names.items():
+        shape = shapes[name]
+        if name not in expected:
+            raise GGUFError(
+                f"{reader.path}: tensor {tensor.name} is not a parameter of the "
+                f"{config['model_type']} model its metadata describes"
+            )
+        if shape != expected[name]:
+            raise GGUFError(
+                f"{reader.path}: tensor {tensor.name} has shape {shape}, but the model its "
+                f"metadata describes has {expected[name]} there"
+            )
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise GGUFError(
+            f"{reader.path}: the model its metadata describes has {len(missing)} parameters that "
+            f"no tensor holds, the first {missing[0]}"
+        )
 
 
 def mlx_name(gguf_name: str, architecture: str) -> str:
     """The mlx-lm parameter path of a GGUF tensor, e.g. ``blk.3.attn_q.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4:
+    if parts[0] == "blk" and len(parts) == 4 and parts[1].isascii() and parts[1].isdigit():
         names = GEMMA3_LAYER_TENSOR_NAMES if architecture == "gemma3" else LAYER_TENSOR_NAMES
         if parts[2] in names:
             return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     elif len(parts) == 2 and parts[0] in GLOBAL_TENSOR_NAMES:
         return f"{GLOBAL_TENSOR_NAMES[parts[0]]}.{parts[1]}"
-    raise ValueError(f"Unsupported tensor {gguf_name!r} in a {architecture} GGUF")
+    raise GGUFError(
+        f"tensor {gguf_name!r} is not one the GGUF import reads in a {architecture} model"
+    )
 
 
 def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -267,6 +420,11 @@ def convert_tensors(
         if architecture == "llama" and kind in heads:
             arrays = {k: unpermute_rows(v, heads[kind]) for k, v in arrays.items()}
         for key, array in arrays.items():
+            if array.dtype != np.uint32 and not np.isfinite(array).all():
+                raise GGUFError(
+                    f"{reader.path}: tensor {tensor.name} holds values that are not finite (NaN or "
+                    "infinite): the file is corrupt"
+                )
             array = mx.array(array)
             if array.dtype != mx.uint32:
                 array = array.astype(float_type)
@@ -279,13 +437,10 @@ def convert_tensors(
 
 
 def dequantize(tensor) -> np.ndarray:
-    """The float32 values of a GGUF tensor, ``[rows, columns]``."""
-    try:
+    """The float32 values of a GGUF tensor, ``[rows, columns]`` (its type checked by
+    :func:`check_tensor_types`)."""
+    with np.errstate(all="ignore"):  # corrupt blocks are reported as values that are not finite
         return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-    except NotImplementedError as error:
-        raise ValueError(
-            f"Unsupported tensor type {tensor.tensor_type.name} of {tensor.name}"
-        ) from error
 
 
 def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
@@ -303,17 +458,27 @@ def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
 
 def build_tokenizer(reader: GGUFFile) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
-    tokenizer_model = metadata(reader, "tokenizer.ggml.model")
-    tokens = metadata(reader, "tokenizer.ggml.tokens")
-    token_types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    tokenizer_model = metadata(reader, "tokenizer.ggml.model", kind="str")
+    tokens = vocabulary(reader)
+    token_types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens), kind="ints")
+    if len(token_types) != len(tokens):
+        raise GGUFError(
+            f"{reader.path}: metadata tokenizer.ggml.token_type has {len(token_types)} items, "
+            f"for {len(tokens)} tokens"
+        )
     if tokenizer_model == "gpt2":
-        pre = metadata(reader, "tokenizer.ggml.pre", "default")
+        pre = metadata(reader, "tokenizer.ggml.pre", "default", kind="str")
         if pre not in BYTE_LEVEL_SPLITS:
-            raise ValueError(
-                f"Unsupported byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre); "
-                f"supported: {sorted(BYTE_LEVEL_SPLITS)}"
+            raise GGUFError(
+                f"{reader.path}: byte-level pre-tokenizer {brief(pre)} (tokenizer.ggml.pre) is not "
+                f"supported; supported: {', '.join(sorted(BYTE_LEVEL_SPLITS))}"
             )
-        merges = [tuple(m.split(" ", 1)) for m in metadata(reader, "tokenizer.ggml.merges")]
+        merges = metadata(reader, "tokenizer.ggml.merges", [], kind="strings")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+        if any(len(merge) != 2 for merge in merges):
+            raise GGUFError(
+                f"{reader.path}: metadata tokenizer.ggml.merges holds a merge without a space"
+            )
         tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in BYTE_LEVEL_SPLITS[pre]]
@@ -327,8 +492,13 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
             # Gemma's scores do not follow its merge order; the vocabulary order does.
             ranks = [-i for i in range(len(tokens))]
         else:
-            ranks = metadata(reader, "tokenizer.ggml.scores")
-        unk_id = metadata(reader, "tokenizer.ggml.unknown_token_id", 0)
+            ranks = metadata(reader, "tokenizer.ggml.scores", kind="numbers")
+            if ranks is None or len(ranks) != len(tokens):
+                raise GGUFError(
+                    f"{reader.path}: metadata tokenizer.ggml.scores is missing or not one score "
+                    "per token"
+                )
+        unk_id = token_id(reader, "tokenizer.ggml.unknown_token_id", len(tokens)) or 0
         tokenizer = Tokenizer(
             models.BPE(
                 {t: i for i, t in enumerate(tokens)},
@@ -338,7 +508,7 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
                 byte_fallback=True,
             )
         )
-        add_prefix = metadata(reader, "tokenizer.ggml.add_space_prefix", True)
+        add_prefix = metadata(reader, "tokenizer.ggml.add_space_prefix", True, kind="bool")
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="\u2581", prepend_scheme="first" if add_prefix else "never", split=False
         )
@@ -347,9 +517,9 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
             + [decoders.Strip(" ", 1, 0)] * add_prefix
         )
     else:
-        raise ValueError(
-            f"Unsupported tokenizer {tokenizer_model!r} (tokenizer.ggml.model); "
-            "supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)"
+        raise GGUFError(
+            f"{reader.path}: tokenizer {brief(tokenizer_model)} (tokenizer.ggml.model) is not "
+            "supported; supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)"
         )
     tokenizer.add_special_tokens(
         [
@@ -368,19 +538,44 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
     return tokenizer
 
 
+def vocabulary(reader: GGUFFile) -> list[str]:
+    """The tokens of the GGUF's vocabulary (``tokenizer.ggml.tokens``)."""
+    tokens = metadata(reader, "tokenizer.ggml.tokens", kind="strings")
+    if not tokens:
+        raise GGUFError(f"{reader.path}: metadata tokenizer.ggml.tokens is missing or empty")
+    return tokens
+
+
 def save_tokenizer(reader: GGUFFile, output_dir: Path) -> None:
     """Save the GGUF's tokenizer (special tokens, BOS/EOS behaviour, chat template) in
-    Hugging Face format."""
+    Hugging Face format; a :class:`GGUFError` if its metadata makes no tokenizer."""
+    try:
+        _save_tokenizer(reader, output_dir)
+    except (GGUFError, OSError):
+        raise
+    except Exception as error:  # tokenizers and transformers on metadata they cannot use
+        message = f"{type(error).__name__}: {error}".replace("\n", " ")
+        raise GGUFError(
+            f"{reader.path}: its tokenizer metadata makes no tokenizer ({message})"
+        ) from error
+
+
+def _save_tokenizer(reader: GGUFFile, output_dir: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = build_tokenizer(reader)
+    n_tokens = len(vocabulary(reader))
     special = {
-        name: tokenizer.id_to_token(token_id)
+        name: tokenizer.id_to_token(special_id)
         for name, key in SPECIAL_TOKEN_KEYS.items()
-        if (token_id := metadata(reader, key)) is not None
+        if (special_id := token_id(reader, key, n_tokens)) is not None
     }
-    add_bos = "bos_token" in special and metadata(reader, "tokenizer.ggml.add_bos_token", False)
-    add_eos = "eos_token" in special and metadata(reader, "tokenizer.ggml.add_eos_token", False)
+    add_bos = "bos_token" in special and metadata(
+        reader, "tokenizer.ggml.add_bos_token", False, kind="bool"
+    )
+    add_eos = "eos_token" in special and metadata(
+        reader, "tokenizer.ggml.add_eos_token", False, kind="bool"
+    )
     if add_bos or add_eos:
         bos, eos = special.get("bos_token"), special.get("eos_token")
         template = " ".join([bos] * add_bos + ["$A"] + [eos] * add_eos)
@@ -396,7 +591,7 @@ def save_tokenizer(reader: GGUFFile, output_dir: Path) -> None:
         clean_up_tokenization_spaces=False,
         **special,
     )
-    chat_template = metadata(reader, "tokenizer.chat_template")
+    chat_template = metadata(reader, "tokenizer.chat_template", kind="str")
     if chat_template is not None:
         hf_tokenizer.chat_template = chat_template
     hf_tokenizer.save_pretrained(output_dir)

@@ -28,11 +28,13 @@ import numpy as np
 
 from .arguments import add_assets_arguments
 from .assets import is_flashhead_folder, reclaim_leftovers
+from .flashhead_format import brief, load_safetensors
 from .clustering import clusters_from_order, slot_order
 from .loading import load
 from .model_card import read_card
 from .model_head import head_module, head_rows
 from .pipeline import calibration_states, finish_assets, install_flashhead, source_name
+from .storage import storage_error
 
 CACHE_FILE = "clustering_cache.safetensors"
 META_FILE = "clustering_config.json"
@@ -73,10 +75,18 @@ def read_clustering(path: str, vocab_size: int, hidden_size: int) -> tuple:
     files, missing arrays, cluster ids out of range, or clusters of unequal sizes.
     """
     cache, meta_path = clustering_files(Path(path))
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise ValueError(f"{meta_path} is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object")
     missing = [key for key in ("vocab_size", "hidden_size", "n_clusters") if key not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks {missing}")
+    for key in ("vocab_size", "hidden_size", "n_clusters"):
+        if type(meta[key]) is not int:
+            raise ValueError(f"{meta_path}: {key} is {brief(meta[key])}, not an integer")
     for key, expected in (("vocab_size", vocab_size), ("hidden_size", hidden_size)):
         if meta[key] != expected:
             raise ValueError(
@@ -84,17 +94,14 @@ def read_clustering(path: str, vocab_size: int, hidden_size: int) -> tuple:
                 f"({'rows' if key == 'vocab_size' else 'columns'}): a clustering of another model?"
             )
     n_clusters = meta["n_clusters"]
-    if not isinstance(n_clusters, int) or not 1 <= n_clusters <= vocab_size:
-        raise ValueError(f"{meta_path}: n_clusters must be in [1, {vocab_size}], got {n_clusters!r}")
+    if not 1 <= n_clusters <= vocab_size:
+        raise ValueError(f"{meta_path}: n_clusters must be in [1, {vocab_size}], got {brief(n_clusters)}")
     if vocab_size % n_clusters:
         raise ValueError(
             f"{meta_path}: {vocab_size} tokens cannot make {n_clusters} clusters of equal size "
             "(FlashHead needs clusters of equal size)"
         )
-    try:
-        arrays = mx.load(str(cache))
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{cache} is unreadable (truncated or corrupt?): {error}") from error
+    arrays = load_safetensors(cache)
     for name in ("centroids", "cluster_assignments"):
         if name not in arrays:
             raise ValueError(f"{cache} lacks the array {name!r} (it has {sorted(arrays)})")
@@ -187,7 +194,11 @@ def main() -> None:
     args = setup_arg_parser().parse_args()
     try:
         import_assets(**vars(args))
-    except ValueError as error:
+    except (ValueError, OSError, RuntimeError) as error:
+        if not isinstance(error, ValueError):
+            error = storage_error(error, Path(args.model).expanduser())
+            if error is None:
+                raise
         raise SystemExit(f"flashhead-mlx import-assets: error: {error}")
 
 

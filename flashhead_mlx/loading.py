@@ -11,6 +11,7 @@ from .assets import (
     MODEL_FILE,
     head_fingerprint,
     load_assets,
+    read_config,
     save_assets,
 )
 from .durable import replace_text
@@ -105,7 +106,7 @@ def load(
 
     folder = download(path_or_hf_repo, revision=revision)
     model_config = dict(model_config or {})
-    if json.loads((folder / "config.json").read_text()).get("model_file") == MODEL_FILE:
+    if read_config(folder).get("model_file") == MODEL_FILE:
         # Our own model file: the library does what it would, without running the folder's code.
         model_config["model_file"] = None
     model, tokenizer, config = mlx_lm_load(

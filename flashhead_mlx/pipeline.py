@@ -5,14 +5,18 @@ A library the commands call (``flashhead-mlx convert``, ``import-assets``, ``dem
 their original order, plus the FlashHead assets and a ``flashhead`` section in ``config.json``.
 """
 
+import importlib
 import json
+import re
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 from mlx_lm.convert import convert as mlx_lm_convert
 
 from ._version import __version__
@@ -26,10 +30,13 @@ from .head import FlashHead
 from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
 from .sampling import fit_mass_bias
+from .storage import check_free_space, check_writable, storage_error
 from .suite import model_fingerprint
 
 # Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
 MASS_FIT_POSITIONS = 2048
+FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+SAFETENSORS_FLOATS = {"F16": 2, "BF16": 2, "F32": 4}
 
 
 def _prepare_mlx_model(
@@ -54,20 +61,68 @@ def _prepare_mlx_model(
         source = str(import_gguf(Path(model).expanduser(), mlx_path.parent / "gguf", dtype=dtype or "float32"))
     elif looks_like_path and is_flashhead_folder(Path(model).expanduser()):
         source = str(_dense_copy(Path(model).expanduser(), mlx_path.parent / "dense"))
-    mlx_lm_convert(
-        source,
-        mlx_path=str(mlx_path),
-        quantize=quantize,
-        q_group_size=q_group_size,
-        q_bits=q_bits,
-        dtype=dtype,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        mlx_lm_convert(
+            source,
+            mlx_path=str(mlx_path),
+            quantize=quantize,
+            q_group_size=q_group_size,
+            q_bits=q_bits,
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as error:
+        unsupported = re.fullmatch(r"Model type (\S+) not supported\.", str(error))
+        if unsupported is None:
+            raise
+        models = Path(importlib.import_module("mlx_lm.models").__file__).parent
+        raise ValueError(
+            f"{model}: model type {unsupported[1]!r} is not one mlx-lm {mlx_lm.__version__} "
+            f"supports (its model types are the modules in {models}; FlashHead converts any of "
+            "them whose head is lm_head or the tied embed_tokens)"
+        ) from error
     card = Path(model).expanduser() / CARD_FILE
     if looks_like_path and card.is_file():
         # mlx-lm writes a blank card for a local source: keep the source's own (license, ...).
         shutil.copyfile(card, mlx_path / CARD_FILE)
+
+
+def conversion_bytes(model: str, dtype: Optional[str], quantize: bool) -> Optional[int]:
+    """About how many bytes converting ``model`` writes beside its output (a GGUF file's imported
+    folder and the converted one; a folder's converted copy), or ``None`` where that is not known
+    before the work (a hub repo, ``-q``)."""
+    path = Path(model).expanduser()
+    if quantize:
+        return None
+    if model.endswith(".gguf") and path.is_file():
+        from .gguf_file import GGUFFile
+
+        elements = sum(int(np.prod(t.shape, dtype=object)) for t in GGUFFile(path).tensors)
+        return 2 * elements * FLOAT_BYTES[dtype or "float32"]
+    if path.is_dir():
+        return sum(_safetensors_bytes(file, dtype) for file in path.glob("model*.safetensors"))
+    return None
+
+
+def _safetensors_bytes(path: Path, dtype: Optional[str]) -> int:
+    """The bytes of the safetensors file ``path`` once its float arrays are of ``dtype``."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, 100 << 20)))
+        total = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            if dtype is not None and entry["dtype"] in SAFETENSORS_FLOATS:
+                n_values = (end - start) // SAFETENSORS_FLOATS[entry["dtype"]]
+                end = start + n_values * FLOAT_BYTES[dtype]
+            total += end - start
+        return total
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return path.stat().st_size  # mlx-lm says what is wrong with it
 
 
 def is_local(model: str) -> bool:
@@ -299,25 +354,37 @@ def convert(
     reclaim_stages(output_path)
     if output_path.exists() and not force:
         raise ValueError(f"{output_path} already exists; pass --force to overwrite it")
-    with stage_folder(output_path) as stage:
-        mlx_path = stage / "model"
-        _prepare_mlx_model(
-            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
-        )
-        add_flashhead(
-            mlx_path,
-            source=model,
-            card={"model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json},
-            cluster_size=cluster_size,
-            n_clusters=n_clusters,
-            n_probes=n_probes,
-            centroid_bits=centroid_bits,
-            seed=seed,
-            calibration_tokens=calibration_tokens,
-            tuning_text=tuning_text,
-            model_file=model_file,
-        )
-        publish_folder(mlx_path, output_path, stage)
+    check_writable(output_path.parent)
+    needed = conversion_bytes(model, dtype, quantize)
+    if needed is not None:
+        check_free_space(output_path.parent, needed, f"converting {source_name(model)}")
+    try:
+        with stage_folder(output_path) as stage:
+            mlx_path = stage / "model"
+            _prepare_mlx_model(
+                model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+            )
+            add_flashhead(
+                mlx_path,
+                source=model,
+                card={
+                    "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
+                },
+                cluster_size=cluster_size,
+                n_clusters=n_clusters,
+                n_probes=n_probes,
+                centroid_bits=centroid_bits,
+                seed=seed,
+                calibration_tokens=calibration_tokens,
+                tuning_text=tuning_text,
+                model_file=model_file,
+            )
+            publish_folder(mlx_path, output_path, stage)
+    except (OSError, RuntimeError) as error:  # a full disk, a folder turned read-only, ...
+        plain = storage_error(error, output_path.parent)
+        if plain is None:
+            raise
+        raise plain from error
     print(f"[INFO] Wrote {output_path}")
     return output_path
 

@@ -32,6 +32,7 @@ from .durable import kill_point
 from .metrics import dense_pass, evenly, format_rows, head_row, load_head, pool_rows, probing
 from .pipeline import MASS_FIT_POSITIONS
 from .sampling import fit_mass_bias
+from .storage import storage_error
 from .suite import model_fingerprint
 
 
@@ -135,7 +136,11 @@ def main() -> None:
             args.max_tokens,
             args.max_scored_fraction,
         )
-    except ValueError as error:
+    except (ValueError, OSError, RuntimeError) as error:
+        if not isinstance(error, ValueError):
+            error = storage_error(error, Path(args.model).expanduser())
+            if error is None:
+                raise
         raise SystemExit(f"flashhead-mlx tune: error: {error}")
 
 

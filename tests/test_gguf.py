@@ -14,7 +14,7 @@ from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_sampler
 
 from flashhead_mlx.gguf import affine_from_blocks, build_tokenizer, import_gguf
-from flashhead_mlx.gguf_file import GGUFFile
+from flashhead_mlx.gguf_file import GGUFError, GGUFFile
 
 Q = gguf.GGMLQuantizationType
 ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
@@ -377,7 +377,7 @@ def test_gguf_file_reads_what_gguf_reads(tmp_path):
     writer.close()
     assert_same_file(tmp_path / "all.gguf")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)
-    with pytest.raises(ValueError, match="bad.gguf is not a readable GGUF file"):
+    with pytest.raises(GGUFError, match="bad.gguf is truncated or corrupt: its 16 bytes end"):
         GGUFFile(tmp_path / "bad.gguf")
 
 
