@@ -3,7 +3,8 @@ development suite it tunes ``n_probes`` on (docs/clustering.md).
 
 The mix: the model's own dense greedy replies through its chat template to the shipped
 calibration prompts and its own continuations of shipped openings in twenty-odd languages (the
-hidden states of decode), shipped source code and the shipped novel, teacher-forced. No source holds a suite text or prompt (``tests/test_calibration.py``).
+hidden states of decode), shipped source code and the shipped novel, teacher-forced. No source
+holds a suite text or prompt (``tests/test_calibration.py``).
 """
 
 import math
@@ -36,7 +37,6 @@ CALIBRATION_CODE = DATA_DIR / "calibration_code.txt"
 CALIBRATION_OPENINGS = DATA_DIR / "calibration_openings.txt"
 # Share of the calibration positions from each source (measured in docs/clustering.md).
 MIX = {"chat": 0.25, "code": 0.25, "languages": 0.125, "prose": 0.375}
-SOURCES = ("chat", "code", "languages", "prose")
 # Tokens of each calibration reply: enough to cover a reply's start, middle and end.
 CALIBRATION_REPLY_TOKENS = 128
 # The most calibration prompts replied to: one batch_generate call, the mix's dearest positions;
@@ -116,14 +116,14 @@ def mix_hidden_states(
     of the model's replies to the first :data:`CALIBRATION_REPLIES` calibration prompts
     (``chat``, in ``seed``'s order), its continuations of the calibration openings
     (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order), the calibration code
-    (``code``) and the calibration novel (``prose``); the positions the replies fall short of their share go to the last source, and
-    a model without a chat template has no replies (the other sources share their positions). The
-    replies are cached by ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`;
+    (``code``) and the calibration novel (``prose``); the positions the generated sources fall
+    short of their share go to the last source, and a model without a chat template has no
+    replies (the other sources share their positions). The replies and continuations are cached by ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`;
     ``None``: not cached)."""
     if not has_chat_template(tokenizer):
         mix = {source: share for source, share in mix.items() if source != "chat"}
     budget = mix_budget(n_tokens, mix)
-    unknown = set(budget) - set(SOURCES)
+    unknown = set(budget) - set(MIX)
     if unknown:
         raise ValueError(f"unknown calibration sources: {', '.join(sorted(unknown))}")
     parts, last = [], list(budget)[-1]

@@ -30,9 +30,10 @@ from flashhead_mlx.calibration_mix import (
     TUNING_REPLY_TOKENS,
     calibration_prompts,
 )
+from flashhead_mlx.clustering import scored_fraction
 from flashhead_mlx.containment import MAX_SCORED_FRACTION, dense_targets, token_clusters
 from flashhead_mlx.kernels import cluster_rank
-from flashhead_mlx.metrics import load_head
+from flashhead_mlx.metrics import containment_curve, load_head
 from flashhead_mlx.recent import RECENT_TOKENS
 from flashhead_mlx.report import pyplot
 from flashhead_mlx.model_head import final_hidden_states
@@ -219,16 +220,19 @@ def needed(head, domains: Dict[str, dict], target: float = 0.999) -> None:
             curve = containment(head, d, recent)
             reached = np.flatnonzero(curve >= target)
             p = int(reached[0]) + 1 if reached.size else head.n_clusters
-            rows = head.n_clusters + p * head.cluster_size + recent
-            cells += [str(p), f"{100 * min(rows, head.vocab_size) / head.vocab_size:.1f}%"]
+            cells += [str(p), f"{100 * min(scored(head, p, recent), 1):.1f}%"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def containment(head, d: dict, recent: int) -> np.ndarray:
-    """Top-1 containment at 1..n_clusters probes, the last ``recent`` context tokens scored."""
-    near = d["back"] < recent
-    missed = np.bincount(d["ranks"][~near], minlength=head.n_clusters)[: head.n_clusters]
-    return 1 - (np.sum(~near) - np.cumsum(missed)) / d["ranks"].size
+    """Top-1 containment at 1..n_clusters probes, the last ``recent`` context tokens scored (a
+    position whose argmax is among them is contained at any probe count)."""
+    return containment_curve(np.where(d["back"] < recent, 0, d["ranks"]), head.n_clusters)
+
+
+def scored(head, probes, recent: int):
+    """Share of the vocabulary scored per token with ``probes`` and ``recent`` tokens."""
+    return scored_fraction(head.n_clusters, head.cluster_size, probes, head.vocab_size, recent)
 
 
 def curve_plot(head, domains: Dict[str, dict], path: Path, title: str) -> None:
@@ -241,11 +245,10 @@ def curve_plot(head, domains: Dict[str, dict], path: Path, title: str) -> None:
         color = None
         for recent, style in ((RECENT_TOKENS, "-"), (0, "--")):
             probes = np.arange(1, head.n_clusters + 1)
-            rows = head.n_clusters + probes * head.cluster_size + recent
-            scored = 100 * np.minimum(rows, head.vocab_size) / head.vocab_size
+            share = 100 * np.minimum(scored(head, probes, recent), 1)
             curve = np.clip(containment(head, d, recent), 1e-4, 1 - 0.5 / n)
             label = name if recent else None
-            (line,) = ax.plot(scored, curve, style, color=color, label=label, lw=1.2)
+            (line,) = ax.plot(share, curve, style, color=color, label=label, lw=1.2)
             color = line.get_color()
     ax.axhline(0.999, color="black", lw=0.7, ls=":")
     ax.axvline(100 * MAX_SCORED_FRACTION, color="black", lw=0.7, ls=":")
@@ -255,7 +258,7 @@ def curve_plot(head, domains: Dict[str, dict], path: Path, title: str) -> None:
     ax.set_yticks(ticks, [f"{100 * t:g}%" for t in ticks])
     ax.set_yticks([], minor=True)
     ax.set_ylim(0.9, 1 - 0.5 / n)
-    low = 100 * (head.n_clusters + head.cluster_size) / head.vocab_size
+    low = 100 * scored(head, 1, 0)
     xticks = [x for x in (2, 3, 5, 7, 10, 12, 15, 20, 30, 50, 70, 100) if x > low]
     ax.set_xticks(xticks, [f"{x:g}" for x in xticks])
     ax.set_xticks([], minor=True)
