@@ -118,8 +118,8 @@ def mix_hidden_states(
     (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order), the calibration code
     (``code``) and the calibration novel (``prose``); the positions the generated sources fall
     short of their share go to the last source, and a model without a chat template has no
-    replies (the other sources share their positions). Replies and continuations are cached by ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`;
-    ``None``: not cached)."""
+    replies (the other sources share their positions). Replies and continuations are cached by
+    ``fingerprint`` (:func:`flashhead_mlx.suite.model_fingerprint`; ``None``: not cached)."""
     if not has_chat_template(tokenizer):
         mix = {source: share for source, share in mix.items() if source != "chat"}
     budget = mix_budget(n_tokens, mix)
