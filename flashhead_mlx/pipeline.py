@@ -23,7 +23,7 @@ from ._version import __version__
 from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_assets, save_assets
 from .calibration import text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
-from .clustering import cluster_head, scored_fraction
+from .clustering import CLUSTER_SIZE, cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
 from .durable import publish_folder, reclaim_stages, stage_folder
 from .head import FlashHead
@@ -166,7 +166,7 @@ def calibration_states(
 def cluster_model(
     model,
     tokenizer,
-    cluster_size: int = 16,
+    cluster_size: int = CLUSTER_SIZE,
     n_clusters: Optional[int] = None,
     n_probes: Optional[int] = None,
     centroid_bits: Optional[int] = 4,
@@ -316,7 +316,7 @@ def add_flashhead(
 def convert(
     model: str,
     output: str,
-    cluster_size: int = 16,
+    cluster_size: int = CLUSTER_SIZE,
     n_clusters: Optional[int] = None,
     n_probes: Optional[int] = None,
     centroid_bits: Optional[int] = 4,

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tiny_model
 from flashhead_mlx import calibration_mix, flash_head, load, suite
-from flashhead_mlx.clustering import most_probes, scored_fraction
+from flashhead_mlx.clustering import CLUSTER_SIZE, most_probes, scored_fraction
 from flashhead_mlx.containment import TARGET_CONTAINMENT, suite_n_probes
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.recent import RECENT_TOKENS
@@ -175,7 +175,8 @@ def test_tune_on_the_development_suite_keeps_the_cap(chat_source, tmp_path, monk
     monkeypatch.setattr(suite, "CHAT_CACHE_DIR", tmp_path / "cache")
     converted = convert(str(chat_source), str(tmp_path / "out"), calibration_tokens=256, n_probes=1)
     uncapped = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=2)
-    cap = most_probes(0.25, 63, 16, 1000, RECENT_TOKENS)  # the recent tokens count as scored
+    n_clusters = -(-1000 // CLUSTER_SIZE)
+    cap = most_probes(0.25, n_clusters, CLUSTER_SIZE, 1000, RECENT_TOKENS)  # recent tokens count
     assert uncapped["after"]["n_probes"] > cap  # the tiny random model needs more for 100%
     rows = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=0.25)
     assert rows["after"]["n_probes"] == cap > 1

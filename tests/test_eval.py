@@ -16,6 +16,7 @@ from flashhead_mlx import evaluate, flash_head, patch
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.calibration import text_hidden_states
+from flashhead_mlx.clustering import CLUSTER_SIZE
 from flashhead_mlx.metrics import decimals, default_n_probes, evaluate as evaluate_head
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_card import EVAL_KEYS
@@ -250,5 +251,7 @@ def test_cli_errors(converted, tmp_path, monkeypatch, capsys):
         return str(error.value.code) + capsys.readouterr().err
 
     assert "flashhead-mlx eval: error: argument --n-probes" in run("--n-probes", "3,x")
-    assert "n_probes must be in [1, 63], got 64" in run("--n-probes", "64", "--max-tokens", "8")
+    n_clusters = -(-1000 // CLUSTER_SIZE)
+    message = f"n_probes must be in [1, {n_clusters}], got {n_clusters + 1}"
+    assert message in run("--n-probes", str(n_clusters + 1), "--max-tokens", "8")
     assert f"{tmp_path / 'absent.txt'} is not a file" in run("--text", str(tmp_path / "absent.txt"))
