@@ -21,7 +21,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", "--mlx-path", required=True, help="Folder to write.")
     parser.add_argument(
-        "--cluster-size", type=int, default=CLUSTER_SIZE, help="Tokens per cluster (default: 32)."
+        "--cluster-size", type=int, default=CLUSTER_SIZE, help="Tokens per cluster (default: 16)."
     )
     parser.add_argument(
         "--n-clusters",

@@ -60,7 +60,7 @@ def test_generate_with_flashhead(converted):
     assert result.returncode == 0, result.stderr
     assert generated_text(result.stdout)
     assert "tokens-per-sec" in result.stdout
-    assert re.search(r"^Head: FlashHead \(n_probes=\d+, \d+ clusters of 32, ", result.stdout, re.M)
+    assert re.search(r"^Head: FlashHead \(n_probes=\d+, \d+ clusters of 16, ", result.stdout, re.M)
 
 
 def test_all_probes_give_the_dense_text(converted):
