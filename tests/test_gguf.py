@@ -17,7 +17,9 @@ from flashhead_mlx.gguf import affine_from_blocks, build_tokenizer, import_gguf
 from flashhead_mlx.gguf_file import GGUFError, GGUFFile
 
 Q = gguf.GGMLQuantizationType
-ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+                "phi3": "phi3", "qwen3_5": "qwen35", "smollm3": "smollm3", "granite": "granite",
+                "olmo2": "olmo2", "olmo3": "olmo2"}
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
 SAMPLES = [
     "It is a truth universally acknowledged.",
@@ -25,39 +27,6 @@ SAMPLES = [
     "Ünïcödé — “quotes” and emoji 🙂!",
 ]
 TOKENS = mx.array([[5, 17, 300, 2, 999, 42, 7, 123, 64, 65, 511, 0, 8, 9, 10, 11, 12, 13]])
-
-# mlx-lm module -> llama.cpp tensor name (llama.cpp's gguf-py tensor mapping).
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GEMMA3_LAYER_NAMES = {
-    **LAYER_NAMES,
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
-
-
-def gguf_tensor_name(path: str, architecture: str) -> str:
-    """llama.cpp's name of an mlx-lm parameter."""
-    module, param = path.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        _, _, layer, rest = module.split(".", 3)
-        names = GEMMA3_LAYER_NAMES if architecture == "gemma3" else LAYER_NAMES
-        return f"blk.{layer}.{names[rest]}.{param}"
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    return f"{names[module]}.{param}"
-
 
 def llama_cpp_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to llama q/k rows."""
@@ -91,46 +60,192 @@ def add_byte_level_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir, vocab_size:
     writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
 
 
-def write_gguf(path, model_dir, model: nn.Module, tensor_type=Q.F32) -> dict:
-    """Write ``model`` as llama.cpp would; returns the float32 weights the file really holds
-    (after quantization), in mlx-lm's layout."""
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = ARCHITECTURE[config["model_type"]]
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
+# Tiny configs of the architectures where make_tiny_model's default is not enough.
+TINY_CONFIGS = {
+    # llama.cpp fixes Gemma 3's layer pattern at 5 sliding + 1 global; a short window and
+    # distinct rope bases make both kinds of layer matter.
+    "gemma3_text": dict(
+        num_hidden_layers=6, sliding_window_pattern=6, sliding_window=8, rope_theta=1e6
+    ),
+    # Half of each head rotated, with LongRoPE factors (a context 2x the original).
+    "phi3": dict(
+        partial_rotary_factor=0.5,
+        original_max_position_embeddings=256,
+        rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.5, 4.0],
+                      "short_factor": [1.0, 1.1, 1.2, 1.3]},
+    ),
+    # A layer without rotary embeddings (llama.cpp fixes them at every fourth).
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
+    "granite": dict(logits_scaling=8.0, embedding_multiplier=2.0, attention_multiplier=0.2,
+                    residual_multiplier=0.5, attention_bias=False, mlp_bias=False),
+    "olmo3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    # One linear-attention layer (4 value heads on 2 key heads: llama.cpp reorders them) and one
+    # full-attention layer.
+    "qwen3_5": dict(
+        full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        rope_parameters={"type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]},
+    ),
+}
+
+
+def hugging_face(name: str, value: np.ndarray, model_type: str) -> tuple[str, np.ndarray]:
+    """The Hugging Face checkpoint's name and value of an mlx-lm parameter (what mlx-lm's
+    ``sanitize`` did on loading it, undone)."""
+    if model_type == "qwen3_5":
+        name = name.removeprefix("language_model.")
+        if "conv1d" in name:
+            value = value.transpose(0, 2, 1)  # mlx-lm [C, K, 1], Hugging Face [C, 1, K]
+        shifted = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+                   "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+        if name.endswith(shifted):
+            value = value - 1  # Qwen3.5 scales by 1 + w; mlx-lm adds the 1 on loading
+    return name, value
+
+
+def reorder_v_heads(array: np.ndarray, axis: int, key_heads: int, head_size: int) -> np.ndarray:
+    """llama.cpp's reordering of linear-attention value heads along ``axis``, from grouped by
+    key head to tiled (convert_hf_to_gguf.py's ``_reorder_v_heads``)."""
+    array = np.moveaxis(array, axis, 0)
+    shape = array.shape
+    array = array.reshape(key_heads, -1, head_size, *shape[1:]).swapaxes(0, 1).reshape(shape)
+    return np.moveaxis(array, 0, axis)
+
+
+def llama_cpp(name: str, value: np.ndarray, arch: str, config: dict) -> tuple[str, np.ndarray]:
+    """What llama.cpp's convert_hf_to_gguf.py does to a Hugging Face tensor before its name is
+    mapped: (the name it maps, the value it writes)."""
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        value = value + 1
+    if arch in ("llama", "smollm3", "granite") and name.endswith("q_proj.weight"):
+        value = llama_cpp_permute(value, config["num_attention_heads"])
+    if arch in ("llama", "smollm3", "granite") and name.endswith("k_proj.weight"):
+        value = llama_cpp_permute(value, config["num_key_value_heads"])
+    if arch == "qwen35" and "linear_attn." in name:
+        k_heads, k_size = config["linear_num_key_heads"], config["linear_key_head_dim"]
+        v_size, qk = config["linear_value_head_dim"], 2 * k_heads * k_size
+        if ".in_proj_qkv." in name:
+            value = np.concatenate([value[:qk], reorder_v_heads(value[qk:], 0, k_heads, v_size)])
+        elif ".in_proj_z." in name:
+            value = reorder_v_heads(value, 0, k_heads, v_size)
+        elif ".in_proj_a." in name or ".in_proj_b." in name or name.endswith(("A_log", "dt_bias")):
+            value = reorder_v_heads(value, 0, k_heads, 1)
+        elif ".conv1d." in name:
+            value = value.squeeze()
+            value = np.concatenate([value[:qk], reorder_v_heads(value[qk:], 0, k_heads, v_size)])
+        elif ".out_proj." in name:
+            value = reorder_v_heads(value, 1, k_heads, v_size)
+    if arch == "qwen35":
+        if name.endswith(".A_log"):
+            value = -np.exp(value)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            value = value + 1
+    return name, value
+
+
+def add_hparams(writer: gguf.GGUFWriter, arch: str, config: dict, n_blocks: int) -> None:
+    """The hyperparameters llama.cpp's converter writes for the tiny model's config."""
+    writer.add_uint32(f"{arch}.block_count", n_blocks)
     writer.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
     writer.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
     writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
     writer.add_uint32(f"{arch}.attention.head_count", config["num_attention_heads"])
     writer.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    writer.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
-    if arch in ("qwen3", "gemma3"):
+    if arch != "qwen35":
+        writer.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
+    if arch in ("qwen3", "gemma3", "qwen35"):
         writer.add_uint32(f"{arch}.attention.key_length", config["head_dim"])
         writer.add_uint32(f"{arch}.attention.value_length", config["head_dim"])
     if arch == "gemma3":
         writer.add_uint32(f"{arch}.attention.sliding_window", config["sliding_window"])
-    add_byte_level_tokenizer(writer, model_dir, config["vocab_size"])
+    if arch == "olmo2" and "layer_types" in config:
+        writer.add_uint32("olmo2.attention.sliding_window", config["sliding_window"])
+        writer.add_array("olmo2.attention.sliding_window_pattern",
+                         [t == "sliding_attention" for t in config["layer_types"]])
+    if arch == "granite":
+        writer.add_float32("granite.attention.scale", config["attention_multiplier"])
+        writer.add_float32("granite.embedding_scale", config["embedding_multiplier"])
+        writer.add_float32("granite.residual_scale", config["residual_multiplier"])
+        writer.add_float32("granite.logit_scale", config["logits_scaling"])
+    if arch == "phi3":
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_uint32("phi3.rope.dimension_count",
+                          int(config["partial_rotary_factor"] * config["hidden_size"]) //
+                          config["num_attention_heads"])
+        writer.add_uint32("phi3.rope.scaling.original_context_length",
+                          config["original_max_position_embeddings"])
+        writer.add_uint32("phi3.attention.sliding_window", 0)
+        scale = config["max_position_embeddings"] / config["original_max_position_embeddings"]
+        writer.add_float32("phi3.rope.scaling.attn_factor",
+                           math.sqrt(1 + math.log(scale) / math.log(
+                               config["original_max_position_embeddings"])))
+        assert head_dim * config["partial_rotary_factor"] == 2 * len(
+            config["rope_scaling"]["long_factor"])
+    if arch == "qwen35":
+        rope = config["rope_parameters"]
+        writer.add_float32("qwen35.rope.freq_base", rope["rope_theta"])
+        writer.add_uint32("qwen35.ssm.conv_kernel", config["linear_conv_kernel_dim"])
+        writer.add_uint32("qwen35.ssm.state_size", config["linear_key_head_dim"])
+        writer.add_uint32("qwen35.ssm.group_count", config["linear_num_key_heads"])
+        writer.add_uint32("qwen35.ssm.time_step_rank", config["linear_num_value_heads"])
+        writer.add_uint32("qwen35.ssm.inner_size",
+                          config["linear_value_head_dim"] * config["linear_num_value_heads"])
+        writer.add_uint32("qwen35.full_attention_interval", config["full_attention_interval"])
+        writer.add_uint32("qwen35.rope.dimension_count",
+                          int(config["head_dim"] * rope["partial_rotary_factor"]))
+        writer.add_array("qwen35.rope.dimension_sections", rope["mrope_section"] + [0])
+        if n_blocks > config["num_hidden_layers"]:
+            writer.add_uint32("qwen35.nextn_predict_layers", n_blocks - config["num_hidden_layers"])
 
-    stored = {}
+
+def write_gguf(path, model_dir, model: nn.Module, tensor_type=Q.F32, mtp: bool = False) -> dict:
+    """Write ``model`` as llama.cpp would: names mapped by gguf-py's own ``TensorNameMap``, values
+    transformed as its converter does (with ``mtp``, a copy of the last layer as a
+    multi-token-prediction block, which the import must skip); returns the float32 weights the
+    file really holds (after quantization), in mlx-lm's layout."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    arch = ARCHITECTURE[config["model_type"]]
+    n_layers = config["num_hidden_layers"]
+    n_blocks = n_layers + mtp
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_hparams(writer, arch, config, n_blocks)
+    add_byte_level_tokenizer(writer, model_dir, config["vocab_size"])
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(model_arch, n_blocks)
+
+    stored, written = {}, []
     for name, value in tree_flatten(model.parameters()):
-        array = np.array(value, dtype=np.float32)
-        kind = gguf_tensor_name(name, arch).split(".")[-2]
-        if arch == "gemma3" and kind.endswith("norm"):
-            array = array + 1
-        if arch == "llama" and kind == "attn_q":
-            array = llama_cpp_permute(array, config["num_attention_heads"])
-        if arch == "llama" and kind == "attn_k":
-            array = llama_cpp_permute(array, config["num_key_value_heads"])
-        if tensor_type != Q.F32 and array.ndim == 2:
-            data = gguf.quants.quantize(array, tensor_type)
-            writer.add_tensor(gguf_tensor_name(name, arch), data, raw_dtype=tensor_type)
-            stored[name] = gguf.quants.dequantize(
-                gguf.quants.quantize(np.array(value, dtype=np.float32), tensor_type), tensor_type
+        hf_name, array = hugging_face(name, np.array(value, dtype=np.float32), config["model_type"])
+        hf_name, array = llama_cpp(hf_name, array, arch, config)
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, hf_name
+        written.append((gguf_name, array))
+        stored[name] = np.array(value, dtype=np.float32)
+        if tensor_type != Q.F32 and array.ndim == 2 and array.shape[-1] % 32 == 0:
+            # Rows reordered at most: the same blocks, in another order (Qwen3.5 reorders
+            # columns too: what its blocks hold is not returned).
+            stored[name] = None if arch == "qwen35" else gguf.quants.dequantize(
+                gguf.quants.quantize(stored[name], tensor_type), tensor_type
             )
+    if mtp:
+        last = f"blk.{n_layers - 1}."
+        written += [(f"blk.{n_layers}." + n.removeprefix(last), a)
+                    for n, a in written if n.startswith(last)]
+    if arch == "phi3":
+        for kind in ("long", "short"):
+            factors = np.array(config["rope_scaling"][f"{kind}_factor"], dtype=np.float32)
+            written.append((f"rope_factors_{kind}.weight", factors))
+    for gguf_name, array in written:
+        if tensor_type != Q.F32 and array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, tensor_type),
+                              raw_dtype=tensor_type)
         else:
-            writer.add_tensor(gguf_tensor_name(name, arch), array)
-            stored[name] = np.array(value, dtype=np.float32)
+            writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -138,32 +253,28 @@ def write_gguf(path, model_dir, model: nn.Module, tensor_type=Q.F32) -> dict:
     return stored
 
 
-def randomize_norms(model: nn.Module, seed: int = 1) -> None:
-    """Give the norm weights distinct random values, so a swapped or offset norm shows."""
+def randomize_vectors(model: nn.Module, seed: int = 1) -> None:
+    """Give the 1-D parameters (norms, biases, Qwen3.5's A_log and dt_bias) distinct random
+    values, so a swapped, offset or reordered one shows."""
     rng = np.random.default_rng(seed)
-    norms = [
+    vectors = [
         (name, mx.array(rng.normal(0.5, 0.3, value.shape).astype(np.float32)))
         for name, value in tree_flatten(model.parameters())
-        if value.ndim == 1 and "norm" in name
+        if value.ndim == 1
     ]
-    model.load_weights(norms, strict=False)
+    model.load_weights(vectors, strict=False)
 
 
-def reference_and_import(tmp_path, model_type, tied, tensor_type=Q.F32, keep_quantized=False):
+def reference_and_import(
+    tmp_path, model_type, tied, tensor_type=Q.F32, keep_quantized=False, mtp=False
+):
     """(reference model with the weights the GGUF holds, imported model, imported tokenizer)."""
-    overrides = {}
-    if model_type == "gemma3_text":
-        # llama.cpp fixes Gemma 3's layer pattern at 5 sliding + 1 global; a short window
-        # and distinct rope bases make both kinds of layer matter.
-        overrides = dict(
-            num_hidden_layers=6, sliding_window_pattern=6, sliding_window=8, rope_theta=1e6
-        )
     model_dir = make_tiny_model(
-        tmp_path / "tiny", model_type=model_type, tied=tied, **overrides
+        tmp_path / "tiny", model_type=model_type, tied=tied, **TINY_CONFIGS.get(model_type, {})
     )
     reference, _ = load(str(model_dir))
-    randomize_norms(reference)
-    stored = write_gguf(tmp_path / "model.gguf", model_dir, reference, tensor_type)
+    randomize_vectors(reference)
+    stored = write_gguf(tmp_path / "model.gguf", model_dir, reference, tensor_type, mtp)
     reference.load_weights([(k, mx.array(v)) for k, v in stored.items()])
     imported_dir = import_gguf(
         tmp_path / "model.gguf", tmp_path / "imported", keep_quantized=keep_quantized
@@ -173,11 +284,15 @@ def reference_and_import(tmp_path, model_type, tied, tensor_type=Q.F32, keep_qua
 
 
 @pytest.mark.parametrize(
-    "model_type, tied",
-    [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", False), ("gemma3_text", True)],
+    "model_type, tied, mtp",
+    [("llama", False, False), ("llama", True, False), ("qwen2", True, False),
+     ("qwen3", False, False), ("gemma3_text", True, False), ("phi3", False, False),
+     ("phi3", True, False), ("qwen3_5", True, False), ("qwen3_5", False, True),
+     ("smollm3", True, False), ("granite", True, False), ("olmo2", False, False),
+     ("olmo3", True, False)],
 )
-def test_import_matches_original_logits(tmp_path, model_type, tied):
-    reference, model, tokenizer = reference_and_import(tmp_path, model_type, tied)
+def test_import_matches_original_logits(tmp_path, model_type, tied, mtp):
+    reference, model, tokenizer = reference_and_import(tmp_path, model_type, tied, mtp=mtp)
     assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-4, rtol=1e-4).item()
     config = json.loads((tmp_path / "imported" / "config.json").read_text())
     assert config["model_type"] == model_type
@@ -211,6 +326,21 @@ def test_quantized_import_matches_dequantized_reference(
         assert isinstance(model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     else:
         assert "quantization" not in config
+
+
+def test_qwen35_kept_blocks_match_its_dequantized_import(tmp_path):
+    """Qwen3.5's Q8_0 blocks kept quantized give the logits of the same file dequantized (whose
+    reading the float32 test checks); its out_proj, whose columns llama.cpp reorders, is
+    dequantized either way."""
+    model_dir = make_tiny_model(tmp_path / "tiny", model_type="qwen3_5", **TINY_CONFIGS["qwen3_5"])
+    source, _ = load(str(model_dir))
+    write_gguf(tmp_path / "model.gguf", model_dir, source, Q.Q8_0)
+    kept, _ = load(str(import_gguf(tmp_path / "model.gguf", tmp_path / "kept", keep_quantized=True)))
+    plain, _ = load(str(import_gguf(tmp_path / "model.gguf", tmp_path / "plain")))
+    assert mx.allclose(kept(TOKENS), plain(TOKENS), atol=1e-4, rtol=1e-4).item()
+    linear = kept.language_model.model.layers[0].linear_attn
+    assert isinstance(linear.in_proj_qkv, nn.QuantizedLinear)
+    assert type(linear.out_proj) is nn.Linear
 
 
 def test_kept_blocks_equal_mlx_gguf_reader(tmp_path):
@@ -288,14 +418,14 @@ def test_sentencepiece_tokenizer_matches_trained_one(tmp_path):
 
 
 def test_unsupported_inputs_raise(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv7")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="phi3"):
-        import_gguf(tmp_path / "phi.gguf", tmp_path / "out")
+    with pytest.raises(ValueError, match="rwkv7"):
+        import_gguf(tmp_path / "rwkv.gguf", tmp_path / "out")
     with pytest.raises(ValueError, match="float"):
-        import_gguf(tmp_path / "phi.gguf", tmp_path / "out", dtype="int8")
+        import_gguf(tmp_path / "rwkv.gguf", tmp_path / "out", dtype="int8")
 
 
 def greedy(model, tokenizer, prompt: str, max_tokens: int = 12) -> tuple[str, list[int]]:
