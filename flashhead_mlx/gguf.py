@@ -37,6 +37,7 @@ ARCHITECTURES = {
     "smollm3": "smollm3",
     "granite": "granite",
     "olmo2": "olmo2",
+    "gemma4": "gemma4_text",
 }
 # Architectures whose q/k rows llama.cpp reorders for its interleaved rotary embeddings.
 ROPE_PERMUTED = ("llama", "smollm3", "granite")
@@ -55,6 +56,9 @@ GLOBAL_TENSOR_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
+    "per_layer_token_embd": "model.embed_tokens_per_layer",
+    "per_layer_model_proj": "model.per_layer_model_projection",
+    "per_layer_proj_norm": "model.per_layer_projection_norm",
 }
 LAYER_TENSOR_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -69,14 +73,22 @@ LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+GEMMA_LAYER_TENSOR_NAMES = {
+    **LAYER_TENSOR_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 # Per architecture where it differs: a layer tensor's kind (``blk.N.KIND.weight``) -> its mlx-lm
 # module, or a tensor's whole name after ``blk.N.`` -> its mlx-lm parameter.
 ARCHITECTURE_LAYER_NAMES = {
-    "gemma3": {
-        **LAYER_TENSOR_NAMES,
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_attention_norm": "post_attention_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
+    "gemma3": GEMMA_LAYER_TENSOR_NAMES,
+    "gemma4": {
+        **GEMMA_LAYER_TENSOR_NAMES,
+        "inp_gate": "per_layer_input_gate",
+        "proj": "per_layer_projection",
+        "post_norm": "post_per_layer_input_norm",
+        "layer_output_scale.weight": "layer_scalar",
     },
     "phi3": {**LAYER_TENSOR_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
     "olmo2": {
@@ -101,7 +113,12 @@ ARCHITECTURE_LAYER_NAMES = {
 # Where an architecture's mlx-lm model keeps the text model's parameters.
 PREFIXES = {"qwen35": "language_model."}
 # Tensors read into config.json rather than weights.
-CONFIG_TENSORS = {"phi3": ("rope_factors_long.weight", "rope_factors_short.weight")}
+CONFIG_TENSORS = {
+    "phi3": ("rope_factors_long.weight", "rope_factors_short.weight"),
+    "gemma4": ("rope_freqs.weight",),
+}
+# Hyperparameters that an architecture may store per layer (a list).
+PER_LAYER_HPARAMS = {"gemma4": ("feed_forward_length", "attention.head_count_kv")}
 # Qwen3.5's tensors whose rows are value heads, which llama.cpp reorders: kind -> whether they
 # follow the query and key rows (the fused projection and its convolution's channels), and
 # whether a row is one element of a head (else one head).
@@ -268,6 +285,18 @@ def hparam(reader: GGUFFile, architecture: str, name: str, default=None, kind: s
     return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
+def layer_hparams(reader: GGUFFile, architecture: str, name: str, default=None) -> list:
+    """A hyperparameter :data:`PER_LAYER_HPARAMS` allows per layer: its values, one per layer
+    (or the one value of all layers), each a positive integer."""
+    key = f"{architecture}.{name}"
+    if not isinstance(reader.fields.get(key), list):
+        return [hparam(reader, architecture, name, default)]
+    values = metadata(reader, key, kind="ints")
+    if not values or not all(0 < v < MAX_HPARAM for v in values):
+        raise GGUFError(f"{reader.path}: metadata {key} is {brief(values)}, out of range")
+    return values
+
+
 def mtp_layers(reader: GGUFFile, architecture: str) -> int:
     """How many of the file's last blocks are multi-token-prediction layers
     (``nextn_predict_layers``), which mlx-lm's model does not run: they are not imported."""
@@ -282,6 +311,8 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
     """The mlx-lm ``config.json`` of the model, from the GGUF hyperparameters."""
 
     def get(name, default=None, kind="int"):
+        if name in PER_LAYER_HPARAMS.get(architecture, ()):  # the first layer's (gemma4_config)
+            return layer_hparams(reader, architecture, name, default)[0]
         return hparam(reader, architecture, name, default, kind)
 
     tensor_names = {tensor.name for tensor in reader.tensors}
@@ -309,7 +340,10 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
         )
     scaling = metadata(reader, f"{architecture}.rope.scaling.type", "none", kind="str")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor", kind="number")}
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": get("rope.scaling.factor", kind="number"),
+        }
     elif scaling != "none":
         raise GGUFError(
             f"{reader.path}: rope scaling {brief(scaling)} ({architecture}.rope.scaling.type) is not "
@@ -335,6 +369,8 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
         config.update(phi3_rope(reader, config, get("rope.dimension_count", head_dim)))
     if architecture == "qwen35":
         config.update(qwen35_config(reader, config, get))
+    if architecture == "gemma4":
+        config.update(gemma4_config(reader, config, get))
     vocab_size = config["vocab_size"]
     n_tokens = len(vocabulary(reader))
     if n_tokens > vocab_size:
@@ -379,6 +415,75 @@ def olmo_layers(reader: GGUFFile, config: dict) -> dict:
         "model_type": "olmo3",
         "sliding_window": hparam(reader, "olmo2", "attention.sliding_window"),
         "layer_types": ["sliding_attention" if s else "full_attention" for s in pattern],
+    }
+
+
+def gemma4_config(reader: GGUFFile, config: dict, get) -> dict:
+    """Gemma 4's layers: sliding-window and full-attention layers (``sliding_window_pattern``)
+    with their own head sizes, key/value head counts (per layer) and rotary settings, the last
+    ``shared_kv_layers`` reusing earlier layers' keys and values (and, with
+    ``feed_forward_length`` per layer, a double-wide MLP), per-layer input embeddings, and the
+    full-attention layers' partial rotation, which llama.cpp stores as the frequency factors
+    ``rope_freqs`` (1 for each rotated pair, 1e30 for the others)."""
+    n_layers = config["num_hidden_layers"]
+    pattern = metadata(reader, "gemma4.attention.sliding_window_pattern", kind="bools")
+    kv_heads = layer_hparams(reader, "gemma4", "attention.head_count_kv")
+    ffn = layer_hparams(reader, "gemma4", "feed_forward_length")
+    if pattern is None or any(len(v) not in (1, n_layers) for v in (pattern, kv_heads, ffn)):
+        raise GGUFError(
+            f"{reader.path}: metadata gemma4.attention.sliding_window_pattern, "
+            "attention.head_count_kv and feed_forward_length must be given for its "
+            f"{n_layers} layers"
+        )
+    pattern = pattern * n_layers if len(pattern) == 1 else pattern
+    by_kind = {s: {kv_heads[i % len(kv_heads)] for i in range(n_layers) if pattern[i] == s}
+               for s in (True, False)}
+    if any(len(counts) > 1 for counts in by_kind.values()):
+        raise GGUFError(f"{reader.path}: gemma4 layers of one kind have different kv head counts")
+    shared = metadata(reader, "gemma4.attention.shared_kv_layers", 0, kind="int")
+    per_layer_size = metadata(reader, "gemma4.embedding_length_per_layer_input", 0, kind="int")
+    if not (0 <= shared < n_layers and 0 <= per_layer_size < MAX_HPARAM):
+        raise GGUFError(
+            f"{reader.path}: metadata gemma4.attention.shared_kv_layers {shared} or "
+            f"embedding_length_per_layer_input {per_layer_size} is out of range"
+        )
+    head_dim, global_head_dim = get("attention.key_length_swa"), get("attention.key_length")
+    freqs = dequantize(tensor_named(reader, CONFIG_TENSORS["gemma4"][0]))
+    if freqs.shape != (global_head_dim // 2,) or not np.isin(freqs, np.float32([1, 1e30])).all():
+        raise GGUFError(
+            f"{reader.path}: rope_freqs is not {global_head_dim // 2} factors of 1 or 1e30"
+        )
+    names = {tensor.name for tensor in reader.tensors}
+    full = [i for i in range(n_layers) if not pattern[i]]
+    return {
+        "head_dim": head_dim,
+        "global_head_dim": global_head_dim,
+        "num_key_value_heads": min(by_kind[True] or by_kind[False]),
+        "num_global_key_value_heads": min(by_kind[False] or by_kind[True]),
+        "attention_k_eq_v": bool(full) and f"blk.{full[0]}.attn_v.weight" not in names,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in pattern],
+        "sliding_window": get("attention.sliding_window"),
+        "num_kv_shared_layers": shared,
+        "intermediate_size": ffn[0],
+        "use_double_wide_mlp": len(set(ffn)) > 1,
+        "hidden_size_per_layer_input": per_layer_size,
+        "vocab_size_per_layer_input": (
+            tensor_shape(reader, "per_layer_token_embd.weight")[0] if per_layer_size else
+            config["vocab_size"]
+        ),
+        "final_logit_softcapping": get("final_logit_softcapping", kind="number"),
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 2 * int((freqs == 1.0).sum()) / global_head_dim,
+                "rope_theta": config["rope_theta"],
+            },
+            "sliding_attention": {
+                "rope_type": "default",
+                "partial_rotary_factor": get("rope.dimension_count_swa", head_dim) / head_dim,
+                "rope_theta": get("rope.freq_base_swa", 10000.0, kind="number"),
+            },
+        },
     }
 
 
@@ -696,6 +801,18 @@ def bpe_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
     return [(l, r) for _, l, r in merges]
 
 
+def file_merges(reader: GGUFFile) -> list[tuple[str, str]]:
+    """The BPE merges of ``tokenizer.ggml.merges``: ``"left right"``, split at the first space
+    after the first character (a left piece may start with one)."""
+    merges = metadata(reader, "tokenizer.ggml.merges", [], kind="strings")
+    split = [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in merges if m.find(" ", 1) > 0]
+    if len(split) != len(merges):
+        raise GGUFError(
+            f"{reader.path}: metadata tokenizer.ggml.merges holds a merge without a space"
+        )
+    return split
+
+
 def build_tokenizer(reader: GGUFFile) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
     tokenizer_model = metadata(reader, "tokenizer.ggml.model", kind="str")
@@ -713,18 +830,23 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
                 f"{reader.path}: byte-level pre-tokenizer {brief(pre)} (tokenizer.ggml.pre) is not "
                 f"supported; supported: {', '.join(sorted(BYTE_LEVEL_SPLITS))}"
             )
-        merges = metadata(reader, "tokenizer.ggml.merges", [], kind="strings")
-        merges = [tuple(m.split(" ", 1)) for m in merges]
-        if any(len(merge) != 2 for merge in merges):
-            raise GGUFError(
-                f"{reader.path}: metadata tokenizer.ggml.merges holds a merge without a space"
-            )
-        tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, file_merges(reader)))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in BYTE_LEVEL_SPLITS[pre]]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tokenizer.decoder = decoders.ByteLevel()
+    elif tokenizer_model == "gemma4":
+        # BPE over the text itself, spaces as "\u2581" (no byte-level mapping, no prefix space),
+        # a byte that no token holds as its <0xXX> token.
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tokenizer = Tokenizer(models.BPE(vocab, file_merges(reader), byte_fallback=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="never", split=False
+        )
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
     elif tokenizer_model == "llama":
         # Sentencepiece BPE. Tokens made only of spaces are stored with real spaces.
         tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
@@ -759,7 +881,8 @@ def build_tokenizer(reader: GGUFFile) -> Tokenizer:
     else:
         raise GGUFError(
             f"{reader.path}: tokenizer {brief(tokenizer_model)} (tokenizer.ggml.model) is not "
-            "supported; supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)"
+            "supported; supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE), 'gemma4' "
+            "(BPE on the text)"
         )
     tokenizer.add_special_tokens(
         [

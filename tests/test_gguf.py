@@ -19,7 +19,7 @@ from flashhead_mlx.gguf_file import GGUFError, GGUFFile
 Q = gguf.GGMLQuantizationType
 ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
                 "phi3": "phi3", "qwen3_5": "qwen35", "smollm3": "smollm3", "granite": "granite",
-                "olmo2": "olmo2", "olmo3": "olmo2"}
+                "olmo2": "olmo2", "olmo3": "olmo2", "gemma4_text": "gemma4"}
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
 SAMPLES = [
     "It is a truth universally acknowledged.",
@@ -27,6 +27,7 @@ SAMPLES = [
     "Ünïcödé — “quotes” and emoji 🙂!",
 ]
 TOKENS = mx.array([[5, 17, 300, 2, 999, 42, 7, 123, 64, 65, 511, 0, 8, 9, 10, 11, 12, 13]])
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 def llama_cpp_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to llama q/k rows."""
@@ -79,6 +80,35 @@ TINY_CONFIGS = {
     "granite": dict(logits_scaling=8.0, embedding_multiplier=2.0, attention_multiplier=0.2,
                     residual_multiplier=0.5, attention_bias=False, mlp_bias=False),
     "olmo3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    # Gemma 4 as its small models: per-layer inputs, the last layer reusing an earlier one's keys
+    # and values (and a double-wide MLP), wider full-attention heads with a quarter rotated.
+    "gemma4_text": dict(
+        num_hidden_layers=4, global_head_dim=32, num_kv_shared_layers=1, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
+        use_double_wide_mlp=True, final_logit_softcapping=30.0,
+        rope_parameters={
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1.0,
+                                  "rope_theta": 1e4},
+        },
+    ),
+    # Gemma 4 as its large dense model: full-attention layers whose keys are their values, with
+    # their own kv head count (per layer in the file), no per-layer inputs.
+    "gemma4_text/k_eq_v": dict(
+        num_hidden_layers=2, global_head_dim=32, num_kv_shared_layers=0, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attention_k_eq_v=True,
+        num_global_key_value_heads=1, hidden_size_per_layer_input=0, use_double_wide_mlp=False,
+        final_logit_softcapping=30.0,
+        rope_parameters={
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1.0,
+                                  "rope_theta": 1e4},
+        },
+    ),
     # One linear-attention layer (4 value heads on 2 key heads: llama.cpp reorders them) and one
     # full-attention layer.
     "qwen3_5": dict(
@@ -116,6 +146,8 @@ def reorder_v_heads(array: np.ndarray, axis: int, key_heads: int, head_size: int
 def llama_cpp(name: str, value: np.ndarray, arch: str, config: dict) -> tuple[str, np.ndarray]:
     """What llama.cpp's convert_hf_to_gguf.py does to a Hugging Face tensor before its name is
     mapped: (the name it maps, the value it writes)."""
+    if arch == "gemma4" and name.endswith("layer_scalar"):
+        name += ".weight"
     if arch == "gemma3" and name.endswith("norm.weight"):
         value = value + 1
     if arch in ("llama", "smollm3", "granite") and name.endswith("q_proj.weight"):
@@ -151,11 +183,12 @@ def add_hparams(writer: gguf.GGUFWriter, arch: str, config: dict, n_blocks: int)
     writer.add_uint32(f"{arch}.block_count", n_blocks)
     writer.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
     writer.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
-    writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
     writer.add_uint32(f"{arch}.attention.head_count", config["num_attention_heads"])
-    writer.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    if arch != "qwen35":
+    if arch != "gemma4":  # per layer
+        writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
+        writer.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
+    if arch not in ("qwen35", "gemma4"):  # from rope_parameters
         writer.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
     if arch in ("qwen3", "gemma3", "qwen35"):
         writer.add_uint32(f"{arch}.attention.key_length", config["head_dim"])
@@ -185,6 +218,8 @@ def add_hparams(writer: gguf.GGUFWriter, arch: str, config: dict, n_blocks: int)
                                config["original_max_position_embeddings"])))
         assert head_dim * config["partial_rotary_factor"] == 2 * len(
             config["rope_scaling"]["long_factor"])
+    if arch == "gemma4":
+        add_gemma4_hparams(writer, config, n_blocks)
     if arch == "qwen35":
         rope = config["rope_parameters"]
         writer.add_float32("qwen35.rope.freq_base", rope["rope_theta"])
@@ -200,6 +235,48 @@ def add_hparams(writer: gguf.GGUFWriter, arch: str, config: dict, n_blocks: int)
         writer.add_array("qwen35.rope.dimension_sections", rope["mrope_section"] + [0])
         if n_blocks > config["num_hidden_layers"]:
             writer.add_uint32("qwen35.nextn_predict_layers", n_blocks - config["num_hidden_layers"])
+
+
+def add_gemma4_hparams(writer: gguf.GGUFWriter, config: dict, n_blocks: int) -> None:
+    """What llama.cpp's Gemma4Model writes beyond the common hyperparameters."""
+    swa = [t == "sliding_attention" for t in config["layer_types"]]
+    shared_from = n_blocks - config["num_kv_shared_layers"]
+    rope = config["rope_parameters"]
+    n_ff = config["intermediate_size"]
+    if config["use_double_wide_mlp"]:
+        writer.add_array("gemma4.feed_forward_length",
+                         [n_ff if i < shared_from else 2 * n_ff for i in range(n_blocks)])
+    else:
+        writer.add_uint32("gemma4.feed_forward_length", n_ff)
+    if config.get("num_global_key_value_heads") is not None:
+        writer.add_array("gemma4.attention.head_count_kv",
+                         [config["num_key_value_heads"] if s else
+                          config["num_global_key_value_heads"] for s in swa])
+    else:
+        writer.add_uint32("gemma4.attention.head_count_kv", config["num_key_value_heads"])
+    writer.add_uint32("gemma4.attention.key_length", config["global_head_dim"])
+    writer.add_uint32("gemma4.attention.value_length", config["global_head_dim"])
+    writer.add_uint32("gemma4.attention.key_length_swa", config["head_dim"])
+    writer.add_uint32("gemma4.attention.value_length_swa", config["head_dim"])
+    writer.add_float32("gemma4.rope.freq_base", rope["full_attention"]["rope_theta"])
+    writer.add_float32("gemma4.rope.freq_base_swa", rope["sliding_attention"]["rope_theta"])
+    writer.add_float32("gemma4.final_logit_softcapping", config["final_logit_softcapping"])
+    writer.add_uint32("gemma4.attention.sliding_window", config["sliding_window"])
+    writer.add_uint32("gemma4.attention.shared_kv_layers", config["num_kv_shared_layers"])
+    writer.add_uint32("gemma4.embedding_length_per_layer_input",
+                      config["hidden_size_per_layer_input"])
+    writer.add_array("gemma4.attention.sliding_window_pattern", swa)
+    writer.add_uint32("gemma4.rope.dimension_count", config["global_head_dim"])
+    writer.add_uint32("gemma4.rope.dimension_count_swa", int(
+        config["head_dim"] * rope["sliding_attention"]["partial_rotary_factor"]))
+
+
+def gemma4_rope_freqs(config: dict) -> np.ndarray:
+    """The full-attention layers' frequency factors llama.cpp writes as ``rope_freqs``."""
+    head_dim = config["global_head_dim"]
+    rotated = int(head_dim * config["rope_parameters"]["full_attention"]["partial_rotary_factor"]
+                  / 2)
+    return np.array([1.0] * rotated + [1e30] * (head_dim // 2 - rotated), dtype=np.float32)
 
 
 def write_gguf(path, model_dir, model: nn.Module, tensor_type=Q.F32, mtp: bool = False) -> dict:
@@ -236,6 +313,8 @@ def write_gguf(path, model_dir, model: nn.Module, tensor_type=Q.F32, mtp: bool =
         last = f"blk.{n_layers - 1}."
         written += [(f"blk.{n_layers}." + n.removeprefix(last), a)
                     for n, a in written if n.startswith(last)]
+    if arch == "gemma4":
+        written.append(("rope_freqs.weight", gemma4_rope_freqs(config)))
     if arch == "phi3":
         for kind in ("long", "short"):
             factors = np.array(config["rope_scaling"][f"{kind}_factor"], dtype=np.float32)
@@ -268,9 +347,11 @@ def randomize_vectors(model: nn.Module, seed: int = 1) -> None:
 def reference_and_import(
     tmp_path, model_type, tied, tensor_type=Q.F32, keep_quantized=False, mtp=False
 ):
-    """(reference model with the weights the GGUF holds, imported model, imported tokenizer)."""
+    """(reference model with the weights the GGUF holds, imported model, imported tokenizer);
+    ``model_type`` an mlx-lm model type, or a key of :data:`TINY_CONFIGS` (``TYPE/VARIANT``)."""
     model_dir = make_tiny_model(
-        tmp_path / "tiny", model_type=model_type, tied=tied, **TINY_CONFIGS.get(model_type, {})
+        tmp_path / "tiny", model_type=model_type.split("/")[0], tied=tied,
+        **TINY_CONFIGS.get(model_type, {}),
     )
     reference, _ = load(str(model_dir))
     randomize_vectors(reference)
@@ -289,13 +370,14 @@ def reference_and_import(
      ("qwen3", False, False), ("gemma3_text", True, False), ("phi3", False, False),
      ("phi3", True, False), ("qwen3_5", True, False), ("qwen3_5", False, True),
      ("smollm3", True, False), ("granite", True, False), ("olmo2", False, False),
-     ("olmo3", True, False)],
+     ("olmo3", True, False), ("gemma4_text", True, False),
+     ("gemma4_text/k_eq_v", False, False)],
 )
 def test_import_matches_original_logits(tmp_path, model_type, tied, mtp):
     reference, model, tokenizer = reference_and_import(tmp_path, model_type, tied, mtp=mtp)
     assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-4, rtol=1e-4).item()
     config = json.loads((tmp_path / "imported" / "config.json").read_text())
-    assert config["model_type"] == model_type
+    assert config["model_type"] == model_type.split("/")[0]
     assert config["tie_word_embeddings"] == tied
     assert "quantization" not in config
 
@@ -335,7 +417,8 @@ def test_qwen35_kept_blocks_match_its_dequantized_import(tmp_path):
     model_dir = make_tiny_model(tmp_path / "tiny", model_type="qwen3_5", **TINY_CONFIGS["qwen3_5"])
     source, _ = load(str(model_dir))
     write_gguf(tmp_path / "model.gguf", model_dir, source, Q.Q8_0)
-    kept, _ = load(str(import_gguf(tmp_path / "model.gguf", tmp_path / "kept", keep_quantized=True)))
+    kept_dir = import_gguf(tmp_path / "model.gguf", tmp_path / "kept", keep_quantized=True)
+    kept, _ = load(str(kept_dir))
     plain, _ = load(str(import_gguf(tmp_path / "model.gguf", tmp_path / "plain")))
     assert mx.allclose(kept(TOKENS), plain(TOKENS), atol=1e-4, rtol=1e-4).item()
     linear = kept.language_model.model.layers[0].linear_attn
@@ -382,39 +465,66 @@ def test_byte_level_tokenizer_round_trips(tmp_path):
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
-def test_sentencepiece_tokenizer_matches_trained_one(tmp_path):
-    """A sentencepiece-style vocabulary (no merges in the file, only scores) encodes like the
-    BPE tokenizer it came from."""
+def trained_bpe(prepend_scheme: str):
+    """A byte-fallback BPE tokenizer trained on 200k characters of Austen, spaces as "▁"
+    (``prepend_scheme`` of the ``Metaspace`` pre-tokenizer), and its vocabulary in id order."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     text = (AUSTEN_DIR / "calibration.txt").read_text()[:200_000]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme, split=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False
+        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"] + BYTE_TOKENS, show_progress=False
     )
     trained.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
     vocab = trained.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
-    writer.add_string("tokenizer.ggml.model", "llama")
+    return trained, sorted(vocab, key=vocab.get)
+
+
+def write_vocabulary(path, model: str, tokens: list, **arrays) -> None:
+    """A GGUF file holding only a vocabulary (``tokenizer.ggml.model`` ``model``) and ``arrays``
+    (``tokenizer.ggml.NAME``)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.model", model)
     writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))])
     writer.add_array(
         "tokenizer.ggml.token_type",
-        [3 if t in ("<unk>", "<s>", "</s>") else 6 if t in byte_tokens else 1 for t in tokens],
+        [3 if t in ("<unk>", "<s>", "</s>") else 6 if t in BYTE_TOKENS else 1 for t in tokens],
     )
-    writer.add_uint32("tokenizer.ggml.unknown_token_id", vocab["<unk>"])
+    for name, values in arrays.items():
+        writer.add_array(f"tokenizer.ggml.{name}", values)
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", tokens.index("<unk>"))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
 
-    tokenizer = build_tokenizer(GGUFFile(tmp_path / "spm.gguf"))
+
+def assert_encodes_like(tokenizer, trained) -> None:
+    """``tokenizer`` encodes held-out Austen (and bytes no token holds) as ``trained`` does, and
+    decodes it back."""
     held_out = (AUSTEN_DIR / "calibration.txt").read_text()[300_000:310_000] + " 😀 ∮"
     for line in held_out.splitlines():
         assert tokenizer.encode(line).ids == trained.encode(line).ids
         assert tokenizer.decode(tokenizer.encode(line).ids) == line
+
+
+def test_sentencepiece_tokenizer_matches_trained_one(tmp_path):
+    """A sentencepiece-style vocabulary (no merges in the file, only scores) encodes like the
+    BPE tokenizer it came from."""
+    trained, tokens = trained_bpe("first")
+    scores = [-float(i) for i in range(len(tokens))]
+    write_vocabulary(tmp_path / "spm.gguf", "llama", tokens, scores=scores)
+    assert_encodes_like(build_tokenizer(GGUFFile(tmp_path / "spm.gguf")), trained)
+
+
+def test_gemma4_tokenizer_matches_trained_one(tmp_path):
+    """Gemma 4's vocabulary (``gemma4``: merges in the file, no prefix space) encodes like the
+    BPE tokenizer it came from."""
+    trained, tokens = trained_bpe("never")
+    merges = json.loads(trained.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    write_vocabulary(tmp_path / "gemma4.gguf", "gemma4", tokens, merges=merges)
+    assert_encodes_like(build_tokenizer(GGUFFile(tmp_path / "gemma4.gguf")), trained)
 
 
 def test_unsupported_inputs_raise(tmp_path):

@@ -118,8 +118,9 @@ def test_unsupported_gguf_architecture_names_it_and_the_list(tmp_path):
     )
     assert message == (
         f"{tmp_path / 'rwkv.gguf'}: GGUF architecture 'rwkv7' is not supported; the GGUF import "
-        "reads gemma3, granite, llama, olmo2, phi3, qwen2, qwen3, qwen35, smollm3 (docs/cli.md, "
-        "under convert); convert the model from its Hugging Face repo or an mlx-lm folder instead"
+        "reads gemma3, gemma4, granite, llama, olmo2, phi3, qwen2, qwen3, qwen35, smollm3 "
+        "(docs/cli.md, under convert); convert the model from its Hugging Face repo or an mlx-lm "
+        "folder instead"
     )
     nothing_left(tmp_path, "rwkv.gguf")
 
