@@ -61,6 +61,12 @@ def add_byte_level_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir, vocab_size:
     writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
 
 
+# Gemma 4's rotary settings: a quarter of each full-attention head rotated ("proportional").
+GEMMA4_ROPE = {
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                       "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1.0, "rope_theta": 1e4},
+}
 # Tiny configs of the architectures where make_tiny_model's default is not enough.
 TINY_CONFIGS = {
     # llama.cpp fixes Gemma 3's layer pattern at 5 sliding + 1 global; a short window and
@@ -88,12 +94,7 @@ TINY_CONFIGS = {
                      "sliding_attention"],
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
         use_double_wide_mlp=True, final_logit_softcapping=30.0,
-        rope_parameters={
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1.0,
-                                  "rope_theta": 1e4},
-        },
+        rope_parameters=GEMMA4_ROPE,
     ),
     # Gemma 4 as its large dense model: full-attention layers whose keys are their values, with
     # their own kv head count (per layer in the file), no per-layer inputs.
@@ -102,12 +103,7 @@ TINY_CONFIGS = {
         layer_types=["sliding_attention", "full_attention"], attention_k_eq_v=True,
         num_global_key_value_heads=1, hidden_size_per_layer_input=0, use_double_wide_mlp=False,
         final_logit_softcapping=30.0,
-        rope_parameters={
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1.0,
-                                  "rope_theta": 1e4},
-        },
+        rope_parameters=GEMMA4_ROPE,
     ),
     # One linear-attention layer (4 value heads on 2 key heads: llama.cpp reorders them) and one
     # full-attention layer.
