@@ -48,8 +48,8 @@ from .generation import generate_step, stream_generate
 from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
-from .model_head import final_hidden_states, head_module, is_tied, language_model
-from .probe import probe_head, set_module
+from .model_head import final_hidden_states, head_module, is_tied
+from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 from .verified import Verification
@@ -85,14 +85,27 @@ def head_bytes_read(model: nn.Module) -> float:
     return stage1 + rows * (row_bytes(head) + head.order.itemsize)
 
 
+def embedding_tables(model: nn.Module) -> List[nn.Module]:
+    """The model's embedding tables, each once: the modules a decode step reads one row of per
+    token (the token embedding, a tied head's table, position or per-layer embeddings)."""
+    tables = {}
+    for _, module in model.named_modules():
+        if isinstance(module, (*EMBEDDING_HEADS, FlashEmbedding)):
+            tables.setdefault(id(module), module)
+    return list(tables.values())
+
+
 def bytes_per_token(model: nn.Module) -> float:
-    """Bytes of weights one decode step reads at B = 1: every parameter once, except the token
-    embedding table (one row of it is read) and the head (:func:`head_bytes_read`). The logits
-    written (V floats, the same for both heads) are not counted."""
-    embedding, head = language_model(model).model.embed_tokens, head_module(model)
-    skipped = parameter_bytes(embedding) + (0 if head is embedding else parameter_bytes(head))
-    lookup = row_bytes(embedding.head if isinstance(embedding, FlashEmbedding) else embedding)
-    return parameter_bytes(model) - skipped + lookup + head_bytes_read(model)
+    """Bytes of weights one decode step reads at B = 1: every parameter once, except the
+    embedding tables (one row of each is read, :func:`embedding_tables`) and the head found by
+    probing (:func:`head_bytes_read`). The logits written (V floats, the same for both heads)
+    are not counted."""
+    head, tables = head_module(model), embedding_tables(model)
+    skipped = sum(parameter_bytes(t) for t in tables)
+    if all(t is not head for t in tables):
+        skipped += parameter_bytes(head)
+    lookups = sum(row_bytes(t.head if isinstance(t, FlashEmbedding) else t) for t in tables)
+    return parameter_bytes(model) - skipped + lookups + head_bytes_read(model)
 
 
 def decode_step(model: nn.Module) -> Callable[[mx.array], mx.array]:

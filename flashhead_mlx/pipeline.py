@@ -29,6 +29,7 @@ from .durable import publish_folder, reclaim_stages, stage_folder
 from .head import FlashHead
 from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
+from .probe import probe_head
 from .sampling import fit_mass_bias
 from .storage import check_free_space, check_writable, storage_error
 from .suite import model_fingerprint
@@ -80,7 +81,7 @@ def _prepare_mlx_model(
         raise ValueError(
             f"{model}: model type {unsupported[1]!r} is not one mlx-lm {mlx_lm.__version__} "
             f"supports (its model types are the modules in {models}; FlashHead converts any of "
-            "them whose head is lm_head or the tied embed_tokens)"
+            "them whose head it can serve exactly: docs/architectures.md)"
         ) from error
     card = Path(model).expanduser() / CARD_FILE
     if looks_like_path and card.is_file():
@@ -291,6 +292,7 @@ def install_flashhead(
         **result,
         head_module=head_module(model),
         provenance=provenance,
+        head=probe_head(model).config(),
         model_file=model_file,
         card=lambda config: render_folder_card(path, config, **(card or {})),
     )

@@ -108,20 +108,21 @@ def test_truncated_real_gguf(tmp_path):
 
 
 def test_unsupported_gguf_architecture_names_it_and_the_list(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv7")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
     message = one_line_error(
-        run_cli("convert", "--model", str(tmp_path / "phi.gguf"), "--output", str(tmp_path / "o")),
+        run_cli("convert", "--model", str(tmp_path / "rwkv.gguf"), "--output", str(tmp_path / "o")),
         "convert",
     )
     assert message == (
-        f"{tmp_path / 'phi.gguf'}: GGUF architecture 'phi3' is not supported; the GGUF import "
-        "reads gemma3, llama, qwen2, qwen3 (docs/cli.md, under convert); convert the model "
-        "from its Hugging Face repo or an mlx-lm folder instead"
+        f"{tmp_path / 'rwkv.gguf'}: GGUF architecture 'rwkv7' is not supported; the GGUF import "
+        "reads gemma3, gemma4, granite, llama, olmo2, phi3, qwen2, qwen3, qwen35, smollm3 "
+        "(docs/cli.md, under convert); convert the model from its Hugging Face repo or an mlx-lm "
+        "folder instead"
     )
-    nothing_left(tmp_path, "phi.gguf")
+    nothing_left(tmp_path, "rwkv.gguf")
 
 
 def test_unsupported_mlx_model_type_names_it_and_the_list(tmp_path):
@@ -134,8 +135,8 @@ def test_unsupported_mlx_model_type_names_it_and_the_list(tmp_path):
     models = Path(mlx_lm.__file__).parent / "models"
     assert str(error.value) == (
         f"{folder}: model type 'phi9' is not one mlx-lm {mlx_lm.__version__} supports (its model "
-        f"types are the modules in {models}; FlashHead converts any of them whose head is lm_head "
-        "or the tied embed_tokens)"
+        f"types are the modules in {models}; FlashHead converts any of them whose head "
+        "it can serve exactly: docs/architectures.md)"
     )
     nothing_left(tmp_path, "tiny")
 
