@@ -209,3 +209,16 @@ def without_recent_tokens(model):
         yield
     finally:
         head.recent_tokens = saved
+
+
+@contextlib.contextmanager
+def broken_kernels():
+    """The CPU emulator (:func:`flashhead_mlx.testing.metal_emulator.emulate`, yielding its
+    launches), with every kernel's source ending in an ``#error``: no kernel compiles."""
+    from flashhead_mlx.testing.metal_emulator import emulate
+
+    with emulate() as launches, pytest.MonkeyPatch.context() as mp:
+        factory = mx.fast.metal_kernel
+        mp.setattr(mx.fast, "metal_kernel", lambda **kw: factory(
+            **{**kw, "source": kw["source"] + "\n#error forced by the test\n"}))
+        yield launches
