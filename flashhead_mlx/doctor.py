@@ -48,8 +48,8 @@ from .report import device_description, table
 from .timing import alternate
 
 EMULATED = "emulated: correctness only, no speed"
-# The synthetic head: SmolLM2-135M's vocabulary and hidden size, 4-bit rows (group 64, bfloat16
-# scales, as mlx-community's 4-bit models), clusters of 16, n_probes as tuned for SmolLM2.
+# The synthetic head: SmolLM2-135M's vocabulary and hidden size, clusters of 16, n_probes as
+# tuned for SmolLM2; 4-bit rows with Metal, float32 without (synthetic_head).
 SYNTHETIC = {"vocab_size": 49152, "hidden_size": 576, "cluster_size": 16, "n_probes": 286}
 # Decode-step inputs per timed run, prompt and generated tokens of the decode speed.
 N_INPUTS = 16
@@ -82,26 +82,28 @@ def machine_facts() -> dict:
 
 
 def synthetic_head(vocab_size: int, hidden_size: int, cluster_size: int, n_probes: int,
-                   seed: int = 0) -> tuple:
-    """A FlashHead over random 4-bit rows (group 64, bfloat16 scales) in random clusters, with
-    the dense head's decode step on the same rows: ``(head, dense_step)``."""
-    key = mx.random.key(seed)
-    rows = (0.05 * mx.random.normal((vocab_size, hidden_size), key=key)).astype(mx.bfloat16)
-    weight, scales, biases = mx.quantize(rows, group_size=64, bits=4)
+                   quantized: bool, seed: int = 0) -> tuple:
+    """A FlashHead over random rows in random clusters, with the dense head's decode step on the
+    same rows: ``(head, dense_step)``. ``quantized``: 4-bit rows (group 64, bfloat16 scales, as
+    mlx-community's 4-bit models), else float32 (MLX's CPU has no fast 4-bit matmul)."""
+    key, order_key = mx.random.split(mx.random.key(seed))
+    rows = 0.05 * mx.random.normal((vocab_size, hidden_size), key=key)
+    packed = mx.quantize(rows.astype(mx.bfloat16), group_size=64, bits=4) if quantized else None
+    if packed is not None:
+        rows = mx.dequantize(*packed, group_size=64, bits=4)
     n_clusters = -(-vocab_size // cluster_size)
-    order = mx.random.permutation(n_clusters * cluster_size, key=mx.random.split(key)[1])
-    order = order.astype(mx.int32)
+    order = mx.random.permutation(n_clusters * cluster_size, key=order_key).astype(mx.int32)
     order = mx.where(order < vocab_size, order, -1)
-    dequantized = mx.dequantize(weight, scales, biases, group_size=64, bits=4)
-    slots = dequantized[mx.maximum(order, 0)].reshape(n_clusters, cluster_size, -1)
+    slots = rows[mx.maximum(order, 0)].reshape(n_clusters, cluster_size, -1)
     real = (order >= 0).reshape(n_clusters, cluster_size, 1)
     centroids = (slots * real).sum(axis=1) / real.sum(axis=1)
     clusters = {"order": order, "centroids": centroids, "cluster_bias": mx.zeros(n_clusters)}
-    head = FlashHead(make_assets(clusters, n_probes), weight, scales, biases, group_size=64,
-                     bits=4)
+    weight, scales, biases = packed or (rows, None, None)
+    quantization = {"group_size": 64, "bits": 4} if quantized else {}
+    head = FlashHead(make_assets(clusters, n_probes), weight, scales, biases, **quantization)
 
     def dense_step(h: mx.array) -> mx.array:
-        return row_logits(h, weight, scales, biases, 64, 4)
+        return row_logits(h, weight, scales, biases, **quantization)
 
     return head, dense_step
 
@@ -161,13 +163,14 @@ def doctor(model: Optional[str] = None, runs: int = RUNS, gen_tokens: int = GEN_
     result = {"machine": machine_facts(), "model": model,
               "kernels_forced": forced_path(), "emulated": not metal}
     if model is None:
-        head, dense_step = synthetic_head(**SYNTHETIC)
+        head, dense_step = synthetic_head(**SYNTHETIC, quantized=metal)
         flash_step = decode_step_of(head)
         d = SYNTHETIC["hidden_size"]
         dtype = head.cluster_bias.dtype
         inputs = {b: [mx.random.normal((b, 1, d), key=mx.random.key(i)).astype(dtype)
                       for i in range(N_INPUTS)] for b in BATCH_SIZES}
-        result["head"] = f"synthetic, SmolLM2-135M's shape: {head}"
+        rows = "4-bit" if metal else "float32"
+        result["head"] = f"synthetic, SmolLM2-135M's shape, {rows} rows: {head}"
     else:
         dense, tokenizer = load(model, flashhead=False)
         flash, _ = load(model)

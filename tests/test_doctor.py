@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from conftest import broken_kernels, make_tiny_model
+from conftest import broken_kernels
 from flashhead_mlx import doctor, flash_head, load
-from flashhead_mlx.pipeline import convert
 
 KEYS = {"machine", "model", "kernels_forced", "emulated", "head", "kernels", "head_ms", "decode",
         "path"}
@@ -18,19 +17,12 @@ KERNEL_KEYS = {"stage", "rows", "emulated", "compiled", "error", "mismatch", "ke
                "path", "reason"}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("doctor")
-    return convert(str(make_tiny_model(folder / "tiny")), str(folder / "tiny-flashhead"),
-                   calibration_tokens=256)
-
-
-def test_doctor_json_and_report(converted, tmp_path, monkeypatch, capsys):
+def test_doctor_json_and_report(tiny_converted, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLASHHEAD_KERNELS", raising=False)
     monkeypatch.setattr(doctor, "RUNS", 1)
     monkeypatch.setattr(doctor, "GEN_TOKENS", 8)
     out = tmp_path / "doctor.json"
-    monkeypatch.setattr(sys, "argv", ["flashhead-mlx doctor", "--model", str(converted),
+    monkeypatch.setattr(sys, "argv", ["flashhead-mlx doctor", "--model", str(tiny_converted),
                                       "--json", str(out)])
     doctor.main()
     result = json.loads(out.read_text())
@@ -52,10 +44,10 @@ def test_doctor_json_and_report(converted, tmp_path, monkeypatch, capsys):
     assert doctor.EMULATED in text and "FlashHead" in text and "Decode" in text
 
 
-def test_broken_kernels_are_reported(converted, monkeypatch):
+def test_broken_kernels_are_reported(tiny_converted, monkeypatch):
     """A kernel that does not compile (in the emulator) is reported with the compiler's error."""
     monkeypatch.setattr(doctor, "emulated_kernels", broken_kernels)
-    model, _ = load(str(converted))
+    model, _ = load(str(tiny_converted))
     results = doctor.kernel_results(flash_head(model), emulated=True)
     assert len(results) == 4
     assert all(not t["compiled"] and "forced by the test" in t["error"] for t in results)
