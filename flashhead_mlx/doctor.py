@@ -32,8 +32,7 @@ from .blas import blas_name
 from .calibration import TUNING_TEXT
 from .decode import decoding
 from .head import FlashHead
-from .kernels import row_logits
-from .kernels._common import forced_path, kernel_path
+from .kernels import forced_path, kernel_path, row_logits
 from .kernels.selftest import (
     RUNS,
     centroid_topk_case,
