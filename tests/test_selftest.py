@@ -11,7 +11,7 @@ import pytest
 from conftest import broken_kernels, make_clusters
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
-from flashhead_mlx.kernels import selftest
+from flashhead_mlx.kernels import kernel_path, selftest
 from flashhead_mlx.testing.metal_emulator import emulate
 
 VOCAB, DIMS, N_PROBES = 200, 64, 4
@@ -185,12 +185,15 @@ def test_source_hash_follows_the_sources(tmp_path):
     assert selftest.source_hash(files) != before
 
 
+@pytest.mark.parametrize("by", ["env", "block"])
 @pytest.mark.parametrize("forced", ["metal", "mlx"])
-def test_forced_path_skips_the_self_test(head, fresh, monkeypatch, forced):
-    monkeypatch.setenv("FLASHHEAD_KERNELS", forced)
+def test_forced_path_skips_the_self_test(head, fresh, monkeypatch, forced, by):
+    """FLASHHEAD_KERNELS, or a kernel_path block (doctor's timing of each path), forces a path."""
+    if by == "env":
+        monkeypatch.setenv("FLASHHEAD_KERNELS", forced)
     monkeypatch.setattr(selftest, "self_test", lambda *a, **k: pytest.fail("self-tested"))
     h = h_rows(1)
-    with emulate() as launches:
+    with emulate() as launches, kernel_path(forced if by == "block" else None):
         got = run_head(head, h)
     assert sorted(launches) == (sorted(STAGES * 2) if forced == "metal" else [])
     assert not fresh.exists()
@@ -221,3 +224,13 @@ def test_checks_are_tie_aware():
     assert argmax(np.array([12]), logits + [[0, 0, 0.1, 0]], np.array([12]), logits, tokens)
     moved = np.array([[1.0, 3.0, -np.inf, 3.0]], np.float32)
     assert "padding" in argmax(np.array([12]), moved, np.array([12]), logits, tokens)
+
+
+def test_a_bad_cache_file_is_replaced(fresh):
+    fresh.write_text("{not json")
+    assert selftest.read_cache() == {}
+    selftest.save_decision("a key", {"path": "mlx"})
+    assert json.loads(fresh.read_text()) == {"format": selftest.CACHE_FORMAT,
+                                            "decisions": {"a key": {"path": "mlx"}}}
+    fresh.write_text(json.dumps({"format": selftest.CACHE_FORMAT + 1, "decisions": {"k": {}}}))
+    assert selftest.read_cache() == {}

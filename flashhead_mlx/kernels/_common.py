@@ -22,7 +22,11 @@ _PATH: contextvars.ContextVar = contextvars.ContextVar("flashhead_kernel_path", 
 
 
 def forced_path() -> Optional[str]:
-    """The path ``FLASHHEAD_KERNELS`` forces, ``"metal"`` or ``"mlx"``, or ``None``."""
+    """The path forced, ``"metal"`` or ``"mlx"``: by the enclosing :func:`kernel_path` block,
+    else by ``FLASHHEAD_KERNELS``; ``None`` when neither forces one."""
+    path = _PATH.get()
+    if path:
+        return path
     choice = os.environ.get("FLASHHEAD_KERNELS", "").lower()
     if choice not in ("", "metal", "mlx"):
         raise ValueError(f"FLASHHEAD_KERNELS must be 'metal' or 'mlx', got {choice!r}")
@@ -31,23 +35,23 @@ def forced_path() -> Optional[str]:
 
 @contextlib.contextmanager
 def kernel_path(path: Optional[str]) -> Iterator[None]:
-    """Within this block the kernels take ``path``: ``"metal"`` or ``"mlx"`` (before
-    ``FLASHHEAD_KERNELS``), or, with ``None``, what :func:`use_metal` chooses outside it."""
+    """Within this block the kernels take ``path``, ``"metal"`` or ``"mlx"`` (before
+    ``FLASHHEAD_KERNELS``, and without FlashHead's self-test); ``None`` changes nothing."""
     if path not in (None, "metal", "mlx"):
         raise ValueError(f"the kernel path must be 'metal' or 'mlx', got {path!r}")
-    token = _PATH.set(path)
+    token = _PATH.set(path) if path else None
     try:
         yield
     finally:
-        _PATH.reset(token)
+        if token is not None:
+            _PATH.reset(token)
 
 
 def use_metal() -> bool:
-    """Whether to run the Metal kernels: the path of the enclosing :func:`kernel_path` block
-    (where FlashHead's self-test put its choice, :mod:`flashhead_mlx.kernels.selftest`), else
-    the one ``FLASHHEAD_KERNELS=metal`` or ``mlx`` forces, else the kernels when Metal is
-    available."""
-    path = _PATH.get() or forced_path()
+    """Whether to run the Metal kernels: the :func:`forced_path` (a :func:`kernel_path` block,
+    where FlashHead's self-test puts its choice, :mod:`flashhead_mlx.kernels.selftest`; else
+    ``FLASHHEAD_KERNELS=metal`` or ``mlx``), else the kernels when Metal is available."""
+    path = forced_path()
     return path == "metal" if path else mx.metal.is_available()
 
 

@@ -5,8 +5,8 @@ At a FlashHead's first call of a stage (:func:`centroid_topk`, :func:`cluster_ar
 kernels of the same names, called with the same arguments) with a new shape, where Metal is
 available, the self-test
 
-1. runs the kernels on :data:`ROWS_OF` random rows of that shape, which compiles them: an error
-   (Apple's compiler rejecting the source, a failure at run time) is recorded;
+1. runs the kernels on random rows of that shape, which compiles them: an error (Apple's
+   compiler rejecting the source, a failure at run time) is recorded;
 2. checks them against the pure-MLX path on those rows, tie-aware: every score or logit within
    the tolerance (:data:`REL_TOL` of the row's largest magnitude, plus :data:`ABS_TOL`), and the
    ids (probed clusters, the greedy token) the same but where the MLX path's scores of the ids
@@ -22,8 +22,9 @@ as prompt chunks, take the MLX path untested). The decision is kept for the proc
 :func:`cache_file`, keyed by the machine too (:func:`machine`: chip, OS and MLX versions, a hash of
 the kernel sources), so a later process, or a new shape, tests only what it has not met.
 
-``FLASHHEAD_KERNELS=metal|mlx`` forces a path and skips the self-test; without Metal, or for a
-format the kernels do not take, the kernels' own choice stands and nothing is tested.
+``FLASHHEAD_KERNELS=metal|mlx`` (or a :func:`~flashhead_mlx.kernels.kernel_path` block) forces a
+path and skips the self-test; without Metal, or for a format the kernels do not take, the
+kernels' own choice stands and nothing is tested.
 """
 
 import datetime
@@ -49,7 +50,8 @@ from .cluster_argmax import KERNEL_BITS as STAGE2_BITS
 from .cluster_argmax import cluster_argmax as cluster_argmax_kernel
 from .cluster_argmax import slot_tokens
 
-# Rows the self-test checks and times a shape on: the call's rows rounded up to a power of two.
+# The most rows a self-tested call has (a shape's rows are the call's, rounded up to a power of
+# two); calls of more take the MLX path untested.
 MAX_ROWS = 64
 # Timed runs of each path (after a warm-up run each), and calls per run.
 RUNS = 5
@@ -117,7 +119,8 @@ def key_fields(key: dict) -> dict:
 
 def choose(shape: Optional[dict], make_case: Callable[[int], Case]) -> Optional[str]:
     """The path of a stage call of ``shape`` (None: a format the kernels do not take): ``None``
-    (no choice: the kernels' own) where ``FLASHHEAD_KERNELS`` forces a path or Metal is absent;
+    (no choice: the kernels' own) where a path is forced (``FLASHHEAD_KERNELS``, a
+    :func:`~flashhead_mlx.kernels.kernel_path` block) or Metal is absent;
     ``"mlx"`` above :data:`MAX_ROWS` rows; else the self-test's decision, made on first use
     (:func:`decide`, on the case ``make_case(rows)``)."""
     if shape is None or forced_path() or not mx.metal.is_available():
@@ -142,7 +145,7 @@ def decide(shape: dict, make_case: Callable[[int], Case]) -> dict:
     key = {**machine(), **shape}
     name = key_name(key)
     cached = read_cache().get(name)
-    if cached is not None:
+    if isinstance(cached, dict) and cached.get("path") in ("metal", "mlx"):
         return cached
     result = {"key": key, **self_test(*make_case(shape["rows"]), RUNS)}
     result["tested_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
