@@ -52,6 +52,7 @@ from .model_head import final_hidden_states, head_module, is_tied
 from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
+from .timing import alternate, alternated_runs
 from .verified import Verification
 
 # Different hidden states the head is timed on, in turn.
@@ -127,36 +128,6 @@ def hidden_inputs(model, tokenizer, batch_size: int, n: int = N_INPUTS) -> List[
     hidden = final_hidden_states(model, tokens[None])[0]
     mx.eval(hidden)
     return [hidden[i * batch_size : (i + 1) * batch_size, None] for i in range(n)]
-
-
-def time_calls(fn: Callable, inputs: Sequence) -> float:
-    """Milliseconds per call of ``fn`` over ``inputs``, each call evaluated before the next."""
-    start = time.perf_counter()
-    for x in inputs:
-        mx.eval(fn(x))
-    return 1000 * (time.perf_counter() - start) / len(inputs)
-
-
-def alternate(calls: Dict[str, tuple], runs: int) -> Dict[str, float]:
-    """Median :func:`time_calls` of each ``name -> (fn, inputs)``, the runs alternating between
-    them after one warm-up run each."""
-    times = alternated_runs(
-        {name: lambda f=fn, x=inputs: time_calls(f, x) for name, (fn, inputs) in calls.items()},
-        runs,
-    )
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
-    """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
-    after one warm-up call each."""
-    results = {name: [] for name in runs_of}
-    for run in range(runs + 1):
-        for name, fn in runs_of.items():
-            result = fn()
-            if run:
-                results[name].append(result)
-    return results
 
 
 def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:

@@ -128,6 +128,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_converted(tiny_llama, tmp_path_factory) -> Path:
+    """``tiny_llama`` converted (256 calibration tokens), once per session: not to be changed."""
+    from flashhead_mlx.pipeline import convert
+
+    out = tmp_path_factory.mktemp("converted") / "tiny-flashhead"
+    return convert(str(tiny_llama), str(out), calibration_tokens=256)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its GGUF as a float32 mlx-lm folder (once per session)."""
     from flashhead_mlx.gguf import import_gguf
@@ -209,3 +218,16 @@ def without_recent_tokens(model):
         yield
     finally:
         head.recent_tokens = saved
+
+
+@contextlib.contextmanager
+def broken_kernels():
+    """The CPU emulator (:func:`flashhead_mlx.testing.metal_emulator.emulate`, yielding its
+    launches), with every kernel's source ending in an ``#error``: no kernel compiles."""
+    from flashhead_mlx.testing.metal_emulator import emulate
+
+    with emulate() as launches, pytest.MonkeyPatch.context() as mp:
+        factory = mx.fast.metal_kernel
+        mp.setattr(mx.fast, "metal_kernel", lambda **kw: factory(
+            **{**kw, "source": kw["source"] + "\n#error forced by the test\n"}))
+        yield launches

@@ -32,8 +32,8 @@ TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_llama) -> Path:
-    return convert(str(tiny_llama), str(tmp_path_factory.mktemp("load") / "tiny"), calibration_tokens=256)
+def converted(tiny_converted) -> Path:
+    return tiny_converted
 
 
 @pytest.fixture(scope="module")
