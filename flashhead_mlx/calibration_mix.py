@@ -9,17 +9,24 @@ holds a suite text or prompt (``tests/test_calibration.py``).
 
 import math
 import random
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .calibration import CALIBRATION_TEXT, DATA_DIR, calibration_hidden_states, text_hidden_states
+from .calibration import (
+    CALIBRATION_TEXT,
+    DATA_DIR,
+    calibration_hidden_states,
+    text_contexts,
+    text_hidden_states,
+)
 from .durable import kill_point
 from .suite import (
     CHAT,
     REPLY_BATCH,
+    chat_contexts,
     chat_hidden_states,
     chat_prompt_tokens,
     dense_replies,
@@ -83,25 +90,25 @@ def reply_states(
     max_tokens: int,
     fingerprint: Optional[str],
     prompt_tokens: Callable = chat_prompt_tokens,
-) -> mx.array:
+    recent: int = 0,
+) -> Tuple[mx.array, mx.array]:
     """Hidden states of up to ``n_tokens`` positions of the model's dense replies to
     ``prompts`` (``prompt_tokens`` as :func:`flashhead_mlx.suite.dense_replies`'s), generated a
-    batch of prompts at a time until there are enough."""
-    states, count = [], 0
+    batch of prompts at a time until there are enough, and each position's last ``recent``
+    context tokens (:func:`flashhead_mlx.suite.chat_contexts`)."""
+    states, contexts, count = [], [], 0
     for start in range(0, len(prompts), REPLY_BATCH):
         batch = prompts[start : start + REPLY_BATCH]
         replies, stopped = dense_replies(
             model, tokenizer, batch, fingerprint, max_tokens, prompt_tokens=prompt_tokens
         )
-        states.append(
-            chat_hidden_states(
-                model, tokenizer, batch, replies, stopped, prompt_tokens=prompt_tokens
-            )
-        )
+        rows = (tokenizer, batch, replies, stopped)
+        states.append(chat_hidden_states(model, *rows, prompt_tokens=prompt_tokens))
+        contexts.append(chat_contexts(*rows, recent, prompt_tokens=prompt_tokens))
         count += states[-1].shape[0]
         if count >= n_tokens:
             break
-    return mx.concatenate(states)[:n_tokens]
+    return mx.concatenate(states)[:n_tokens], mx.concatenate(contexts)[:n_tokens]
 
 
 def mix_hidden_states(
@@ -135,13 +142,13 @@ def mix_hidden_states(
         if source == "chat":
             replies = min(CALIBRATION_REPLIES, math.ceil(count / CALIBRATION_REPLY_TOKENS))
             prompts = calibration_prompts(seed)[:replies]
-            states = reply_states(
+            states, _ = reply_states(
                 model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
             )
         elif source == "languages":
             openings = min(CALIBRATION_REPLIES, math.ceil(count / CONTINUATION_TOKENS))
             prompts = calibration_prompts(seed, CALIBRATION_OPENINGS)[:openings]
-            states = reply_states(
+            states, _ = reply_states(
                 model,
                 tokenizer,
                 prompts,
@@ -164,12 +171,14 @@ def dev_suite_states(
     tokenizer,
     fingerprint: Optional[str] = None,
     max_tokens: Optional[int] = None,
-) -> Dict[str, mx.array]:
-    """Hidden states of the development suite by domain, as tuning measures it: up to
-    ``max_tokens`` positions of each domain (default :data:`TUNING_DOMAIN_TOKENS`); the chat
-    domain's are the model's dense replies
-    (:data:`TUNING_REPLY_TOKENS` tokens) to the first dev prompts, cached by ``fingerprint``
-    (none without a chat template)."""
+    recent: int = 0,
+) -> Dict[str, Tuple[mx.array, mx.array]]:
+    """Hidden states of the development suite by domain, as tuning measures it, with each
+    position's last ``recent`` context tokens (the head's ``recent_tokens``:
+    :func:`flashhead_mlx.calibration.text_contexts`, :func:`flashhead_mlx.suite.chat_contexts`):
+    up to ``max_tokens`` positions of each domain (default :data:`TUNING_DOMAIN_TOKENS`); the chat
+    domain's are the model's dense replies (:data:`TUNING_REPLY_TOKENS` tokens) to the first dev
+    prompts, cached by ``fingerprint`` (none without a chat template)."""
     domains = suite_files("dev")
     if not has_chat_template(tokenizer):
         domains.pop(CHAT)
@@ -184,7 +193,12 @@ def dev_suite_states(
                 max_tokens,
                 TUNING_REPLY_TOKENS,
                 fingerprint,
+                recent=recent,
             )
         else:
-            states[domain] = text_hidden_states(model, tokenizer, read_text(files), max_tokens)
+            text = read_text(files)
+            states[domain] = (
+                text_hidden_states(model, tokenizer, text, max_tokens),
+                text_contexts(tokenizer, text, max_tokens, recent),
+            )
     return states

@@ -15,7 +15,7 @@ from flashhead_mlx import calibration_mix, flash_head, load, suite
 from flashhead_mlx.clustering import most_probes, scored_fraction
 from flashhead_mlx.containment import TARGET_CONTAINMENT, suite_n_probes
 from flashhead_mlx.pipeline import convert
-from flashhead_mlx.recent import RECENT_TOKENS
+from flashhead_mlx.recent import RECENT_TOKENS, reading
 from flashhead_mlx.tune import tune
 
 CHAT_TEMPLATE = (
@@ -106,14 +106,16 @@ def test_conversion_with_the_mix_gives_the_same_assets_twice(chat_source, tmp_pa
 
 
 def domain_containment(folder: Path, states: dict, n_probes: int) -> dict:
-    """Each domain's share of positions whose dense argmax is among the head's own candidates."""
+    """Each domain's share of positions whose dense argmax the head scores exactly at a greedy
+    decode step: its own candidates and the position's recent tokens."""
     model, _ = load(str(folder), n_probes=n_probes)
     head = flash_head(model)
     shares = {}
-    for domain, hidden in states.items():
-        tokens, _ = head.candidates(hidden)
+    for domain, (hidden, contexts) in states.items():
+        with reading(contexts[None]):
+            scored = np.isfinite(np.array(head.greedy_logits(hidden[None]))[0])
         argmax = np.array(mx.argmax(head.dense_logits(hidden), axis=-1))
-        shares[domain] = float(np.mean([a in row for a, row in zip(argmax, np.array(tokens))]))
+        shares[domain] = float(np.mean(scored[np.arange(argmax.size), argmax]))
     return shares
 
 
@@ -129,7 +131,7 @@ def test_tuning_on_the_development_suite_meets_the_target_on_every_domain(
     assert set(rows["domains"]) == set(suite.suite_files("dev"))
     model, tokenizer = load(str(converted))
     states = calibration_mix.dev_suite_states(
-        model, tokenizer, suite.model_fingerprint(converted), max_tokens=64
+        model, tokenizer, suite.model_fingerprint(converted), 64, RECENT_TOKENS
     )
     shares = domain_containment(converted, states, n_probes)
     assert min(shares.values()) >= target, shares
