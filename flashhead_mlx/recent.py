@@ -29,6 +29,7 @@ entry too, an ``ArraysCache`` without an offset: mlx-lm never trims such a cache
 decoding, no prompt-cache trim), and FlashHead's verified decoding refuses it, so the history
 only grows with the sequence.
 """
+
 import contextvars
 import inspect
 from contextlib import contextmanager
@@ -141,8 +142,8 @@ def batch_windows(histories: Sequence[Sequence[int]], inputs: mx.array, size: in
     inputs = inputs.reshape(-1, inputs.shape[-1]).astype(mx.int32)
     before = np.full((len(histories), size), -1, dtype=np.int32)
     for row, history in zip(before, histories):
-        tail = list(history)[-size:]
-        if tail:
+        tail = history[-size:]
+        if len(tail):
             row[size - len(tail) :] = tail
     sequence = mx.concatenate([mx.array(before), inputs], axis=1)
     return windows(sequence, inputs.shape[1], size)
