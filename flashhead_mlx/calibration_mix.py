@@ -52,6 +52,12 @@ CALIBRATION_REPLY_TOKENS = 128
 CALIBRATION_REPLIES = REPLY_BATCH
 # Tokens of each continuation of an opening (a batch of them covers the languages share).
 CONTINUATION_TOKENS = 64
+# The sources the model generates: each one's prompts file, tokens generated per prompt, and how a
+# prompt becomes the model's input (through its chat template, or as the start of a document).
+GENERATED_SOURCES = {
+    "chat": (CALIBRATION_PROMPTS, CALIBRATION_REPLY_TOKENS, chat_prompt_tokens),
+    "languages": (CALIBRATION_OPENINGS, CONTINUATION_TOKENS, plain_prompt_tokens),
+}
 # Positions per domain of the development suite that tuning measures.
 TUNING_DOMAIN_TOKENS = 2048
 # Tokens of each dev reply tuning measures (the first prompts' replies, a batch at a time).
@@ -122,7 +128,8 @@ def mix_hidden_states(
     """Final hidden states ``[n_tokens, d]`` (float32) of the calibration mix: ``mix``'s shares
     of the model's replies to the first :data:`CALIBRATION_REPLIES` calibration prompts
     (``chat``, in ``seed``'s order), its continuations of the calibration openings
-    (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order), the calibration code
+    (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order; the two generated
+    sources are :data:`GENERATED_SOURCES`), the calibration code
     (``code``) and the calibration novel (``prose``); the positions the generated sources fall
     short of their share go to the last source, and a model without a chat template has no
     replies (the other sources share their positions). Replies and continuations are cached by
@@ -139,23 +146,12 @@ def mix_hidden_states(
             count = n_tokens - sum(part.shape[0] for part in parts)
         if count == 0:
             continue
-        if source == "chat":
-            replies = min(CALIBRATION_REPLIES, math.ceil(count / CALIBRATION_REPLY_TOKENS))
-            prompts = calibration_prompts(seed)[:replies]
+        if source in GENERATED_SOURCES:
+            path, reply_tokens, prompt_tokens = GENERATED_SOURCES[source]
+            replies = min(CALIBRATION_REPLIES, math.ceil(count / reply_tokens))
+            prompts = calibration_prompts(seed, path)[:replies]
             states, _ = reply_states(
-                model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
-            )
-        elif source == "languages":
-            openings = min(CALIBRATION_REPLIES, math.ceil(count / CONTINUATION_TOKENS))
-            prompts = calibration_prompts(seed, CALIBRATION_OPENINGS)[:openings]
-            states, _ = reply_states(
-                model,
-                tokenizer,
-                prompts,
-                count,
-                CONTINUATION_TOKENS,
-                fingerprint,
-                plain_prompt_tokens,
+                model, tokenizer, prompts, count, reply_tokens, fingerprint, prompt_tokens
             )
         else:
             text = (CALIBRATION_CODE if source == "code" else CALIBRATION_TEXT).read_text()

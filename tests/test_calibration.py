@@ -37,12 +37,18 @@ def chat_source(tmp_path_factory) -> Path:
     return with_chat_template(make_tiny_model(folder / "tiny", tied=False, seed=4))
 
 
+def set_reply_tokens(monkeypatch, tokens: int) -> None:
+    """The calibration mix's replies to its chat prompts are ``tokens`` long."""
+    path, _, prompt_tokens = calibration_mix.GENERATED_SOURCES["chat"]
+    monkeypatch.setitem(calibration_mix.GENERATED_SOURCES, "chat", (path, tokens, prompt_tokens))
+
+
 @pytest.fixture(autouse=True)
 def small_conversions(monkeypatch):
     """The tiny model's conversions and tunings on a few short replies and positions per domain:
     what each test checks does not depend on the sizes, which are the product's for real models."""
     monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLIES", 4)
-    monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 16)
+    set_reply_tokens(monkeypatch, 16)
     monkeypatch.setattr(calibration_mix, "TUNING_REPLY_TOKENS", 16)
     monkeypatch.setattr(calibration_mix, "TUNING_DOMAIN_TOKENS", 64)
 
@@ -83,7 +89,7 @@ def test_mix_is_deterministic_for_a_seed(chat_source, capsys):
     # Replies short of their share: the novel takes the rest.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(calibration_mix, "CALIBRATION_REPLIES", 1)
-        patch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 4)
+        set_reply_tokens(patch, 4)
         short = calibration_mix.mix_hidden_states(model, tokenizer, 96, seed=0)
     # One reply of 4 positions, 24 of code, 12 of continuations, the novel's 56.
     assert short.shape == (96, 64)
