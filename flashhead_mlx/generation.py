@@ -211,7 +211,8 @@ class BatchGenerator(MLX_GENERATE.BatchGenerator):
 
     mlx-lm keeps one of each for the generator's life: new rows are merged into them and finished
     rows filtered out, so each model call is told the sampler and processors of exactly the rows
-    it scores, in their order, each row at its own temperature.
+    it scores, in their order, each row at its own temperature, and each row's tokens so far
+    (its recent tokens, :mod:`flashhead_mlx.recent`): a greedy row decodes as its prompt alone.
     """
 
     def __init__(

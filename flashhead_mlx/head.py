@@ -294,9 +294,9 @@ class FlashHead(nn.Module):
 
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
         """Logits ``[..., V]`` of a decode step: exact at the candidates, at each row's recent
-        tokens (greedy steps) and at the context's extra tokens, ``-inf`` elsewhere; with
+        tokens (greedy rows) and at the context's extra tokens, ``-inf`` elsewhere; with
         sampling temperatures, one full-vocabulary sampler draw's logits
-        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`)."""
+        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows."""
         temperatures = context.temperatures
         if temperatures is None or not any(temperatures):
             logits = self.greedy_logits(h)
@@ -305,7 +305,12 @@ class FlashHead(nn.Module):
             if len(temperatures) > 1 and h.ndim > 2:
                 # Rows of a batch: each position of row b samples at temperature b.
                 temperatures = tuple(t for t in temperatures for _ in range(h.shape[-2]))
-            logits = full_vocabulary_logits(self, h, temperature_array(temperatures, rows))
+            temperature = temperature_array(temperatures, rows)
+            logits = full_vocabulary_logits(self, h, temperature)
+            if 0 in temperatures and self.recent_tokens and recent_tokens() is not None:
+                # The greedy rows of a batch that also samples score their recent tokens too.
+                greedy = (temperature == 0).reshape(*h.shape[:-1], 1)
+                logits = mx.where(greedy, self.greedy_logits(h), logits)
         if context.extra_tokens:
             extra = mx.array(context.extra_tokens, mx.int32)
             index = mx.broadcast_to(extra, (*logits.shape[:-1], extra.size))

@@ -21,7 +21,7 @@ from mlx_lm.convert import convert as mlx_lm_convert
 
 from ._version import __version__
 from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_assets, save_assets
-from .calibration import text_hidden_states
+from .calibration import text_contexts, text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
 from .clustering import CLUSTER_SIZE, cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
@@ -209,20 +209,24 @@ def tune_n_probes(
     fingerprint: Optional[str] = None,
 ) -> int:
     """The fewest probes with :data:`~flashhead_mlx.containment.TARGET_CONTAINMENT` top-1
-    containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1: on
+    containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1 and
+    its recent tokens counted (:func:`flashhead_mlx.containment.counted_ranks`): on
     every domain of the development suite (:func:`flashhead_mlx.calibration_mix.dev_suite_states`,
     chat replies cached by ``fingerprint``) within
     :data:`~flashhead_mlx.containment.MAX_SCORED_FRACTION` of the vocabulary scored
     (:func:`flashhead_mlx.containment.suite_n_probes`), or on the file ``tuning_text`` when
     given."""
+    recent = head.recent_tokens
     if tuning_text:
-        hidden = text_hidden_states(model, tokenizer, Path(tuning_text).read_text(), TUNING_TOKENS)
-        n_probes, reached = tuned_n_probes(head, hidden)
+        text = Path(tuning_text).read_text()
+        hidden = text_hidden_states(model, tokenizer, text, TUNING_TOKENS)
+        contexts = text_contexts(tokenizer, text, TUNING_TOKENS, recent)
+        n_probes, reached = tuned_n_probes(head, hidden, contexts=contexts)
         where = f"{hidden.shape[0]} positions of {Path(tuning_text).name}"
         print(f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {reached:.4f} on {where}")
         return n_probes
-    states = dev_suite_states(model, tokenizer, fingerprint)
-    ranks = {domain: target_ranks(head, hidden) for domain, hidden in states.items()}
+    states = dev_suite_states(model, tokenizer, fingerprint, recent=recent)
+    ranks = {domain: target_ranks(head, *positions) for domain, positions in states.items()}
     n_probes, line = suite_n_probes(head, ranks)
     print(f"[INFO] Tuned on the development suite: {line}")
     return n_probes

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random mlx-lm models and the real GGUF files."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -204,20 +203,6 @@ def assert_batch_matches_single_rows(head, h, paths) -> None:
                     assert one_logits.max() - one_logits[at] <= 2 * tol.max(), path
     finally:
         head.batch_path = None
-
-
-@contextlib.contextmanager
-def without_recent_tokens(model):
-    """Within the block the model's FlashHead scores no recent tokens: what a batch row gets
-    (flashhead_mlx.recent.batched), for comparing batch rows with single rows."""
-    from flashhead_mlx import flash_head
-
-    head = flash_head(model)
-    saved, head.recent_tokens = head.recent_tokens, 0
-    try:
-        yield
-    finally:
-        head.recent_tokens = saved
 
 
 @contextlib.contextmanager
