@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random mlx-lm models and the real GGUF files."""
 
+import contextlib
 import json
 import os
 import subprocess
