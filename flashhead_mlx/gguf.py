@@ -216,7 +216,13 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
     tensor_names = {tensor.name for tensor in reader.tensors}
     hidden_size = hparam("embedding_length")
     n_heads = hparam("attention.head_count")
-    head_dim = hparam("attention.key_length", hidden_size // n_heads or None)
+    if n_heads > hidden_size and f"{architecture}.attention.key_length" not in reader.fields:
+        raise GGUFError(
+            f"{reader.path}: {architecture}.attention.head_count is {n_heads}, more than "
+            f"{architecture}.embedding_length {hidden_size}, and no "
+            f"{architecture}.attention.key_length gives the head dimension"
+        )
+    head_dim = hparam("attention.key_length", hidden_size // n_heads)
     config = {
         "model_type": ARCHITECTURES[architecture],
         "vocab_size": int(tensor_shape(reader, "token_embd.weight")[0]),
