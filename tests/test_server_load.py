@@ -34,12 +34,14 @@ PROMPTS = ["It is a truth", "a single man in", "must be in want", "of a good for
 MAX_TOKENS = 8
 ROUNDS = 4
 # How much MLX's active memory may vary after the first round (which fills the prompt cache):
-# the cache holds up to 10 KV caches of 128 KiB here (256 positions), and which are held varies;
-# one leaked KV cache per request would add 6 MiB a round.
-MEMORY_SLACK = 2 * 2**20
+# the cache holds up to 10 KV caches of 128 KiB here (256 positions), and which are held varies,
+# as do the buffers the generation thread has not yet let go when the CPU is scarce (2.4 MiB
+# apart, measured with the test niced beside three un-niced jobs on this 2-core machine); one
+# leaked KV cache per request would add 6 MiB a round, 12 MiB over the rounds compared.
+MEMORY_SLACK = 4 * 2**20
 # Seconds a server run may take before the test fails with every thread's stack (a run takes a
-# few seconds alone on this project's 2-core machine).
-DEADLINE = 240.0
+# few seconds alone on this project's 2-core machine; 215 s niced beside three un-niced jobs).
+DEADLINE = 600.0
 
 
 @pytest.fixture(scope="module")
