@@ -88,11 +88,13 @@ def run_round(
 ) -> List[dict]:
     """One round: ``clients`` concurrent clients, client ``c`` sending ``requests_per_client``
     requests one after the other, request ``i`` of kind ``KINDS[(c + i) % len(KINDS)]`` on prompt
-    ``prompts[(c + i) % len(prompts)]``. Returns every request's record (:func:`_request`)."""
+    ``prompts[(2 * c + i) % len(prompts)]``: every kind meets every prompt over the clients, also
+    when there are as many prompts as kinds (with ``c + i`` for both, each kind would always get
+    the same prompt). Returns every request's record (:func:`_request`)."""
 
     def client(c: int) -> List[dict]:
         return [
-            _request(url, KINDS[(c + i) % len(KINDS)], prompts[(c + i) % len(prompts)],
+            _request(url, KINDS[(c + i) % len(KINDS)], prompts[(2 * c + i) % len(prompts)],
                      max_tokens, timeout)
             for i in range(requests_per_client)
         ]
@@ -123,7 +125,7 @@ def wait_healthy(url: str, timeout: float, stopped: threading.Event) -> None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, or no answer within 5 s (a server busy loading)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server did not answer {url}/health in {timeout:.0f} s")
             time.sleep(0.2)
