@@ -318,6 +318,12 @@ def model_config(reader: GGUFFile, architecture: str) -> dict:
     tensor_names = {tensor.name for tensor in reader.tensors}
     hidden_size = get("embedding_length")
     n_heads = get("attention.head_count")
+    if n_heads > hidden_size and f"{architecture}.attention.key_length" not in reader.fields:
+        raise GGUFError(
+            f"{reader.path}: {architecture}.attention.head_count is {n_heads}, more than "
+            f"{architecture}.embedding_length {hidden_size}, and no "
+            f"{architecture}.attention.key_length gives the head dimension"
+        )
     head_dim = get("attention.key_length", hidden_size // n_heads or None)
     config = {
         "model_type": ARCHITECTURES[architecture],

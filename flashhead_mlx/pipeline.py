@@ -31,7 +31,7 @@ from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
 from .probe import probe_head
 from .sampling import fit_mass_bias
-from .storage import check_free_space, check_writable, storage_error
+from .storage import check_free_space, check_writable, plain_write_errors
 from .suite import model_fingerprint
 
 # Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
@@ -364,33 +364,28 @@ def convert(
     needed = conversion_bytes(model, dtype, quantize)
     if needed is not None:
         check_free_space(output_path.parent, needed, f"converting {source_name(model)}")
-    try:
-        with stage_folder(output_path) as stage:
-            mlx_path = stage / "model"
-            _prepare_mlx_model(
-                model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
-            )
-            add_flashhead(
-                mlx_path,
-                source=model,
-                card={
-                    "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
-                },
-                cluster_size=cluster_size,
-                n_clusters=n_clusters,
-                n_probes=n_probes,
-                centroid_bits=centroid_bits,
-                seed=seed,
-                calibration_tokens=calibration_tokens,
-                tuning_text=tuning_text,
-                model_file=model_file,
-            )
-            publish_folder(mlx_path, output_path, stage)
-    except (OSError, RuntimeError) as error:  # a full disk, a folder turned read-only, ...
-        plain = storage_error(error, output_path.parent)
-        if plain is None:
-            raise
-        raise plain from error
+    # A full disk, a folder turned read-only, ...: one line.
+    with plain_write_errors(output_path.parent), stage_folder(output_path) as stage:
+        mlx_path = stage / "model"
+        _prepare_mlx_model(
+            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+        )
+        add_flashhead(
+            mlx_path,
+            source=model,
+            card={
+                "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
+            },
+            cluster_size=cluster_size,
+            n_clusters=n_clusters,
+            n_probes=n_probes,
+            centroid_bits=centroid_bits,
+            seed=seed,
+            calibration_tokens=calibration_tokens,
+            tuning_text=tuning_text,
+            model_file=model_file,
+        )
+        publish_folder(mlx_path, output_path, stage)
     print(f"[INFO] Wrote {output_path}")
     return output_path
 

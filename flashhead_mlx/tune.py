@@ -34,7 +34,7 @@ from .durable import kill_point
 from .metrics import dense_pass, evenly, format_rows, head_row, load_head, pool_rows, probing
 from .pipeline import MASS_FIT_POSITIONS
 from .sampling import fit_mass_bias
-from .storage import storage_error
+from .storage import plain_write_errors
 from .suite import model_fingerprint
 
 
@@ -62,49 +62,50 @@ def tune(
         raise ValueError(f"{text} is not a file")
     if not Path(model).is_dir():
         raise ValueError(f"{model} is not a local folder (tune writes into it)")
-    reclaim_leftovers(model)
-    lm, tokenizer, head = load_head(model)
-    recent = head.recent_tokens
-    if text is None:
-        fingerprint = model_fingerprint(Path(model))
-        states = dev_suite_states(lm, tokenizer, fingerprint, max_tokens, recent)
-    else:
-        content, limit = Path(text).read_text(), max_tokens or TUNING_TOKENS
-        states = {
-            Path(text).name: (
-                text_hidden_states(lm, tokenizer, content, limit),
-                text_contexts(tokenizer, content, limit, recent),
-            )
+    with plain_write_errors(Path(model)):  # a full disk, a read-only folder, ...: one line
+        reclaim_leftovers(model)
+        lm, tokenizer, head = load_head(model)
+        recent = head.recent_tokens
+        if text is None:
+            fingerprint = model_fingerprint(Path(model))
+            states = dev_suite_states(lm, tokenizer, fingerprint, max_tokens, recent)
+        else:
+            content, limit = Path(text).read_text(), max_tokens or TUNING_TOKENS
+            states = {
+                Path(text).name: (
+                    text_hidden_states(lm, tokenizer, content, limit),
+                    text_contexts(tokenizer, content, limit, recent),
+                )
+            }
+        stats = {name: dense_pass(head, *positions) for name, positions in states.items()}
+        kill_point("tuning")
+        before = head.n_probes
+        ranks = {name: s["top1_ranks"] for name, s in stats.items()}
+        cap = max_scored_fraction if text is None else None
+        after, line = suite_n_probes(head, ranks, target, cap)
+        domains = {
+            name: {
+                key: head_row(head, hidden, stats[name], p, contexts)
+                for key, p in (("before", before), ("after", after))
+            }
+            for name, (hidden, contexts) in states.items()
         }
-    stats = {name: dense_pass(head, *positions) for name, positions in states.items()}
-    kill_point("tuning")
-    before = head.n_probes
-    ranks = {name: s["top1_ranks"] for name, s in stats.items()}
-    cap = max_scored_fraction if text is None else None
-    after, line = suite_n_probes(head, ranks, target, cap)
-    domains = {
-        name: {
-            key: head_row(head, hidden, stats[name], p, contexts)
-            for key, p in (("before", before), ("after", after))
-        }
-        for name, (hidden, contexts) in states.items()
-    }
-    before_row, after_row = pool_rows([[d["before"], d["after"]] for d in domains.values()])
-    where = "the development suite" if text is None else text
-    print(f"{model} on {where}, target top-1 {target:g} on every domain:")
-    labels = [f"{name} {key}" for name in domains for key in ("before", "after")]
-    rows = [row for d in domains.values() for row in d.values()] + [before_row, after_row]
-    print(format_rows(rows, labels=labels + ["overall before", "overall after"]))
-    print(line)
-    if after == before:
-        print(f"n_probes stays {before}: nothing written")
-    else:
-        hidden = mx.concatenate([hidden for hidden, _ in states.values()])
-        with probing(head, after):
-            mass_bias = fit_mass_bias(head, evenly(hidden, MASS_FIT_POSITIONS))
-        set_n_probes(model, after, mass_bias)
-        print(f"n_probes {before} -> {after}: written to {model} (mass_bias refitted for it)")
-    return {"before": before_row, "after": after_row, "domains": domains}
+        before_row, after_row = pool_rows([[d["before"], d["after"]] for d in domains.values()])
+        where = "the development suite" if text is None else text
+        print(f"{model} on {where}, target top-1 {target:g} on every domain:")
+        labels = [f"{name} {key}" for name in domains for key in ("before", "after")]
+        rows = [row for d in domains.values() for row in d.values()] + [before_row, after_row]
+        print(format_rows(rows, labels=labels + ["overall before", "overall after"]))
+        print(line)
+        if after == before:
+            print(f"n_probes stays {before}: nothing written")
+        else:
+            hidden = mx.concatenate([hidden for hidden, _ in states.values()])
+            with probing(head, after):
+                mass_bias = fit_mass_bias(head, evenly(hidden, MASS_FIT_POSITIONS))
+            set_n_probes(model, after, mass_bias)
+            print(f"n_probes {before} -> {after}: written to {model} (mass_bias refitted for it)")
+        return {"before": before_row, "after": after_row, "domains": domains}
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -145,11 +146,7 @@ def main() -> None:
             args.max_tokens,
             args.max_scored_fraction,
         )
-    except (ValueError, OSError, RuntimeError) as error:
-        if not isinstance(error, ValueError):
-            error = storage_error(error, Path(args.model).expanduser())
-            if error is None:
-                raise
+    except ValueError as error:  # the plain errors, a full disk or a read-only folder too
         raise SystemExit(f"flashhead-mlx tune: error: {error}")
 
 
