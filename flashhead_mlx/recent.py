@@ -18,8 +18,8 @@ passes. Without a cache the inputs themselves are the context. Batches (``BatchG
 their caches' rows, which the history would have to follow (:func:`batched`). Hybrid models
 (qwen3_5, lfm2, mamba, ...) keep the history on their first cache entry too, an ``ArraysCache``
 without an offset: mlx-lm never trims such a cache (no speculative decoding, no prompt-cache
-trim), and FlashHead's verified decoding refuses it, so the history only grows with the
-sequence.
+trim), and FlashHead's verified decoding puts back the history of the step it rolls back to
+(:func:`flashhead_mlx.verified.roll_back`).
 """
 
 import contextvars

@@ -11,17 +11,28 @@ yielded are the dense ones of the verify pass.
 
 Caches: ``KVCache`` and ``QuantizedKVCache`` are trimmed. A ``RotatingKVCache`` overwrites its
 oldest slot in place once full, so before a block's steps overwrite slots, evaluated copies of
-those slots are saved (at most ``K - 1`` per layer) and written back on rollback. Other caches
-(``ArraysCache`` of hybrid models, ...) cannot be rolled back: a ``ValueError``.
+those slots are saved (at most ``K - 1`` per layer) and written back on rollback. An
+``ArraysCache`` (the recurrent states of hybrid models: qwen3_5, lfm2, mamba, ...) has no trim,
+but the models rebind its entries at each step (``cache[i] = ...``) rather than write into them:
+a block keeps references to each step's entries and a rollback puts back those of the last step
+kept, with the sequence's recent-token history (:mod:`flashhead_mlx.recent`). A ``CacheList``
+is rolled back cache by cache. Other caches (``ChunkedKVCache``, ...): a ``ValueError``.
 """
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 
 from .acceptance import (
     accept,
@@ -35,13 +46,13 @@ from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
-from .recent import reading, track
+from .recent import CACHE_ATTRIBUTE, reading, track
 from .sample_utils import Sampler
 from .sampling import sample
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 DEFAULT_BLOCK = 8
-CACHES = (KVCache, QuantizedKVCache, RotatingKVCache)
+CACHES = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
 
 
 @dataclass
@@ -120,14 +131,48 @@ def rewind(cache: RotatingKVCache, saved: RotatingCheckpoint, n: int) -> None:
     cache._idx = undone[0][0]
 
 
-def roll_back(cache: List[Any], saved: dict, n: int, removed: int = 0) -> None:
-    """Remove the last ``n`` entries of every layer's cache, ``removed`` of the entries the
-    checkpoints ``saved`` were made for having been removed already."""
-    for layer, c in enumerate(cache):
+def layers(cache: List[Any]) -> List[Any]:
+    """The caches of ``cache``'s layers, each ``CacheList`` replaced by its caches."""
+    return [c for entry in cache for c in (
+        layers(entry.caches) if isinstance(entry, CacheList) else [entry]
+    )]
+
+
+@dataclass
+class Checkpoints:
+    """What rolling back a block's steps needs: the checkpoint of each ``RotatingKVCache`` (by
+    its index in :func:`layers`), taken after the first step, and after each step the entries
+    of every ``ArraysCache`` and the sequence's recent-token history (references: the models
+    rebind these, never write into them)."""
+
+    rotating: Dict[int, RotatingCheckpoint] = field(default_factory=dict)
+    steps: List[Tuple[List[List[Any]], Any]] = field(default_factory=list)
+
+
+def record(cache: List[Any], saved: Checkpoints) -> None:
+    """Keep the ``ArraysCache`` entries and the recent-token history of ``cache`` after a
+    step."""
+    arrays = [list(c.cache) for c in layers(cache) if isinstance(c, ArraysCache)]
+    saved.steps.append((arrays, getattr(cache[0], CACHE_ATTRIBUTE, None)))
+
+
+def roll_back(cache: List[Any], saved: Checkpoints, n: int, removed: int = 0) -> None:
+    """Remove the last ``n`` entries of every layer's cache, ``removed`` of the entries of the
+    steps ``saved`` was recorded in having been removed already."""
+    arrays = []
+    for layer, c in enumerate(layers(cache)):
         if isinstance(c, RotatingKVCache):
-            rewind(c, saved[layer], removed + n)
+            rewind(c, saved.rotating[layer], removed + n)
+        elif isinstance(c, ArraysCache):
+            arrays.append(c)
         elif n:
             c.trim(n)
+    if n:
+        entries, history = saved.steps[len(saved.steps) - removed - n - 1]
+        for c, kept in zip(arrays, entries):
+            c.cache = list(kept)
+        if history is not None:
+            setattr(cache[0], CACHE_ATTRIBUTE, history)
 
 
 def block_size(
@@ -138,7 +183,7 @@ def block_size(
     that dense decoding would quantize within the block ends the block there, so that the
     quantization happens at the offset where dense decoding does it."""
     k = block if remaining < 0 else min(block, remaining)
-    for c in cache:
+    for c in layers(cache):
         if isinstance(c, RotatingKVCache):
             k = min(k, c.max_size - c.keep + 1)
         elif kv_bits is not None and hasattr(c, "to_quantized") and c.offset < quantized_kv_start:
@@ -242,22 +287,23 @@ def verify(
     proposal: Union[GreedyProposal, SampledProposal],
     processors: Optional[list],
     tokens: Optional[mx.array],
-) -> Tuple[List[int], mx.array, bool]:
+) -> Tuple[List[int], mx.array, bool, Checkpoints]:
     """One block: ``k`` FlashHead steps from ``token`` (the last one, not yet in the cache),
     then one dense pass over their hidden states.
 
     Returns the verified tokens (FlashHead's up to the first the check replaced, then its
     replacement), their dense log-probabilities ``[n, V]``, whether a token was replaced, and
-    the rotating caches' checkpoints (for :func:`roll_back`); the caches hold the entries of
+    the block's checkpoints (for :func:`roll_back`); the caches hold the entries of
     the tokens before the last verified one.
     """
-    hidden, proposed, saved = [], [], {}
+    hidden, proposed, saved = [], [], Checkpoints()
     proposal.start(k)
     for step in range(k):
         h, recent = body_states(model, head, token[None], cache)
         if step == 0:
-            saved = {i: checkpoint(c, k - 1) for i, c in enumerate(cache)
-                     if isinstance(c, RotatingKVCache)}
+            saved.rotating = {i: checkpoint(c, k - 1) for i, c in enumerate(layers(cache))
+                              if isinstance(c, RotatingKVCache)}
+        record(cache, saved)
         if processors:
             tokens = mx.concatenate([tokens, token])
         with reading(recent):
@@ -321,11 +367,11 @@ def verified_generate_step(
         proposal = SampledProposal(head, settings, logits_processors)
     verification.mode = "greedy" if settings is None else "sampling"
     cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
-    for c in cache:
+    for c in layers(cache):
         if not isinstance(c, CACHES):
             raise ValueError(
-                f"FlashHead's verified decoding cannot roll back a {type(c).__name__} "
-                "(it supports KVCache, QuantizedKVCache and RotatingKVCache)"
+                f"FlashHead's verified decoding cannot roll back a {type(c).__name__} (it "
+                "supports KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache and CacheList)"
             )
 
     def quantize():
@@ -344,7 +390,7 @@ def verified_generate_step(
             progress(end, total)
             mx.clear_cache()
 
-    def settle(k: int, verified: List[int], saved: dict, kept: int) -> None:
+    def settle(k: int, verified: List[int], saved: Checkpoints, kept: int) -> None:
         """The consumer stops after ``kept`` of the block's ``verified`` tokens: the caches then
         hold the prompt and exactly the tokens yielded, as after ``mlx_lm.generate_step``."""
         with mx.stream(stream):
@@ -356,7 +402,7 @@ def verified_generate_step(
             mx.eval([c.state for c in cache])
 
     token, n = prompt[-1:], 0
-    k, verified, saved = 0, [], {}
+    k, verified, saved = 0, [], Checkpoints()
     while n != max_tokens:
         with mx.stream(stream):
             k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)

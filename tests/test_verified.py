@@ -9,7 +9,12 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 from mlx_lm.sample_utils import make_sampler
 from mlx.utils import tree_flatten
 
@@ -19,7 +24,7 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.patch import apply_flashhead, flash_head
 from flashhead_mlx.pipeline import convert
-from flashhead_mlx.verified import Verification, set_verification
+from flashhead_mlx.verified import Verification, layers, set_verification
 from test_generate_cli import generated_text, run_generate
 
 N_PROBES = 2  # few probes: the unverified FlashHead text differs from the dense one
@@ -101,8 +106,13 @@ def incremental_cache(dense, prompt, tokens, cache, quantize):
 
 
 def assert_same_cache(actual, expected):
-    for a, e in zip(actual, expected):
+    assert len(layers(actual)) == len(layers(expected))
+    for a, e in zip(layers(actual), layers(expected)):
         assert type(a) is type(e)
+        if isinstance(a, ArraysCache):  # the recurrent states, entry by entry
+            for x, y in zip(a.cache, e.cache, strict=True):
+                np.testing.assert_array_equal(np.array(x), np.array(y))
+            continue
         assert a.offset == e.offset
         if isinstance(a, RotatingKVCache):
             assert a._idx == e._idx
