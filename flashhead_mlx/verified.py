@@ -52,39 +52,81 @@ from .sampling import sample
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 DEFAULT_BLOCK = 8
+# ``K`` fixed, or ``(low, high)``: adaptive, from ``high``, halved after a rollback and doubled
+# after a block without one, within ``[low, high]`` (:func:`next_block`).
+Blocks = Union[int, Tuple[int, int]]
 CACHES = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
 
 
 @dataclass
 class Verification:
-    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check, the ``mode``
-    of the last generation (``"greedy"`` or ``"sampling"``), and the verified ``tokens``
-    yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
+    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check (:data:`Blocks`),
+    the ``mode`` of the last generation (``"greedy"`` or ``"sampling"``), and the verified
+    ``tokens`` yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
 
-    block: int = DEFAULT_BLOCK
+    block: Blocks = DEFAULT_BLOCK
     tokens: int = 0
     rollbacks: int = 0
     mode: str = "greedy"
 
     def describe(self) -> str:
-        """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)``."""
+        """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)`` (``K=4-32``:
+        adaptive)."""
         rate = 1000 * self.rollbacks / self.tokens if self.tokens else 0.0
-        return f"verified {self.mode} (K={self.block}, {rate:.1f} rollbacks per 1000 tokens)"
+        return (
+            f"verified {self.mode} (K={block_label(self.block)}, {rate:.1f} rollbacks per 1000 "
+            "tokens)"
+        )
 
 
-def set_verification(model: nn.Module, block: Optional[int] = DEFAULT_BLOCK) -> None:
+def block_range(block: Blocks) -> Tuple[int, int]:
+    """The smallest and largest K of ``block`` (:data:`Blocks`), checked: ``1 <= low <=
+    high``."""
+    low, high = (block, block) if isinstance(block, int) else tuple(block)
+    if not 1 <= low <= high:
+        raise ValueError(f"the verified block must be K >= 1 or (low, high), 1 <= low <= high, "
+                         f"got {block!r}")
+    return low, high
+
+
+def block_label(block: Blocks) -> str:
+    """``"8"`` for a fixed K, ``"4-32"`` for an adaptive one (what :func:`parse_block` reads)."""
+    low, high = block_range(block)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def parse_block(text: str) -> Blocks:
+    """``"8"`` -> ``8``, ``"4-32"`` -> ``(4, 32)`` (the command lines' ``K``)."""
+    try:
+        values = [int(value) for value in text.split("-")]
+        block = values[0] if len(values) == 1 else tuple(values)
+        block_range(block)
+    except (ValueError, TypeError):
+        raise ValueError(f"expected K >= 1 or LOW-HIGH like 4-32, got {text!r}") from None
+    return block
+
+
+def next_block(k: int, corrected: bool, low: int, high: int) -> int:
+    """Adaptive K: the next block's size after a block of ``k`` positions, halved when the
+    block was cut at a corrected token, else doubled, within ``[low, high]``."""
+    return max(low, k // 2) if corrected else min(high, 2 * k)
+
+
+def set_verification(model: nn.Module, block: Optional[Blocks] = DEFAULT_BLOCK) -> None:
     """Make verified decoding the default of ``model``'s FlashHead, ``block`` tokens per dense
-    check (``None`` or ``0``: off), for :mod:`flashhead_mlx.generation`'s functions."""
+    check (:data:`Blocks`; ``None`` or ``0``: off), for :mod:`flashhead_mlx.generation`'s
+    functions."""
+    if block:
+        block_range(block)
     flash_head(model).verification = Verification(block) if block else None
 
 
-def verify_block(model: nn.Module, flashhead_verify: Optional[int] = None) -> Optional[int]:
+def verify_block(model: nn.Module, flashhead_verify: Optional[Blocks] = None) -> Optional[Blocks]:
     """The block size of a generation call: ``flashhead_verify`` when given (``0``: off), else
     the default of ``model``'s FlashHead (:func:`set_verification`); ``None``: unverified."""
     if flashhead_verify is not None:
-        if flashhead_verify < 0:
-            raise ValueError(f"flashhead_verify must be >= 0, got {flashhead_verify}")
-        if flashhead_verify:
+        if flashhead_verify != 0:
+            block_range(flashhead_verify)
             flash_head(model)  # a clear error for a model without one
         return flashhead_verify or None
     verification = flash_head(model).verification if is_patched(model) else None
@@ -332,7 +374,7 @@ def verified_generate_step(
     model: nn.Module,
     stream=MLX_GENERATE.generation_stream,
     *,
-    block: int = DEFAULT_BLOCK,
+    block: Blocks = DEFAULT_BLOCK,
     max_tokens: int = 256,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
@@ -345,7 +387,7 @@ def verified_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """``mlx_lm.generate_step`` with FlashHead's tokens verified by the dense head, ``block``
-    at a time: a generator of ``(token, logprobs)``. Greedy (a sampler of temperature ``0``):
+    (:data:`Blocks`: fixed or adaptive) at a time: a generator of ``(token, logprobs)``. Greedy (a sampler of temperature ``0``):
     exactly the tokens of greedy dense decoding (up to the rounding of a ``block``-row matrix
     product against a one-row one at near-ties). Sampling (a sampler of
     :func:`flashhead_mlx.make_sampler`; another is a ``ValueError``): tokens distributed exactly
@@ -357,8 +399,7 @@ def verified_generate_step(
     Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``.
     """
     settings = sampler_settings(sampler)
-    if block < 1:
-        raise ValueError(f"the verified block must be >= 1, got {block}")
+    low, high = block_range(block)
     head = flash_head(model)
     verification = head.verification or Verification(block)
     if settings is None:
@@ -402,10 +443,10 @@ def verified_generate_step(
             mx.eval([c.state for c in cache])
 
     token, n = prompt[-1:], 0
-    k, verified, saved = 0, [], Checkpoints()
+    k, target, verified, saved = 0, high, [], Checkpoints()
     while n != max_tokens:
         with mx.stream(stream):
-            k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)
+            k = block_size(target, cache, max_tokens - n, kv_bits, quantized_kv_start)
             verified, logprobs, corrected, saved = verify(
                 model, head, cache, token, k, proposal, logits_processors, tokens
             )
@@ -416,6 +457,7 @@ def verified_generate_step(
             tokens = mx.concatenate([tokens, token, mx.array(verified[:-1], token.dtype)])
         token = mx.array(verified[-1:], prompt.dtype)
         verification.rollbacks += corrected
+        target = next_block(target, corrected, low, high)
         for i, t in enumerate(verified):
             verification.tokens += 1
             try:
