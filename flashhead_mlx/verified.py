@@ -387,9 +387,9 @@ def verified_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """``mlx_lm.generate_step`` with FlashHead's tokens verified by the dense head, ``block``
-    (:data:`Blocks`: fixed or adaptive) at a time: a generator of ``(token, logprobs)``. Greedy (a sampler of temperature ``0``):
-    exactly the tokens of greedy dense decoding (up to the rounding of a ``block``-row matrix
-    product against a one-row one at near-ties). Sampling (a sampler of
+    (:data:`Blocks`: fixed or adaptive) at a time: a generator of ``(token, logprobs)``. Greedy
+    (a sampler of temperature ``0``): exactly the tokens of greedy dense decoding (up to the
+    rounding of a ``block``-row matrix product against a one-row one at near-ties). Sampling (a sampler of
     :func:`flashhead_mlx.make_sampler`; another is a ``ValueError``): tokens distributed exactly
     as mlx-lm's sampler on the dense logits (:mod:`flashhead_mlx.acceptance`). The
     log-probabilities are the dense ones. When the consumer stops (or ``max_tokens`` is

@@ -265,7 +265,9 @@ def test_generate_command_verifies(converted):
     assert default.returncode == 0, default.stderr
     assert "verified greedy (K=8," in default.stdout
     assert generated_text(default.stdout) == expected
-    sampled = run_generate(converted, "--flashhead-verify", "2-8", "--temp", "0.7", "--top-p", "0.9")
+    sampled = run_generate(
+        converted, "--flashhead-verify", "2-8", "--temp", "0.7", "--top-p", "0.9"
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert "verified sampling (K=2-8," in sampled.stdout
 
