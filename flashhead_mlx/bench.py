@@ -53,7 +53,8 @@ from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 from .timing import alternate, alternated_runs
-from .verified import Verification
+from .mlx_lm_commands import block_argument
+from .verified import Blocks, Verification, block_label
 
 # Different hidden states the head is timed on, in turn.
 N_INPUTS = 64
@@ -209,9 +210,10 @@ def break_even(speeds: dict) -> dict:
 
 
 def generation_run(
-    model: nn.Module, tokenizer, prompt, max_tokens: int, block: int
+    model: nn.Module, tokenizer, prompt, max_tokens: int, block: Blocks
 ) -> Tuple[GenerationResponse, int]:
-    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified):
+    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified;
+    ``(low, high)``: adaptive):
     its last response and its rollbacks (``0`` unverified)."""
     counts = Verification(block)
     if block:
@@ -228,7 +230,7 @@ def generation_run(
 
 
 def decode_speed(
-    models: Dict[str, Tuple[nn.Module, int]], tokenizer, prompt, max_tokens: int, runs: int
+    models: Dict[str, Tuple[nn.Module, Blocks]], tokenizer, prompt, max_tokens: int, runs: int
 ) -> dict:
     """Median decode and prompt tokens/s of greedy ``stream_generate`` per ``name -> (model,
     K)`` (``K``: verified ``K`` tokens at a time, ``0``: unverified), the tokens generated and
@@ -254,15 +256,16 @@ def decode_speed(
     return speeds
 
 
-def verified_speeds(speed: dict, blocks: Sequence[int]) -> Dict[str, dict]:
-    """Per K of ``blocks``: verified decode tokens/s, its speedup over dense, the share of
-    FlashHead's decode gain it keeps and its rollbacks per 1000 tokens."""
+def verified_speeds(speed: dict, blocks: Sequence[Blocks]) -> Dict[str, dict]:
+    """Per K of ``blocks`` (by :func:`~flashhead_mlx.verified.block_label`: ``"8"``, ``"4-32"``):
+    verified decode tokens/s, its speedup over dense, the share of FlashHead's decode gain it
+    keeps and its rollbacks per 1000 tokens."""
     dense, flash = speed["dense"]["decode_tok_s"], speed["flash"]["decode_tok_s"]
     result = {}
     for block in blocks:
-        verified = speed[f"verified K={block}"]
+        verified = speed[f"verified K={block_label(block)}"]
         tok_s = verified["decode_tok_s"]
-        result[str(block)] = {
+        result[block_label(block)] = {
             "decode_tok_s": tok_s,
             "speedup": tok_s / dense,
             "share_of_flash_gain": (tok_s - dense) / (flash - dense) if flash != dense else None,
@@ -378,7 +381,7 @@ def bench(
     prompt_tokens: int = 32,
     gen_tokens: int = 128,
     runs: int = 5,
-    verify_blocks: Sequence[int] = (),
+    verify_blocks: Sequence[Blocks] = (),
     batch_sizes: Sequence[int] = (),
 ) -> dict:
     """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
@@ -392,7 +395,7 @@ def bench(
     batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     models = {"dense": (dense, 0), "flash": (flash, 0)}
-    models.update({f"verified K={block}": (flash, block) for block in verify_blocks})
+    models.update({f"verified K={block_label(block)}": (flash, block) for block in verify_blocks})
     speed = decode_speed(models, tokenizer, prompt, gen_tokens, runs)
     free, _ = load(model, flashhead=False)
     steps = step_times(
@@ -613,7 +616,7 @@ def plot(result: dict, path: str, title: str) -> None:
 
 
 def blocks(text: str) -> List[int]:
-    """``--verify-blocks``, ``--batch-sizes``: comma-separated positive integers."""
+    """``--batch-sizes``: comma-separated positive integers."""
     try:
         values = [int(k) for k in text.split(",")]
     except ValueError:
@@ -621,6 +624,11 @@ def blocks(text: str) -> List[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 4,8,16, got {text!r}")
     return values
+
+
+def block_list(text: str) -> List[Blocks]:
+    """``--verify-blocks``: comma-separated Ks, each fixed (``8``) or adaptive (``4-32``)."""
+    return [block_argument(k) for k in text.split(",")]
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -634,10 +642,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=5, help="Timed runs of each head.")
     parser.add_argument(
         "--verify-blocks",
-        type=blocks,
+        type=block_list,
         default=(),
         metavar="K,K,...",
-        help="Also time verified greedy decoding at each K, e.g. 4,8,16,32 (default: none).",
+        help="Also time verified greedy decoding at each K, e.g. 4,8,16,32,4-32 (LOW-HIGH: "
+        "adaptive K) (default: none).",
     )
     parser.add_argument(
         "--batch-sizes",

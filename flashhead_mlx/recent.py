@@ -26,8 +26,8 @@ without the cache's tokens (``batch_generate``'s ``prompt_caches``) sees only th
 
 Hybrid models (qwen3_5, lfm2, mamba, ...) keep a single sequence's history on their first cache
 entry too, an ``ArraysCache`` without an offset: mlx-lm never trims such a cache (no speculative
-decoding, no prompt-cache trim), and FlashHead's verified decoding refuses it, so the history
-only grows with the sequence.
+decoding, no prompt-cache trim), and FlashHead's verified decoding puts back the
+history of the step it rolls back to (:func:`flashhead_mlx.verified.roll_back`).
 """
 
 import contextvars

@@ -12,7 +12,14 @@ from mlx.utils import tree_flatten
 
 from conftest import make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import blocks, break_even, bytes_per_token, free_head, parameter_bytes
+from flashhead_mlx.bench import (
+    block_list,
+    blocks,
+    break_even,
+    bytes_per_token,
+    free_head,
+    parameter_bytes,
+)
 from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
@@ -80,13 +87,13 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         "--plot",
         str(png),
         "--verify-blocks",
-        "2,4",
+        "2,2-4",
         "--batch-sizes",
         "1,2",
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
-                 "verified K=4", "FlashHead per-row", "Break-even:"):
+                 "verified K=2-4", "FlashHead per-row", "Break-even:"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -98,7 +105,7 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for key in JSON_KEYS - {"device", "kernels", "share_of_ceiling"}:
         assert report[key] > 0, key
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(report["verified"]) == {"2", "4"}
+    assert set(report["verified"]) == {"2", "2-4"}
     for verified in report["verified"].values():
         assert set(verified) == VERIFIED_KEYS
         assert verified["decode_tok_s"] > 0 and verified["rollbacks_per_1000_tokens"] >= 0
@@ -167,6 +174,10 @@ def test_verify_blocks_are_positive_integers():
     for text in ("", "4,x", "0,4"):
         with pytest.raises(argparse.ArgumentTypeError):
             blocks(text)
+    assert block_list("4,8,4-32") == [4, 8, (4, 32)]
+    for text in ("", "4,0", "8-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            block_list(text)
 
 
 def test_folder_without_flashhead_is_refused(tmp_path):
