@@ -35,12 +35,11 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.generate import GenerationResponse
 
 from .decode import decoding
 from .calibration import TUNING_TEXT
@@ -48,17 +47,15 @@ from .generation import generate_step, stream_generate
 from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
-from .model_head import final_hidden_states, head_module, is_tied
+from .model_head import head_module
 from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
+from .speed import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
 from .timing import alternate, alternated_runs
 from .mlx_lm_commands import block_argument
-from .verified import Blocks, Verification, block_label
+from .verified import Blocks, block_label
 
-# Different hidden states the head is timed on, in turn.
-N_INPUTS = 64
-BATCH_SIZES = (1, 4)
 # Different hidden states per batch size of the batch table, in turn.
 N_BATCH_INPUTS = 16
 # FlashHead's stage-1 arrays, all read at every decode step.
@@ -108,27 +105,6 @@ def bytes_per_token(model: nn.Module) -> float:
         skipped += parameter_bytes(head)
     lookups = sum(row_bytes(t.head if isinstance(t, FlashEmbedding) else t) for t in tables)
     return parameter_bytes(model) - skipped + lookups + head_bytes_read(model)
-
-
-def decode_step(model: nn.Module) -> Callable[[mx.array], mx.array]:
-    """The model's head as a decode step calls it (``lm_head`` or ``embed_tokens.as_linear``)."""
-    module = head_module(model)
-    head = module.as_linear if is_tied(model) else module
-
-    def step(h: mx.array) -> mx.array:
-        with decoding():
-            return head(h)
-
-    return step
-
-
-def hidden_inputs(model, tokenizer, batch_size: int, n: int = N_INPUTS) -> List[mx.array]:
-    """``n`` different decode-step inputs ``[batch_size, 1, d]``: hidden states of the built-in
-    text."""
-    tokens = mx.array(tokenizer.encode(TUNING_TEXT.read_text())[: n * batch_size])
-    hidden = final_hidden_states(model, tokens[None])[0]
-    mx.eval(hidden)
-    return [hidden[i * batch_size : (i + 1) * batch_size, None] for i in range(n)]
 
 
 def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
@@ -207,53 +183,6 @@ def break_even(speeds: dict) -> dict:
         "union_share": speeds[dense_wins[0]]["union_share"] if dense_wins else None,
         "chosen_dense_from": int(chosen[0]) if chosen else None,
     }
-
-
-def generation_run(
-    model: nn.Module, tokenizer, prompt, max_tokens: int, block: Blocks
-) -> Tuple[GenerationResponse, int]:
-    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified;
-    ``(low, high)``: adaptive):
-    its last response and its rollbacks (``0`` unverified)."""
-    counts = Verification(block)
-    if block:
-        flash_head(model).verification = counts
-    try:
-        for response in stream_generate(
-            model, tokenizer, prompt, max_tokens=max_tokens, flashhead_verify=block
-        ):
-            pass
-    finally:
-        if block:
-            flash_head(model).verification = None
-    return response, counts.rollbacks
-
-
-def decode_speed(
-    models: Dict[str, Tuple[nn.Module, Blocks]], tokenizer, prompt, max_tokens: int, runs: int
-) -> dict:
-    """Median decode and prompt tokens/s of greedy ``stream_generate`` per ``name -> (model,
-    K)`` (``K``: verified ``K`` tokens at a time, ``0``: unverified), the tokens generated and
-    the rollbacks per 1000 tokens, runs alternated after one warm-up run each."""
-    results = alternated_runs(
-        {
-            name: lambda m=model, b=block: generation_run(m, tokenizer, prompt, max_tokens, b)
-            for name, (model, block) in models.items()
-        },
-        runs,
-    )
-    speeds = {}
-    for name, runs_ in results.items():
-        responses = [r for r, _ in runs_]
-        tokens = sum(r.generation_tokens for r in responses)
-        speeds[name] = {
-            "decode_tok_s": statistics.median(r.generation_tps for r in responses),
-            "prompt_tok_s": statistics.median(r.prompt_tps for r in responses),
-            "tokens": statistics.median(r.generation_tokens for r in responses),
-            "decode_runs": [r.generation_tps for r in responses],
-            "rollbacks_per_1000_tokens": 1000 * sum(n for _, n in runs_) / tokens,
-        }
-    return speeds
 
 
 def verified_speeds(speed: dict, blocks: Sequence[Blocks]) -> Dict[str, dict]:

@@ -9,7 +9,7 @@
 - the head's time per decode step at B = 1 and B = 4: the dense head, FlashHead on the MLX path,
   and FlashHead on the kernels (with Metal);
 - with ``--model``: decode tokens/s of greedy generation, dense vs FlashHead on the path the
-  self-test chooses (bench's timing, :func:`flashhead_mlx.bench.decode_speed`).
+  self-test chooses (bench's timing, :func:`flashhead_mlx.speed.decode_speed`).
 
 The head is the model's, or without ``--model`` a synthetic one of SmolLM2-135M's shape
 (:func:`synthetic_head`).
@@ -27,7 +27,6 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 
 from .assets import make_assets
-from .bench import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
 from .blas import blas_name
 from .calibration import TUNING_TEXT
 from .decode import decoding
@@ -44,6 +43,7 @@ from .kernels.selftest import (
 from .loading import load
 from .patch import describe_head, flash_head, is_patched
 from .report import device_description, table
+from .speed import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
 from .timing import alternate
 
 EMULATED = "emulated: correctness only, no speed"
@@ -116,7 +116,7 @@ def emulated_kernels():
 
 def kernel_results(head: FlashHead, emulated: bool) -> List[dict]:
     """The self-test (:func:`~flashhead_mlx.kernels.selftest.self_test`) of each stage at each
-    of :data:`~flashhead_mlx.bench.BATCH_SIZES`, run afresh; emulated: untimed, in the
+    of :data:`~flashhead_mlx.speed.BATCH_SIZES`, run afresh; emulated: untimed, in the
     emulator."""
     dtype = head.cluster_bias.dtype
     results = []

@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--split", default="held-out", choices=["dev", "held-out"])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--n-probes", type=int, help="override the folder's n_probes")
-    parser.add_argument("--recent-tokens", default="128,0", help="settings, comma-separated (or none)")
+    parser.add_argument(
+        "--recent-tokens", default="128,0", help="settings, comma-separated (or none)"
+    )
     parser.add_argument("--verify", type=int, help="also verified decoding with this block size")
     parser.add_argument("--prompts", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--chat-template", help="a Jinja chat template file for the tokenizer")

@@ -99,7 +99,8 @@ def main() -> None:
 def print_stage_times(small: Path, large: Path, probes: int, runs: int = 7) -> None:
     """Both heads' decode step and stages, alternated, at B = 1 and 4 (``large`` at ``probes``)."""
     from flashhead_mlx import flash_head, load
-    from flashhead_mlx.bench import BATCH_SIZES, decode_step, hidden_inputs, stage_calls
+    from flashhead_mlx.bench import stage_calls
+    from flashhead_mlx.speed import BATCH_SIZES, decode_step, hidden_inputs
     from flashhead_mlx.timing import alternate
 
     models = {"small": load(str(small))[0], "large": load(str(large))[0]}

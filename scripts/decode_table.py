@@ -30,7 +30,7 @@ from mlx_lm.perplexity import eval_ppl
 from mlx_lm.sample_utils import make_sampler
 
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import decode_speed
+from flashhead_mlx.speed import decode_speed
 from flashhead_mlx.blas import blas_name
 from flashhead_mlx.metrics import sampling_distances
 from flashhead_mlx.model_head import final_hidden_states

@@ -20,7 +20,8 @@ import sys
 import time
 
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import block_list, generation_run
+from flashhead_mlx.bench import block_list
+from flashhead_mlx.speed import generation_run
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.verified import block_label
 
@@ -35,7 +36,7 @@ PROMPTS = [
 
 
 def timed(model, tokenizer, prompt, tokens: int, block):
-    """:func:`flashhead_mlx.bench.generation_run`, and its tokens over its wall time."""
+    """:func:`flashhead_mlx.speed.generation_run`, and its tokens over its wall time."""
     start = time.perf_counter()
     response, rollbacks = generation_run(model, tokenizer, prompt, tokens, block)
     return response, rollbacks, response.generation_tokens / (time.perf_counter() - start)

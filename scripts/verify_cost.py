@@ -21,7 +21,8 @@ import mlx.core as mx
 import numpy as np
 
 from flashhead_mlx import decoding, flash_head, load
-from flashhead_mlx.bench import blocks, decode_step, hidden_inputs
+from flashhead_mlx.bench import blocks
+from flashhead_mlx.speed import decode_step, hidden_inputs
 from flashhead_mlx.timing import alternate
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.kernels import row_logits

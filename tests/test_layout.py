@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flashhead_mlx"
 # The commands: one per ``flashhead-mlx`` subcommand, plus the dispatcher. Nothing imports them.
 COMMANDS = {
     "cli", "convert", "demo", "generate_command", "server", "upload", "import_assets", "evaluate",
-    "tune", "bench",
+    "tune", "bench", "doctor",
 }
 # The offline pipeline and the measurements: libraries the commands call.
 LIBRARY = {
     "pipeline", "containment", "metrics", "calibration", "hub", "arguments", "gguf", "suite",
-    "mlx_lm_commands", "calibration_mix",
+    "mlx_lm_commands", "calibration_mix", "speed",
 }
 # What a FlashHead needs at run time: it knows nothing of the pipeline or the commands. The
 # loader clusters on the fly through the pipeline (``load(flashhead={"convert": True})``).
