@@ -58,7 +58,8 @@ def main() -> None:
                 # the logits, tokens, pairs and tickets.
                 "old": (rows + 4 * n + 4 * (n + 3 + 2 * -(-P // 8)), P,
                         in_flight(d, old_values, 1, value_bytes)),
-                "new": (rows + 4 * n + 8 * (n // 4), n // 4, in_flight(d, new_values, 4, value_bytes)),
+                "new": (rows + 4 * n + 8 * (n // 4), n // 4,
+                        in_flight(d, new_values, 4, value_bytes)),
             }
             if qmv_values:
                 cases[("stage 2", name)]["MLX qmv"] = (rows + 4 * n, n // 4,
