@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ._common import (
+from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also from here
+    KERNEL_BITS,
     ROWS_PER_THREADGROUP,
     SCORE_THREADS,
     kernel_rows,

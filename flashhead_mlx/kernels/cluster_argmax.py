@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from ..transform import Transform, apply
-from ._common import (
+from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also from here
+    KERNEL_BITS,
     ROWS,
     ROWS_PER_THREADGROUP,
     SCORE_THREADS,
