@@ -146,7 +146,7 @@ def centroid_case(seed, B, d, n_clusters, dtype, bits, group_size):
 
 # (B, d, n_clusters, n_probes): n_probes mostly not a multiple of 32, and all clusters once.
 TOPK_SHAPES = [(1, 64, 130, 7), (3, 576, 200, 37), (8, 640, 97, 33), (5, 640, 64, 64),
-               (2, 64, 300, 1), (2, 896, 150, 19), (1, 2048, 70, 9)]
+               (2, 896, 150, 19), (1, 2048, 70, 9)]
 
 
 @pytest.mark.parametrize("seed,dtype,bits,group_size,shape", grid(TOPK_SHAPES))
@@ -312,8 +312,8 @@ def check_argmax(token, logits, exact, bound, tokens):
 # (B, d, vocab_size, cluster_size, n_probes): vocabularies with padding, n_probes not a
 # multiple of 8 or 32 (one threadgroup scores 8 probes).
 ARGMAX_SHAPES = [(1, 64, 1000, 16, 5), (4, 576, 700, 32, 13), (8, 640, 1500, 16, 37),
-                 (2, 640, 900, 32, 21), (6, 64, 2000, 16, 40), (3, 576, 600, 16, 1),
-                 (2, 896, 500, 32, 7), (1, 2048, 300, 16, 11)]
+                 (2, 640, 900, 32, 21), (3, 576, 600, 16, 1), (2, 896, 500, 32, 7),
+                 (1, 2048, 300, 16, 11)]
 
 
 @pytest.mark.parametrize("seed,dtype,bits,group_size,shape", grid(ARGMAX_SHAPES))
@@ -593,9 +593,12 @@ SMALL_CASES = ["centroid_topk-4bit", "cluster_argmax-4bit", "centroid_topk-float
                "cluster_argmax-8bit"]
 
 
-@pytest.mark.parametrize("kernel", range(4), ids=SMALL_CASES)
-@pytest.mark.parametrize("mode,shuffle", [("check", True), ("sanitize", False)])
-def test_kernels_pass_the_emulator_checks(kernel, mode, shuffle):
+@pytest.mark.parametrize("mode,shuffle,kernel", [
+    pytest.param(mode, mode == "check", kernel, id=f"{mode}-{SMALL_CASES[kernel]}")
+    for mode, kernels in (("check", range(4)), ("sanitize", range(2))) for kernel in kernels])
+def test_kernels_pass_the_emulator_checks(mode, shuffle, kernel):
+    """Every kernel in the checking mode (shuffled) and under the sanitizers (the 4-bit cases:
+    each sanitizer build takes seconds)."""
     fn, args, check = small_cases()[kernel]
     metal, _ = both_paths(fn, *args, mode=mode, shuffle=shuffle, seed=3)
     check(*metal)
