@@ -117,8 +117,9 @@ inline void select_top(
   const uint D = h_shape[1], C = w_shape[0];
   const uint b = threadgroup_position_in_grid.y;
   const uint lane = thread_index_in_simdgroup;
-  const uint first =
-      (threadgroup_position_in_grid.x * simdgroups_per_threadgroup + simdgroup_index_in_threadgroup) * ROWS;
+  const uint simdgroup =
+      threadgroup_position_in_grid.x * simdgroups_per_threadgroup + simdgroup_index_in_threadgroup;
+  const uint first = simdgroup * ROWS;
   if (first >= C) {
     return;
   }

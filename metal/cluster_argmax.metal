@@ -59,7 +59,8 @@
     }
   }
   if (lane == 0) {
-    size_t at = 2 * (size_t(b) * threadgroups_per_grid.x * simdgroups_per_threadgroup + slot_in_row);
+    const uint per_row = threadgroups_per_grid.x * simdgroups_per_threadgroup;
+    size_t at = 2 * (size_t(b) * per_row + slot_in_row);
     partials[at] = best_key;
     partials[at + 1] = best_token;
   }
