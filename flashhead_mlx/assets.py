@@ -231,14 +231,16 @@ def save_assets(
     head_module: nn.Module,
     centroid_group_size: int = 64,
     provenance: Optional[dict] = None,
+    head: Optional[dict] = None,
     model_file: Optional[bool] = None,
     card: Optional[Callable[[dict], str]] = None,
 ) -> dict:
     """Write the assets of ``clusters`` into ``folder`` (:func:`write_assets`, with the card
     ``card(config)`` when given); returns the new config.
 
-    ``head_module`` is the model's head (``lm_head`` or tied ``embed_tokens``) the clusters were
-    computed from; its shape and fingerprint are stored, with ``provenance`` (``source``, ...).
+    ``head_module`` is the model's head module (found by probing) the clusters were computed
+    from; its shape and fingerprint are stored, with ``provenance`` (``source``, ...) and
+    ``head``, what probing found (:meth:`flashhead_mlx.probe.HeadProbe.config`), when given.
     """
     assets = make_assets(clusters, n_probes, centroid_bits, centroid_group_size, mass_bias)
     vocab_size, dims = _head_shape(head_module)
@@ -252,6 +254,7 @@ def save_assets(
         "centroid_group_size": centroid_group_size,
         "head_fingerprint": head_fingerprint(head_module),
         **(provenance or {}),
+        **({"head": head} if head is not None else {}),
     }
     arrays = {k: v for k, v in assets.items() if isinstance(v, mx.array)}
     return write_assets(folder, arrays, section, model_file, card)

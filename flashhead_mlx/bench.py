@@ -48,11 +48,13 @@ from .generation import generate_step, stream_generate
 from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
-from .model_head import final_hidden_states, head_module, is_tied, language_model
-from .probe import probe_head, set_module
+from .model_head import final_hidden_states, head_module, is_tied
+from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
-from .verified import Verification
+from .timing import alternate, alternated_runs
+from .mlx_lm_commands import block_argument
+from .verified import Blocks, Verification, block_label
 
 # Different hidden states the head is timed on, in turn.
 N_INPUTS = 64
@@ -85,14 +87,27 @@ def head_bytes_read(model: nn.Module) -> float:
     return stage1 + rows * (row_bytes(head) + head.order.itemsize)
 
 
+def embedding_tables(model: nn.Module) -> List[nn.Module]:
+    """The model's embedding tables, each once: the modules a decode step reads one row of per
+    token (the token embedding, a tied head's table, position or per-layer embeddings)."""
+    tables = {}
+    for _, module in model.named_modules():
+        if isinstance(module, (*EMBEDDING_HEADS, FlashEmbedding)):
+            tables.setdefault(id(module), module)
+    return list(tables.values())
+
+
 def bytes_per_token(model: nn.Module) -> float:
-    """Bytes of weights one decode step reads at B = 1: every parameter once, except the token
-    embedding table (one row of it is read) and the head (:func:`head_bytes_read`). The logits
-    written (V floats, the same for both heads) are not counted."""
-    embedding, head = language_model(model).model.embed_tokens, head_module(model)
-    skipped = parameter_bytes(embedding) + (0 if head is embedding else parameter_bytes(head))
-    lookup = row_bytes(embedding.head if isinstance(embedding, FlashEmbedding) else embedding)
-    return parameter_bytes(model) - skipped + lookup + head_bytes_read(model)
+    """Bytes of weights one decode step reads at B = 1: every parameter once, except the
+    embedding tables (one row of each is read, :func:`embedding_tables`) and the head found by
+    probing (:func:`head_bytes_read`). The logits written (V floats, the same for both heads)
+    are not counted."""
+    head, tables = head_module(model), embedding_tables(model)
+    skipped = sum(parameter_bytes(t) for t in tables)
+    if all(t is not head for t in tables):
+        skipped += parameter_bytes(head)
+    lookups = sum(row_bytes(t.head if isinstance(t, FlashEmbedding) else t) for t in tables)
+    return parameter_bytes(model) - skipped + lookups + head_bytes_read(model)
 
 
 def decode_step(model: nn.Module) -> Callable[[mx.array], mx.array]:
@@ -114,36 +129,6 @@ def hidden_inputs(model, tokenizer, batch_size: int, n: int = N_INPUTS) -> List[
     hidden = final_hidden_states(model, tokens[None])[0]
     mx.eval(hidden)
     return [hidden[i * batch_size : (i + 1) * batch_size, None] for i in range(n)]
-
-
-def time_calls(fn: Callable, inputs: Sequence) -> float:
-    """Milliseconds per call of ``fn`` over ``inputs``, each call evaluated before the next."""
-    start = time.perf_counter()
-    for x in inputs:
-        mx.eval(fn(x))
-    return 1000 * (time.perf_counter() - start) / len(inputs)
-
-
-def alternate(calls: Dict[str, tuple], runs: int) -> Dict[str, float]:
-    """Median :func:`time_calls` of each ``name -> (fn, inputs)``, the runs alternating between
-    them after one warm-up run each."""
-    times = alternated_runs(
-        {name: lambda f=fn, x=inputs: time_calls(f, x) for name, (fn, inputs) in calls.items()},
-        runs,
-    )
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
-    """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
-    after one warm-up call each."""
-    results = {name: [] for name in runs_of}
-    for run in range(runs + 1):
-        for name, fn in runs_of.items():
-            result = fn()
-            if run:
-                results[name].append(result)
-    return results
 
 
 def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
@@ -225,9 +210,10 @@ def break_even(speeds: dict) -> dict:
 
 
 def generation_run(
-    model: nn.Module, tokenizer, prompt, max_tokens: int, block: int
+    model: nn.Module, tokenizer, prompt, max_tokens: int, block: Blocks
 ) -> Tuple[GenerationResponse, int]:
-    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified):
+    """One greedy ``stream_generate``, verified ``block`` tokens at a time (``0``: unverified;
+    ``(low, high)``: adaptive):
     its last response and its rollbacks (``0`` unverified)."""
     counts = Verification(block)
     if block:
@@ -244,7 +230,7 @@ def generation_run(
 
 
 def decode_speed(
-    models: Dict[str, Tuple[nn.Module, int]], tokenizer, prompt, max_tokens: int, runs: int
+    models: Dict[str, Tuple[nn.Module, Blocks]], tokenizer, prompt, max_tokens: int, runs: int
 ) -> dict:
     """Median decode and prompt tokens/s of greedy ``stream_generate`` per ``name -> (model,
     K)`` (``K``: verified ``K`` tokens at a time, ``0``: unverified), the tokens generated and
@@ -270,15 +256,16 @@ def decode_speed(
     return speeds
 
 
-def verified_speeds(speed: dict, blocks: Sequence[int]) -> Dict[str, dict]:
-    """Per K of ``blocks``: verified decode tokens/s, its speedup over dense, the share of
-    FlashHead's decode gain it keeps and its rollbacks per 1000 tokens."""
+def verified_speeds(speed: dict, blocks: Sequence[Blocks]) -> Dict[str, dict]:
+    """Per K of ``blocks`` (by :func:`~flashhead_mlx.verified.block_label`: ``"8"``, ``"4-32"``):
+    verified decode tokens/s, its speedup over dense, the share of FlashHead's decode gain it
+    keeps and its rollbacks per 1000 tokens."""
     dense, flash = speed["dense"]["decode_tok_s"], speed["flash"]["decode_tok_s"]
     result = {}
     for block in blocks:
-        verified = speed[f"verified K={block}"]
+        verified = speed[f"verified K={block_label(block)}"]
         tok_s = verified["decode_tok_s"]
-        result[str(block)] = {
+        result[block_label(block)] = {
             "decode_tok_s": tok_s,
             "speedup": tok_s / dense,
             "share_of_flash_gain": (tok_s - dense) / (flash - dense) if flash != dense else None,
@@ -394,7 +381,7 @@ def bench(
     prompt_tokens: int = 32,
     gen_tokens: int = 128,
     runs: int = 5,
-    verify_blocks: Sequence[int] = (),
+    verify_blocks: Sequence[Blocks] = (),
     batch_sizes: Sequence[int] = (),
 ) -> dict:
     """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
@@ -408,7 +395,7 @@ def bench(
     batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     models = {"dense": (dense, 0), "flash": (flash, 0)}
-    models.update({f"verified K={block}": (flash, block) for block in verify_blocks})
+    models.update({f"verified K={block_label(block)}": (flash, block) for block in verify_blocks})
     speed = decode_speed(models, tokenizer, prompt, gen_tokens, runs)
     free, _ = load(model, flashhead=False)
     steps = step_times(
@@ -629,7 +616,7 @@ def plot(result: dict, path: str, title: str) -> None:
 
 
 def blocks(text: str) -> List[int]:
-    """``--verify-blocks``, ``--batch-sizes``: comma-separated positive integers."""
+    """``--batch-sizes``: comma-separated positive integers."""
     try:
         values = [int(k) for k in text.split(",")]
     except ValueError:
@@ -637,6 +624,11 @@ def blocks(text: str) -> List[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 4,8,16, got {text!r}")
     return values
+
+
+def block_list(text: str) -> List[Blocks]:
+    """``--verify-blocks``: comma-separated Ks, each fixed (``8``) or adaptive (``4-32``)."""
+    return [block_argument(k) for k in text.split(",")]
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -650,10 +642,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=5, help="Timed runs of each head.")
     parser.add_argument(
         "--verify-blocks",
-        type=blocks,
+        type=block_list,
         default=(),
         metavar="K,K,...",
-        help="Also time verified greedy decoding at each K, e.g. 4,8,16,32 (default: none).",
+        help="Also time verified greedy decoding at each K, e.g. 4,8,16,32,4-32 (LOW-HIGH: "
+        "adaptive K) (default: none).",
     )
     parser.add_argument(
         "--batch-sizes",

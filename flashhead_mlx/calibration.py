@@ -2,13 +2,14 @@
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
 from .model_head import final_hidden_states
+from .recent import windows
 
 DATA_DIR = Path(__file__).parent / "data"
 # The novel of the calibration mix (flashhead_mlx.calibration_mix): Pride and Prejudice (public
@@ -67,16 +68,33 @@ def calibration_hidden_states(
     return mx.concatenate(states)[:n_tokens]
 
 
+def text_span(tokenizer, text: str, max_tokens: Optional[int], seq_len: int) -> Tuple[int, int]:
+    """The positions of ``text`` measured (``max_tokens``, all of it when shorter or ``None``) and
+    the tokens per window (``seq_len``, fewer for a shorter text)."""
+    n_text = len(tokenizer.encode(text, add_special_tokens=False))
+    n_tokens = n_text if max_tokens is None else min(max_tokens, n_text)
+    if n_tokens < 2:
+        raise ValueError(f"the text has {n_text} tokens: at least 2 are needed")
+    return n_tokens, min(seq_len, n_tokens)
+
+
 def text_hidden_states(
     model: nn.Module, tokenizer, text: str, max_tokens: Optional[int], seq_len: int = 512
 ) -> mx.array:
     """Hidden states ``[N, d]`` of up to ``max_tokens`` positions of ``text`` (all of it when
     shorter or when ``max_tokens`` is ``None``), in windows of ``seq_len`` tokens spread over the
     text."""
-    n_text = len(tokenizer.encode(text, add_special_tokens=False))
-    n_tokens = n_text if max_tokens is None else min(max_tokens, n_text)
-    if n_tokens < 2:
-        raise ValueError(f"the text has {n_text} tokens: at least 2 are needed")
-    return calibration_hidden_states(
-        model, tokenizer, text, n_tokens=n_tokens, seq_len=min(seq_len, n_tokens)
-    )
+    n_tokens, seq_len = text_span(tokenizer, text, max_tokens, seq_len)
+    return calibration_hidden_states(model, tokenizer, text, n_tokens=n_tokens, seq_len=seq_len)
+
+
+def text_contexts(
+    tokenizer, text: str, max_tokens: Optional[int], size: int, seq_len: int = 512
+) -> mx.array:
+    """The last ``size`` tokens of each position of :func:`text_hidden_states` ``[N, size]``
+    (int32, -1 before its window's start): the context as the model saw it, the preceding
+    tokens of the same window and the position's own input, which a FlashHead scores exactly at
+    greedy steps (:mod:`flashhead_mlx.recent`)."""
+    n_tokens, seq_len = text_span(tokenizer, text, max_tokens, seq_len)
+    contexts = windows(text_windows(tokenizer, text, n_tokens, seq_len), seq_len, size)
+    return mx.flatten(contexts, 0, 1)[:n_tokens]

@@ -9,17 +9,24 @@ holds a suite text or prompt (``tests/test_calibration.py``).
 
 import math
 import random
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .calibration import CALIBRATION_TEXT, DATA_DIR, calibration_hidden_states, text_hidden_states
+from .calibration import (
+    CALIBRATION_TEXT,
+    DATA_DIR,
+    calibration_hidden_states,
+    text_contexts,
+    text_hidden_states,
+)
 from .durable import kill_point
 from .suite import (
     CHAT,
     REPLY_BATCH,
+    chat_contexts,
     chat_hidden_states,
     chat_prompt_tokens,
     dense_replies,
@@ -45,6 +52,12 @@ CALIBRATION_REPLY_TOKENS = 128
 CALIBRATION_REPLIES = REPLY_BATCH
 # Tokens of each continuation of an opening (a batch of them covers the languages share).
 CONTINUATION_TOKENS = 64
+# The sources the model generates: each one's prompts file, tokens generated per prompt, and how a
+# prompt becomes the model's input (through its chat template, or as the start of a document).
+GENERATED_SOURCES = {
+    "chat": (CALIBRATION_PROMPTS, CALIBRATION_REPLY_TOKENS, chat_prompt_tokens),
+    "languages": (CALIBRATION_OPENINGS, CONTINUATION_TOKENS, plain_prompt_tokens),
+}
 # Positions per domain of the development suite that tuning measures.
 TUNING_DOMAIN_TOKENS = 2048
 # Tokens of each dev reply tuning measures (the first prompts' replies, a batch at a time).
@@ -83,25 +96,25 @@ def reply_states(
     max_tokens: int,
     fingerprint: Optional[str],
     prompt_tokens: Callable = chat_prompt_tokens,
-) -> mx.array:
+    recent: int = 0,
+) -> Tuple[mx.array, mx.array]:
     """Hidden states of up to ``n_tokens`` positions of the model's dense replies to
     ``prompts`` (``prompt_tokens`` as :func:`flashhead_mlx.suite.dense_replies`'s), generated a
-    batch of prompts at a time until there are enough."""
-    states, count = [], 0
+    batch of prompts at a time until there are enough, and each position's last ``recent``
+    context tokens (:func:`flashhead_mlx.suite.chat_contexts`)."""
+    states, contexts, count = [], [], 0
     for start in range(0, len(prompts), REPLY_BATCH):
         batch = prompts[start : start + REPLY_BATCH]
         replies, stopped = dense_replies(
             model, tokenizer, batch, fingerprint, max_tokens, prompt_tokens=prompt_tokens
         )
-        states.append(
-            chat_hidden_states(
-                model, tokenizer, batch, replies, stopped, prompt_tokens=prompt_tokens
-            )
-        )
+        rows = (tokenizer, batch, replies, stopped)
+        states.append(chat_hidden_states(model, *rows, prompt_tokens=prompt_tokens))
+        contexts.append(chat_contexts(*rows, recent, prompt_tokens=prompt_tokens))
         count += states[-1].shape[0]
         if count >= n_tokens:
             break
-    return mx.concatenate(states)[:n_tokens]
+    return mx.concatenate(states)[:n_tokens], mx.concatenate(contexts)[:n_tokens]
 
 
 def mix_hidden_states(
@@ -115,7 +128,8 @@ def mix_hidden_states(
     """Final hidden states ``[n_tokens, d]`` (float32) of the calibration mix: ``mix``'s shares
     of the model's replies to the first :data:`CALIBRATION_REPLIES` calibration prompts
     (``chat``, in ``seed``'s order), its continuations of the calibration openings
-    (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order), the calibration code
+    (``languages``, :data:`CONTINUATION_TOKENS` each, in ``seed``'s order; the two generated
+    sources are :data:`GENERATED_SOURCES`), the calibration code
     (``code``) and the calibration novel (``prose``); the positions the generated sources fall
     short of their share go to the last source, and a model without a chat template has no
     replies (the other sources share their positions). Replies and continuations are cached by
@@ -132,23 +146,12 @@ def mix_hidden_states(
             count = n_tokens - sum(part.shape[0] for part in parts)
         if count == 0:
             continue
-        if source == "chat":
-            replies = min(CALIBRATION_REPLIES, math.ceil(count / CALIBRATION_REPLY_TOKENS))
-            prompts = calibration_prompts(seed)[:replies]
-            states = reply_states(
-                model, tokenizer, prompts, count, CALIBRATION_REPLY_TOKENS, fingerprint
-            )
-        elif source == "languages":
-            openings = min(CALIBRATION_REPLIES, math.ceil(count / CONTINUATION_TOKENS))
-            prompts = calibration_prompts(seed, CALIBRATION_OPENINGS)[:openings]
-            states = reply_states(
-                model,
-                tokenizer,
-                prompts,
-                count,
-                CONTINUATION_TOKENS,
-                fingerprint,
-                plain_prompt_tokens,
+        if source in GENERATED_SOURCES:
+            path, reply_tokens, prompt_tokens = GENERATED_SOURCES[source]
+            replies = min(CALIBRATION_REPLIES, math.ceil(count / reply_tokens))
+            prompts = calibration_prompts(seed, path)[:replies]
+            states, _ = reply_states(
+                model, tokenizer, prompts, count, reply_tokens, fingerprint, prompt_tokens
             )
         else:
             text = (CALIBRATION_CODE if source == "code" else CALIBRATION_TEXT).read_text()
@@ -164,12 +167,14 @@ def dev_suite_states(
     tokenizer,
     fingerprint: Optional[str] = None,
     max_tokens: Optional[int] = None,
-) -> Dict[str, mx.array]:
-    """Hidden states of the development suite by domain, as tuning measures it: up to
-    ``max_tokens`` positions of each domain (default :data:`TUNING_DOMAIN_TOKENS`); the chat
-    domain's are the model's dense replies
-    (:data:`TUNING_REPLY_TOKENS` tokens) to the first dev prompts, cached by ``fingerprint``
-    (none without a chat template)."""
+    recent: int = 0,
+) -> Dict[str, Tuple[mx.array, mx.array]]:
+    """Hidden states of the development suite by domain, as tuning measures it, with each
+    position's last ``recent`` context tokens (the head's ``recent_tokens``:
+    :func:`flashhead_mlx.calibration.text_contexts`, :func:`flashhead_mlx.suite.chat_contexts`):
+    up to ``max_tokens`` positions of each domain (default :data:`TUNING_DOMAIN_TOKENS`); the chat
+    domain's are the model's dense replies (:data:`TUNING_REPLY_TOKENS` tokens) to the first dev
+    prompts, cached by ``fingerprint`` (none without a chat template)."""
     domains = suite_files("dev")
     if not has_chat_template(tokenizer):
         domains.pop(CHAT)
@@ -184,7 +189,12 @@ def dev_suite_states(
                 max_tokens,
                 TUNING_REPLY_TOKENS,
                 fingerprint,
+                recent=recent,
             )
         else:
-            states[domain] = text_hidden_states(model, tokenizer, read_text(files), max_tokens)
+            text = read_text(files)
+            states[domain] = (
+                text_hidden_states(model, tokenizer, text, max_tokens),
+                text_contexts(tokenizer, text, max_tokens, recent),
+            )
     return states

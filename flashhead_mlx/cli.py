@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": "Measure a FlashHead against its dense head on a text.",
     "tune": "Store the smallest n_probes that meets a containment target on a text.",
     "bench": "Time the dense head and the FlashHead side by side.",
+    "doctor": "Report the machine, the kernels' self-test and FlashHead's speed on it.",
 }
 # Subcommands whose module is named otherwise (``eval`` is a builtin; mlx_lm has ``evaluate``;
 # ``flashhead_mlx.generate`` is the function).

@@ -5,7 +5,8 @@ Every rank here comes from the head's own stage 1 (:meth:`FlashHead.cluster_scor
 :func:`flashhead_mlx.kernels.cluster_ranks`) and every dense argmax from the head's own exact
 logits (ties to the lowest token id, :func:`flashhead_mlx.kernels.best_token`): a position
 counts as contained with ``n_probes`` probes exactly when the head, probing ``n_probes``
-clusters, scores its dense argmax.
+clusters, scores its dense argmax; given each position's recent tokens, also when the argmax is
+among them (the head scores them exactly at greedy steps: :mod:`flashhead_mlx.recent`).
 """
 
 import bisect
@@ -65,15 +66,34 @@ def ranked_chunks(
         yield np.array(logits, copy=False), np.array(ranks), np.array(targets)
 
 
-def target_ranks(head: FlashHead, hidden: mx.array) -> np.ndarray:
+def counted_ranks(
+    ranks: np.ndarray, targets: np.ndarray, contexts: Optional[mx.array]
+) -> np.ndarray:
+    """``ranks`` ``[N]`` with 0 where the dense argmax ``targets`` ``[N]`` is among the position's
+    recent tokens ``contexts`` ``[N, R]`` (:func:`flashhead_mlx.calibration.text_contexts`), which
+    the head scores exactly at greedy steps whatever the probes: contained with any ``n_probes``.
+    Unchanged without ``contexts``."""
+    if contexts is None or contexts.shape[-1] == 0:
+        return ranks
+    recent = (np.array(contexts) == np.asarray(targets)[:, None]).any(axis=1)
+    return np.where(recent, 0, ranks)
+
+
+def target_ranks(
+    head: FlashHead, hidden: mx.array, contexts: Optional[mx.array] = None
+) -> np.ndarray:
     """The stage-1 rank ``[N]`` of the cluster holding the dense argmax at each hidden state: it
-    is a candidate with ``n_probes`` probes exactly when its rank is below ``n_probes``."""
+    is a candidate with ``n_probes`` probes exactly when its rank is below ``n_probes``; 0 where
+    it is among the position's recent tokens ``contexts`` (:func:`counted_ranks`)."""
     owner = token_clusters(head.order, head.cluster_size)
-    ranks = []
-    for h, _, targets in dense_targets(head, hidden):
-        ranks.append(cluster_rank(head.cluster_scores(h), owner[targets]))
-        mx.eval(ranks[-1])
-    return np.array(mx.concatenate(ranks))
+    ranks, targets = [], []
+    for h, _, chunk_targets in dense_targets(head, hidden):
+        ranks.append(cluster_rank(head.cluster_scores(h), owner[chunk_targets]))
+        targets.append(chunk_targets)
+        mx.eval(ranks[-1], targets[-1])
+    return counted_ranks(
+        np.array(mx.concatenate(ranks)), np.array(mx.concatenate(targets)), contexts
+    )
 
 
 def containment(head: FlashHead, hidden: mx.array, n_probes: List[int]) -> List[dict]:
@@ -103,11 +123,15 @@ def smallest_n_probes(ranks: np.ndarray, target: float, n_clusters: int) -> int:
 
 
 def tuned_n_probes(
-    head: FlashHead, hidden: mx.array, target: float = TARGET_CONTAINMENT
+    head: FlashHead,
+    hidden: mx.array,
+    target: float = TARGET_CONTAINMENT,
+    contexts: Optional[mx.array] = None,
 ) -> Tuple[int, float]:
-    """The smallest ``n_probes`` whose top-1 containment on ``hidden`` is at least ``target``,
-    and the containment it reaches."""
-    ranks = target_ranks(head, hidden)
+    """The smallest ``n_probes`` whose top-1 containment on ``hidden`` (the recent tokens
+    ``contexts`` counted: :func:`counted_ranks`) is at least ``target``, and the containment it
+    reaches."""
+    ranks = target_ranks(head, hidden, contexts)
     n_probes = smallest_n_probes(ranks, target, head.n_clusters)
     return n_probes, float(np.mean(ranks < n_probes))
 
@@ -133,8 +157,10 @@ def suite_n_probes(
     max_scored_fraction: Optional[float] = MAX_SCORED_FRACTION,
 ) -> Tuple[int, str]:
     """:func:`domains_n_probes` for ``head`` with at most ``max_scored_fraction`` of its
-    vocabulary scored, its recent tokens included (``None``: no cap), and a line saying what it reaches on each domain and,
-    where the cap binds, which domains stay below ``target`` and the probes each would need."""
+    vocabulary scored, its recent tokens included (``None``: no cap), and a line saying what it
+    reaches on each domain and, where the cap binds, which domains stay below ``target`` and the
+    probes each would need. ``ranks``: each domain's :func:`target_ranks`, its recent tokens
+    counted."""
     rows = (head.n_clusters, head.cluster_size)
     recent = head.recent_tokens
     cap = max_scored_fraction and most_probes(max_scored_fraction, *rows, head.vocab_size, recent)

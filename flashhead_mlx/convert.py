@@ -4,6 +4,7 @@ FlashHead model folder (:func:`flashhead_mlx.pipeline.convert`), and upload it w
 import argparse
 
 from .arguments import add_assets_arguments, add_upload_arguments
+from .clustering import CLUSTER_SIZE
 from .hub import UploadError, check_token, upload
 from .pipeline import convert
 
@@ -19,7 +20,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="A Hugging Face repo id, a local mlx-lm folder or a .gguf file.",
     )
     parser.add_argument("--output", "--mlx-path", required=True, help="Folder to write.")
-    parser.add_argument("--cluster-size", type=int, default=16, help="Tokens per cluster.")
+    parser.add_argument(
+        "--cluster-size", type=int, default=CLUSTER_SIZE, help="Tokens per cluster (default: 16)."
+    )
     parser.add_argument(
         "--n-clusters",
         type=int,

@@ -24,7 +24,7 @@ import functools
 import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -37,10 +37,14 @@ class DecodeContext:
     ``temperatures``: the sampling temperature of each row (``0.0`` for greedy), or one for all
     rows; ``None`` when not given (the head then returns the candidates' logits only).
     ``extra_tokens``: token ids whose exact logits are always returned.
+    ``histories``: in a batch, each row's tokens before the step's inputs (mlx-lm's batch's
+    ``tokens``: the tokens in each row's cache, no padding), whose last ones the row scores
+    exactly at greedy steps (:mod:`flashhead_mlx.recent`); ``None`` elsewhere.
     """
 
     temperatures: Optional[tuple] = None
     extra_tokens: tuple = ()
+    histories: Optional[Sequence[Sequence[int]]] = field(default=None, compare=False, repr=False)
 
 
 def make_context(
@@ -111,8 +115,9 @@ PENALTY_PROCESSORS = (
 )
 # The locals of generate_step and speculative_generate_step that hold a step's settings.
 LOOP_LOCALS = ("sampler", "logits_processors")
-# The attributes of a GenerationBatch or PromptProcessingBatch that hold its rows' settings.
-BATCH_ATTRIBUTES = ("uids", "samplers", "fallback_sampler", "logits_processors")
+# The attributes of a GenerationBatch or PromptProcessingBatch that hold its rows' settings and
+# their tokens.
+BATCH_ATTRIBUTES = ("uids", "samplers", "fallback_sampler", "logits_processors", "tokens")
 
 
 def _closure(fn, qualname: str) -> dict:
@@ -192,11 +197,13 @@ def settings_context(samplers: Sequence, processors: Sequence) -> Optional[Decod
 
 def batch_context(batch) -> Optional[DecodeContext]:
     """The decode context of the rows of mlx-lm's ``GenerationBatch`` or
-    ``PromptProcessingBatch``: each row's sampler (the batch's fallback when it has none) and
-    logits processors."""
+    ``PromptProcessingBatch`` at a decode step: each row's sampler (the batch's fallback when it
+    has none), logits processors and tokens in its cache (the batch's ``tokens``, read as they
+    are when the model is called)."""
     rows = len(batch.uids)
     samplers = [batch.fallback_sampler if s is None else s for s in batch.samplers or [None] * rows]
-    return settings_context(samplers, batch.logits_processors or [()] * rows)
+    context = settings_context(samplers, batch.logits_processors or [()] * rows)
+    return context and replace(context, histories=batch.tokens)
 
 
 def _loop_context(local: dict) -> Optional[DecodeContext]:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .arguments import add_text_arguments
-from .calibration import TUNING_TEXT, text_hidden_states
+from .calibration import TUNING_TEXT, text_contexts, text_hidden_states
 from .clustering import scored_fraction
 from .head import FlashHead
 from .loading import download
@@ -25,10 +25,12 @@ from .metrics import (
     pool_stats,
 )
 from .patch import flash_head
+from .recent import RECENT_TOKENS
 from .report import device_description, pyplot
 from .suite import (
     CHAT,
     SPLITS,
+    chat_contexts,
     chat_hidden_states,
     dense_replies,
     model_fingerprint,
@@ -42,7 +44,8 @@ def plot(rows: List[dict], stats: dict, head: FlashHead, path: str, title: str) 
     plt = pyplot()
     last = min(head.n_clusters, 2 * max(row["n_probes"] for row in rows))
     probes = np.arange(1, last + 1)
-    scored = 100 * scored_fraction(head.n_clusters, head.cluster_size, probes, head.vocab_size)
+    shape = (head.n_clusters, head.cluster_size)
+    scored = 100 * scored_fraction(*shape, probes, head.vocab_size, head.recent_tokens)
     curves = {
         "top-1 containment": containment_curve(stats["top1_ranks"], head.n_clusters),
         "top-5 containment": containment_curve(stats["top5_ranks"], head.n_clusters),
@@ -107,6 +110,7 @@ def run(
     plot_path: Optional[str] = None,
     suite: Optional[str] = None,
     chat: Optional[str] = None,
+    recent_tokens: Optional[int] = None,
 ) -> dict:
     """Evaluate the FlashHead folder ``model`` on texts, each measured on its own: the files (or
     folders of files) ``text`` (default: the built-in text, unless ``suite`` or ``chat`` is
@@ -117,7 +121,11 @@ def run(
 
     ``max_tokens``: positions per text (default :data:`TEXT_TOKENS`; the suite's and chat's: all);
     ``tv_positions``: sampling-distance positions per text (default :data:`TV_POSITIONS` for a
-    single text, else 0).
+    single text, else 0); ``recent_tokens``: the head's (default
+    :data:`~flashhead_mlx.recent.RECENT_TOKENS`): top-1 containment and greedy agreement count a
+    position whose dense argmax is among its last ``recent_tokens`` context tokens (the
+    preceding tokens of its window, or the prompt and the reply so far), which the head scores
+    exactly at greedy steps.
     """
     texts = [text] if isinstance(text, str) else list(text or [])
     if suite is not None and texts:
@@ -133,7 +141,7 @@ def run(
         sources.append((f"chat: {chat}", [Path(chat)], True))
     if tv_positions is None:
         tv_positions = TV_POSITIONS if len(sources) == 1 else 0
-    lm, tokenizer, _ = load_head(model)
+    lm, tokenizer, _ = load_head(model, recent_tokens)
     replies = {}
     for name, files, is_chat in sources:  # first: generation takes the FlashHead off and back
         if is_chat:
@@ -143,13 +151,17 @@ def run(
     head = flash_head(lm)
     probes = n_probes or default_n_probes(head.n_probes, head.n_clusters)
     domains, stats = [], []
+    recent = head.recent_tokens
     for name, files, is_chat in sources:
         if is_chat:
             hidden = chat_hidden_states(lm, tokenizer, *replies[name], max_tokens)
+            contexts = chat_contexts(tokenizer, *replies[name], recent, max_tokens)
         else:
             limit = max_tokens or (None if suite is not None else TEXT_TOKENS)
-            hidden = text_hidden_states(lm, tokenizer, read_text(files), limit)
-        rows, text_stats = evaluate(head, hidden, probes, tv_positions)
+            text = read_text(files)
+            hidden = text_hidden_states(lm, tokenizer, text, limit)
+            contexts = text_contexts(tokenizer, text, limit, recent)
+        rows, text_stats = evaluate(head, hidden, probes, tv_positions, contexts)
         stats.append(text_stats)
         files = [str(f) for f in files]
         domains.append({"name": name, "files": files, "tokens": hidden.shape[0], "results": rows})
@@ -165,6 +177,7 @@ def run(
         "text": description,
         "tokens": total,
         "device": device_description(),
+        "recent_tokens": recent,
         "results": overall,
         "domains": domains,
     }
@@ -213,6 +226,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="Comma-separated n_probes to measure (default: the model's, half and twice it).",
     )
     parser.add_argument(
+        "--recent-tokens",
+        type=int,
+        default=None,
+        help="Tokens of each position's context the head scores exactly at greedy steps, counted "
+        f"by top-1 and greedy (default: {RECENT_TOKENS}, as generate's; 0: none).",
+    )
+    parser.add_argument(
         "--tv-positions",
         type=int,
         default=None,
@@ -229,6 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.max_tokens is not None and args.max_tokens < 2) or (args.tv_positions or 0) < 0:
         parser.error("--max-tokens must be at least 2 and --tv-positions at least 0")
+    if (args.recent_tokens or 0) < 0:
+        parser.error("--recent-tokens must be at least 0")
     try:
         if args.plot:
             pyplot()  # fail now, not after the measurements
@@ -241,6 +263,7 @@ def main() -> None:
             args.plot,
             suite=args.suite,
             chat=args.chat,
+            recent_tokens=args.recent_tokens,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx eval: error: {error}")
@@ -257,6 +280,13 @@ def main() -> None:
     labels += [f"overall ({result['tokens']})" if len(domains) > 1 else ""] * len(result["results"])
     print(format_rows(rows, labels if len(domains) > 1 else None))
     print("Containment: share of positions [Wilson 95% interval].")
+    recent = result["recent_tokens"]
+    if recent:
+        print(
+            f"Top-1 and greedy count the {recent} recent tokens each row scores exactly at greedy "
+            "steps (the scored share includes them); top-5, mass and TV do not (sampling steps "
+            "score none)."
+        )
     if "sampling_tv_t1" in rows[0]:
         print(
             f"TV: exact per position, mean over {rows[0]['sampling_positions']} positions of the "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 # Not resolved: in the hub's cache the files of a snapshot are links into its blobs/ folder.
 FOLDER = Path(os.path.abspath(__file__)).parent
@@ -96,9 +97,9 @@ def install(model: nn.Module) -> None:
 class FallbackHead(nn.Module):
     """A pure-MLX FlashHead over the model's own head module (rows left in token order)."""
 
-    def __init__(self, module: nn.Module, arrays: dict, section: dict):
+    def __init__(self, module: nn.Module, arrays: dict, section: dict, tied: bool):
         super().__init__()
-        self.module = module
+        self.module, self.tied = module, tied
         self.tokens = arrays["order"].reshape(section["n_clusters"], section["cluster_size"])
         self.centroids = arrays["centroids"]
         self.centroid_bits = section["centroid_bits"]
@@ -111,9 +112,7 @@ class FallbackHead(nn.Module):
         self.freeze()
 
     def dense(self, h: mx.array) -> mx.array:
-        module = self.module
-        tied = isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
-        return module.as_linear(h) if tied else module(h)
+        return self.module.as_linear(h) if self.tied else self.module(h)
 
     def __call__(self, h: mx.array) -> mx.array:
         if h.shape[-2] != 1:
@@ -162,18 +161,20 @@ class FallbackEmbedding(nn.Module):
 
 
 def install_fallback(model: nn.Module, config: dict, arrays: dict) -> None:
-    """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed)."""
-    lm = getattr(model, "language_model", model)
-    no_head = "lm_head" not in lm and not hasattr(lm.get("model"), "embed_tokens")
-    if config.get("final_logit_softcapping") or no_head:
+    """Install the pure-MLX :class:`FallbackHead` (``flashhead_mlx`` is not installed) on the
+    head module that probing found at conversion (the section's ``head`` entry): it keeps the
+    dense head, with a warning, where the model softcaps the head's output or scores with the
+    head's table inside its body. A scale the model applies to the head's output keeps the
+    fallback's -inf at -inf; a softcap would make them finite."""
+    section = config["flashhead"]
+    head = section.get("head")
+    softcap = head is not None and (head["transform"] or {}).get("kind") == "softcap"
+    if head is None or softcap or head["body_calls"]:
         warnings.warn(
             "this architecture needs flashhead_mlx (pip install flashhead-mlx): dense head kept"
         )
         return
-    tied = "lm_head" not in lm
-    module = lm.model.embed_tokens if tied else lm.lm_head
-    head = FallbackHead(module, arrays, config["flashhead"])
-    if tied:
-        lm.model.embed_tokens = FallbackEmbedding(head)
-    else:
-        lm.lm_head = head
+    module = dict(model.named_modules())[head["path"]]
+    fallback = FallbackHead(module, arrays, section, head["tied"])
+    replacement = FallbackEmbedding(fallback) if head["tied"] else fallback
+    model.update_modules(tree_unflatten([(head["path"], replacement)]))

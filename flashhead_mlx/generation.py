@@ -27,7 +27,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .decode import DecodeContext, batch_context, in_context, make_context, settings_context
-from .verified import verified_generate_step, verify_block
+from .verified import Blocks, verified_generate_step, verify_block
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 generation_stream = MLX_GENERATE.generation_stream
@@ -84,12 +84,14 @@ def generate_step(
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     input_embeddings: Optional[mx.array] = None,
-    flashhead_verify: Optional[int] = None,
+    flashhead_verify: Optional[Blocks] = None,
 ) -> Generator[Tuple[mx.array, mx.array], None, None]:
     """``mlx_lm.generate_step``: a generator of ``(token, logprobs)``, each step told the
     sampler's temperature and the processors' biased tokens. Takes mlx-lm's arguments, plus
-    ``flashhead_verify`` (int, optional): verify decoding (greedy or sampled) with the dense
-    head, this many tokens at a time (``0``: unverified). Default: the model's (``load``'s ``verify`` option)."""
+    ``flashhead_verify`` (int or ``(low, high)``, optional): verify decoding (greedy or
+    sampled) with the dense head, this many tokens at a time (``0``: unverified; ``(low,
+    high)``: adaptive, :func:`flashhead_mlx.verified.next_block`). Default: the model's
+    (``load``'s ``verify`` option)."""
     options = dict(
         max_tokens=max_tokens,
         sampler=sampler,
@@ -211,7 +213,8 @@ class BatchGenerator(MLX_GENERATE.BatchGenerator):
 
     mlx-lm keeps one of each for the generator's life: new rows are merged into them and finished
     rows filtered out, so each model call is told the sampler and processors of exactly the rows
-    it scores, in their order, each row at its own temperature.
+    it scores, in their order, each row at its own temperature, and each row's tokens so far
+    (its recent tokens, :mod:`flashhead_mlx.recent`): a greedy row decodes as its prompt alone.
     """
 
     def __init__(

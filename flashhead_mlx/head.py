@@ -17,11 +17,10 @@ from .decode import DecodeContext, decode_context, temperature_array
 from .forward import head_outputs
 from .kernels import (
     best_token,
-    centroid_topk,
-    cluster_argmax,
     cluster_scores,
     gathered_logits,
     row_logits,
+    selftest,
     slot_tokens,
     top_clusters,
 )
@@ -146,8 +145,9 @@ class FlashHead(nn.Module):
             f"centroid_bits={self.centroid_bits}"
         )
 
-    # The two stages are the kernels' (flashhead_mlx.kernels: Metal when available, else their
-    # pure-MLX path), so every caller gets the same scores, probes and logits.
+    # The two stages are the kernels' (flashhead_mlx.kernels: Metal where the first-use self-test
+    # chose them, flashhead_mlx.kernels.selftest, else their pure-MLX path), so every caller gets
+    # the same scores, probes and logits.
 
     def _centroids(self) -> tuple:
         """The centroids as the stage-1 kernel takes them: centroids, scales, biases, bias."""
@@ -165,27 +165,23 @@ class FlashHead(nn.Module):
         when given."""
         if scores is not None:
             return top_clusters(scores, self.n_probes)[0]
-        ids, _ = centroid_topk(
-            h, *self._centroids(), self.n_probes, self.centroid_group_size, self.centroid_bits
-        )
+        ids, _ = selftest.centroid_topk(h, *self.stage1_arguments())
         return ids
 
     def _cluster_argmax(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
         """The stage-2 kernel on the rows of ``clusters``: the greedy token and the logits."""
-        return cluster_argmax(
-            h,
-            clusters,
-            self.weight,
-            self.get("scales"),
-            self.get("biases"),
-            self.order,
-            self.cluster_size,
-            self.group_size,
-            self.bits,
-            self.transform,
-            self.mode,
-            self.batch_path,
-        )
+        return selftest.cluster_argmax(h, clusters, *self.stage2_arguments(), self.batch_path)
+
+    def stage1_arguments(self) -> tuple:
+        """The arguments of the stage-1 kernel (:func:`~flashhead_mlx.kernels.centroid_topk`)
+        after the hidden states."""
+        return (*self._centroids(), self.n_probes, self.centroid_group_size, self.centroid_bits)
+
+    def stage2_arguments(self) -> tuple:
+        """The arguments of the stage-2 kernel (:func:`~flashhead_mlx.kernels.cluster_argmax`)
+        after the hidden states and the clusters, but the batch path."""
+        return (self.weight, self.get("scales"), self.get("biases"), self.order,
+                self.cluster_size, self.group_size, self.bits, self.transform, self.mode)
 
     def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
         """Token ids and exact logits ``[..., K * s]`` (float32) of the rows of ``clusters``
@@ -312,9 +308,9 @@ class FlashHead(nn.Module):
 
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
         """Logits ``[..., V]`` of a decode step: exact at the candidates, at each row's recent
-        tokens (greedy steps) and at the context's extra tokens, ``-inf`` elsewhere; with
+        tokens (greedy rows) and at the context's extra tokens, ``-inf`` elsewhere; with
         sampling temperatures, one full-vocabulary sampler draw's logits
-        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`)."""
+        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows."""
         temperatures = context.temperatures
         if temperatures is None or not any(temperatures):
             logits = self.greedy_logits(h)
@@ -323,7 +319,12 @@ class FlashHead(nn.Module):
             if len(temperatures) > 1 and h.ndim > 2:
                 # Rows of a batch: each position of row b samples at temperature b.
                 temperatures = tuple(t for t in temperatures for _ in range(h.shape[-2]))
-            logits = full_vocabulary_logits(self, h, temperature_array(temperatures, rows))
+            temperature = temperature_array(temperatures, rows)
+            logits = full_vocabulary_logits(self, h, temperature)
+            if 0 in temperatures and self.recent_tokens and recent_tokens() is not None:
+                # The greedy rows of a batch that also samples score their recent tokens too.
+                greedy = (temperature == 0).reshape(*h.shape[:-1], 1)
+                logits = mx.where(greedy, self.greedy_logits(h), logits)
         if context.extra_tokens:
             extra = mx.array(context.extra_tokens, mx.int32)
             index = mx.broadcast_to(extra, (*logits.shape[:-1], extra.size))

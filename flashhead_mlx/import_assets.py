@@ -34,7 +34,7 @@ from .loading import load
 from .model_card import read_card
 from .model_head import head_module, head_rows
 from .pipeline import calibration_states, finish_assets, install_flashhead, source_name
-from .storage import storage_error
+from .storage import plain_write_errors
 
 CACHE_FILE = "clustering_cache.safetensors"
 META_FILE = "clustering_config.json"
@@ -144,30 +144,31 @@ def import_assets(
     folder = Path(model).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an mlx-lm model folder (no config.json)")
-    reclaim_leftovers(folder)
-    if is_flashhead_folder(folder) and not force:
-        raise ValueError(f"{folder} already has FlashHead assets; pass --force to replace them")
-    mlx_model, tokenizer = load(str(folder), flashhead=False)
-    weight = head_rows(head_module(mlx_model))
-    labels, n_clusters = read_clustering(assets, *weight.shape)
-    cluster_size = weight.shape[0] // n_clusters
-    order = slot_order(labels, cluster_size)
-    imported = Path(assets).expanduser()
-    imported_from = (imported.parent if imported.is_file() else imported).resolve().name
-    print(f"[INFO] Imported {n_clusters} clusters from {imported_from}")
+    with plain_write_errors(folder):  # a full disk, a read-only folder, ...: one line
+        reclaim_leftovers(folder)
+        if is_flashhead_folder(folder) and not force:
+            raise ValueError(f"{folder} already has FlashHead assets; pass --force to replace them")
+        mlx_model, tokenizer = load(str(folder), flashhead=False)
+        weight = head_rows(head_module(mlx_model))
+        labels, n_clusters = read_clustering(assets, *weight.shape)
+        cluster_size = weight.shape[0] // n_clusters
+        order = slot_order(labels, cluster_size)
+        imported = Path(assets).expanduser()
+        imported_from = (imported.parent if imported.is_file() else imported).resolve().name
+        print(f"[INFO] Imported {n_clusters} clusters from {imported_from}")
 
-    hidden = calibration_states(mlx_model, tokenizer, calibration_tokens)
-    clusters = clusters_from_order(weight, order, cluster_size, hidden)
-    del weight
-    result = finish_assets(
-        mlx_model, tokenizer, clusters, hidden, n_probes, centroid_bits, "clusters imported"
-    )
-    base_model = read_card(folder)[0].get("base_model")
-    source = base_model if isinstance(base_model, str) else source_name(str(folder))
-    provenance = {"source": source, "imported_from": imported_from}
-    install_flashhead(folder, result, mlx_model, provenance, model_file=model_file)
-    print(f"[INFO] Wrote the FlashHead assets of {folder}")
-    return folder
+        hidden = calibration_states(mlx_model, tokenizer, calibration_tokens)
+        clusters = clusters_from_order(weight, order, cluster_size, hidden)
+        del weight
+        result = finish_assets(
+            mlx_model, tokenizer, clusters, hidden, n_probes, centroid_bits, "clusters imported"
+        )
+        base_model = read_card(folder)[0].get("base_model")
+        source = base_model if isinstance(base_model, str) else source_name(str(folder))
+        provenance = {"source": source, "imported_from": imported_from}
+        install_flashhead(folder, result, mlx_model, provenance, model_file=model_file)
+        print(f"[INFO] Wrote the FlashHead assets of {folder}")
+        return folder
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -194,11 +195,7 @@ def main() -> None:
     args = setup_arg_parser().parse_args()
     try:
         import_assets(**vars(args))
-    except (ValueError, OSError, RuntimeError) as error:
-        if not isinstance(error, ValueError):
-            error = storage_error(error, Path(args.model).expanduser())
-            if error is None:
-                raise
+    except ValueError as error:  # the plain errors, a full disk or a read-only folder too
         raise SystemExit(f"flashhead-mlx import-assets: error: {error}")
 
 

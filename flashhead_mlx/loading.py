@@ -90,7 +90,7 @@ def load(
             ``{"recent_tokens": 0}`` turns off the exact scoring of each row's recent tokens
             (default :data:`~flashhead_mlx.recent.RECENT_TOKENS`), ``{"verify": 8}`` makes
             decoding verified by the dense head 8 tokens at a time the default of FlashHead's
-            ``generate`` functions (``True``: the default K).
+            ``generate`` functions (``True``: the default K; ``(4, 32)``: adaptive K).
             Default: ``True`` (FlashHead when the folder has assets, dense otherwise).
         n_probes (int, optional): clusters scored exactly per token. Default: the folder's.
     """

@@ -5,9 +5,13 @@ Every metric, for every ``n_probes``, is computed on those hidden states against
 logits:
 
 - ``top1_containment`` / ``top5_containment``: shares of positions whose dense argmax (all of the
-  dense top 5) is among the candidates;
-- ``greedy_agreement``: share of positions where ``FlashHead.greedy`` returns the dense argmax
-  (it differs from top-1 containment only through ties and padding, so a bug shows);
+  dense top 5) is among the candidates; given each position's recent tokens (its last
+  ``recent_tokens`` context tokens, which the head scores exactly at greedy steps:
+  :mod:`flashhead_mlx.recent`), top-1 also counts the argmax among them (top 5 does not: sampling
+  steps score no recent tokens);
+- ``greedy_agreement``: share of positions where the head's greedy decode step (the recent tokens
+  scored) returns the dense argmax (it differs from top-1 containment only through ties and
+  padding, so a bug shows);
 - ``candidate_mass``: the dense softmax mass inside the candidates, averaged over positions;
 - ``sampling_tv_t1`` / ``sampling_tv_t07_p09``: the total variation distance between the
   distribution of a token sampled through mlx-lm's sampler from FlashHead's logits and from the
@@ -35,10 +39,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .clustering import scored_fraction
-from .containment import CHUNK_SIZE, ranked_chunks, token_clusters
+from .containment import CHUNK_SIZE, counted_ranks, ranked_chunks, token_clusters
 from .head import FlashHead
 from .loading import load
 from .patch import flash_head
+from .recent import reading
 from .report import table
 from .sampling import fit_mass_bias, sampler_distribution, total_variation
 from .sampling_distance import dense_draws, expected_distribution, sampler_draws
@@ -79,10 +84,14 @@ def add_intervals(row: dict) -> dict:
     return row
 
 
-def load_head(model_path: str) -> Tuple[object, object, FlashHead]:
-    """The model of the FlashHead folder or repo ``model_path`` with its FlashHead installed, its
-    tokenizer and the FlashHead."""
-    model, tokenizer = load(model_path)
+def load_head(
+    model_path: str, recent_tokens: Optional[int] = None
+) -> Tuple[object, object, FlashHead]:
+    """The model of the FlashHead folder or repo ``model_path`` with its FlashHead installed (its
+    ``recent_tokens``: default :data:`~flashhead_mlx.recent.RECENT_TOKENS`), its tokenizer and
+    the FlashHead."""
+    options = {} if recent_tokens is None else {"recent_tokens": recent_tokens}
+    model, tokenizer = load(model_path, flashhead=options or True)
     return model, tokenizer, flash_head(model)
 
 
@@ -107,15 +116,20 @@ def probing(head: FlashHead, n_probes: int, mass_bias: Optional[mx.array] = None
         head.n_probes, head.mass_bias = saved
 
 
-def dense_pass(head: FlashHead, hidden: mx.array) -> Dict[str, np.ndarray]:
+def dense_pass(
+    head: FlashHead, hidden: mx.array, contexts: Optional[mx.array] = None
+) -> Dict[str, np.ndarray]:
     """What every ``n_probes`` is measured from, in one pass over the dense logits
-    (:func:`flashhead_mlx.containment.ranked_chunks`).
+    (:func:`flashhead_mlx.containment.ranked_chunks`); ``contexts`` ``[N, R]``: each position's
+    recent tokens (:func:`flashhead_mlx.calibration.text_contexts`), or ``None``.
 
     Returns ``targets`` (the dense argmax at each position, ties to the lowest token id),
     ``top1_ranks`` (the stage-1 rank of the cluster holding the argmax: it is a candidate with
-    ``n_probes`` probes exactly when its rank is below ``n_probes``), ``top5_ranks`` (the worst
-    rank of the clusters holding the dense top 5) and ``mass_curve`` (``[n_clusters]``: the mean
-    dense softmax mass of the candidates with ``n_probes = 1, 2, ...``).
+    ``n_probes`` probes exactly when its rank is below ``n_probes``; 0 where the argmax is among
+    the position's recent tokens: :func:`flashhead_mlx.containment.counted_ranks`),
+    ``top5_ranks`` (the worst rank of the clusters holding the dense top 5) and ``mass_curve``
+    (``[n_clusters]``: the mean dense softmax mass of the candidates with ``n_probes = 1, 2,
+    ...``).
     """
     n_clusters, size = head.n_clusters, head.cluster_size
     owner = np.array(token_clusters(head.order, size))
@@ -142,9 +156,10 @@ def dense_pass(head: FlashHead, hidden: mx.array) -> Dict[str, np.ndarray]:
         by_rank = np.empty_like(mass)
         np.put_along_axis(by_rank, ranks, mass, axis=1)
         mass_total += np.cumsum(by_rank, axis=1).sum(axis=0)
+    targets = np.concatenate(targets)
     return {
-        "targets": np.concatenate(targets),
-        "top1_ranks": np.concatenate(top1),
+        "targets": targets,
+        "top1_ranks": counted_ranks(np.concatenate(top1), targets, contexts),
         "top5_ranks": np.concatenate(top5),
         "mass_curve": mass_total / hidden.shape[0],
     }
@@ -155,28 +170,51 @@ def containment_curve(ranks: np.ndarray, n_clusters: int) -> np.ndarray:
     return np.cumsum(np.bincount(ranks, minlength=n_clusters)[:n_clusters]) / ranks.size
 
 
+def greedy_tokens(head: FlashHead, h: mx.array, contexts: Optional[mx.array] = None) -> mx.array:
+    """The token ``[N]`` the head's greedy decode step picks at each hidden state ``h`` ``[N, d]``
+    whose recent tokens are ``contexts`` ``[N, R]`` (``None``: the candidates alone)."""
+    if contexts is None or contexts.shape[-1] == 0:
+        return head.greedy(h)
+    with reading(contexts[None]):
+        return mx.argmax(head.greedy_logits(h[None]), axis=-1)[0]
+
+
 def greedy_agreement(
-    head: FlashHead, hidden: mx.array, targets: np.ndarray, chunk_size: int = 256
+    head: FlashHead,
+    hidden: mx.array,
+    targets: np.ndarray,
+    contexts: Optional[mx.array] = None,
+    chunk_size: int = 256,
 ) -> float:
-    """Share of positions where ``head.greedy`` returns ``targets``."""
+    """Share of positions where :func:`greedy_tokens` returns ``targets``."""
     agree = 0
     for start in range(0, hidden.shape[0], chunk_size):
-        greedy = np.array(head.greedy(hidden[start : start + chunk_size]))
-        agree += int((greedy == targets[start : start + chunk_size]).sum())
+        part = slice(start, start + chunk_size)
+        greedy = greedy_tokens(head, hidden[part], None if contexts is None else contexts[part])
+        agree += int((np.array(greedy) == targets[part]).sum())
     return agree / hidden.shape[0]
 
 
-def head_row(head: FlashHead, hidden: mx.array, stats: dict, n_probes: int) -> dict:
-    """The containment metrics of ``n_probes`` (from :func:`dense_pass`'s ``stats``), with the
-    counts and Wilson intervals behind the containment shares."""
+def head_row(
+    head: FlashHead,
+    hidden: mx.array,
+    stats: dict,
+    n_probes: int,
+    contexts: Optional[mx.array] = None,
+) -> dict:
+    """The containment metrics of ``n_probes`` (from :func:`dense_pass`'s ``stats``, with the same
+    ``contexts``), with the counts and Wilson intervals behind the containment shares; the
+    scored fraction counts the ``recent_tokens`` rows of ``contexts`` ``[N, R]``."""
+    recent = 0 if contexts is None else contexts.shape[-1]
     with probing(head, n_probes):
-        greedy = greedy_agreement(head, hidden, stats["targets"])
+        greedy = greedy_agreement(head, hidden, stats["targets"], contexts)
     row = {
         "n_probes": n_probes,
         "n_clusters": head.n_clusters,
         "cluster_size": head.cluster_size,
+        "recent_tokens": recent,
         "scored_fraction": scored_fraction(
-            head.n_clusters, head.cluster_size, n_probes, head.vocab_size
+            head.n_clusters, head.cluster_size, n_probes, head.vocab_size, recent
         ),
         "positions": int(stats["targets"].size),
         "top1_contained": int(np.sum(stats["top1_ranks"] < n_probes)),
@@ -265,15 +303,22 @@ def add_sampling_distances(
 
 
 def evaluate(
-    head: FlashHead, hidden: mx.array, n_probes: Sequence[int], tv_positions: int = 128
+    head: FlashHead,
+    hidden: mx.array,
+    n_probes: Sequence[int],
+    tv_positions: int = 128,
+    contexts: Optional[mx.array] = None,
 ) -> Tuple[List[dict], dict]:
     """One row of metrics per ``n_probes`` (the JSON's ``results``) and :func:`dense_pass`'s
-    statistics; no sampling distances when ``tv_positions`` is 0."""
+    statistics; no sampling distances when ``tv_positions`` is 0; top-1 and greedy count each
+    position's recent tokens ``contexts`` ``[N, R]`` when given."""
     for p in n_probes:
         if not 1 <= p <= head.n_clusters:
             raise ValueError(f"n_probes must be in [1, {head.n_clusters}], got {p}")
-    stats = dense_pass(head, hidden)
-    rows = [head_row(head, hidden, stats, p) for p in tqdm(n_probes, desc="Greedy tokens")]
+    stats = dense_pass(head, hidden, contexts)
+    rows = [
+        head_row(head, hidden, stats, p, contexts) for p in tqdm(n_probes, desc="Greedy tokens")
+    ]
     if tv_positions:
         add_sampling_distances(head, hidden, rows, tv_positions)
     return rows, stats
@@ -317,8 +362,12 @@ def pool_stats(stats: Sequence[dict]) -> dict:
 
 def format_rows(rows: List[dict], labels: Optional[List[str]] = None) -> str:
     """The human table of :func:`evaluate`'s rows (each after its label, when given): the
-    containment shares with their Wilson 95% intervals."""
-    header = ["n_probes", "scored", "top-1 [95% CI]", "top-5 [95% CI]", "greedy", "cand. mass"]
+    containment shares with their Wilson 95% intervals; the top-1 and greedy headers say how
+    many recent tokens they count."""
+    recent = rows[0].get("recent_tokens", 0)
+    counted = f" +recent {recent}" if recent else ""
+    header = ["n_probes", "scored", f"top-1{counted} [95% CI]", "top-5 [95% CI]",
+              f"greedy{counted}", "cand. mass"]
     sampling = "sampling_tv_t1" in rows[0]
     if sampling:
         header += ["TV T=1", "TV T=0.7 top_p=0.9", "mass_bias"]

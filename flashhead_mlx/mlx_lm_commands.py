@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Optional
 from .loading import load
 from .patch import describe_head
 from .recent import RECENT_TOKENS
-from .verified import DEFAULT_BLOCK
+from .verified import DEFAULT_BLOCK, Blocks, parse_block
 
 
 def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,19 +43,28 @@ def add_flashhead_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     return parser
 
 
+def block_argument(text: str) -> Blocks:
+    """A verified block on a command line: ``8`` (K fixed) or ``4-32`` (adaptive K)."""
+    try:
+        return parse_block(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_verify_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--flashhead-verify [K]`` (decoding verified by the dense head) and return
     the parser."""
     parser.add_argument(
         "--flashhead-verify",
-        type=int,
+        type=block_argument,
         nargs="?",
         const=DEFAULT_BLOCK,
         default=None,
         metavar="K",
         help="Verify FlashHead's tokens with the dense head, K at a time (default K: "
-        f"{DEFAULT_BLOCK}): greedy output is the dense head's, sampled output is distributed "
-        "as the dense head's.",
+        f"{DEFAULT_BLOCK}; LOW-HIGH, e.g. 4-32: adaptive, halved after a rollback, doubled "
+        "after a block without one): greedy output is the dense head's, sampled output is "
+        "distributed as the dense head's.",
     )
     return parser
 

@@ -130,6 +130,12 @@ def eval_section(results: dict, section: dict) -> str:
             f"The folder's `n_probes` ({n_probes}) was not among the measured values; "
             "the rows below are those that were measured."
         )
+    recent = rows[0].get("recent_tokens", 0)
+    if recent:
+        summary += (
+            f" Top-1 containment and greedy agreement count the {recent} recent context tokens "
+            "each row also scores exactly at greedy steps (in the scored share)."
+        )
     lines = [
         "## Accuracy (measured)",
         "",

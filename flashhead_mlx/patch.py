@@ -69,7 +69,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def describe_head(model, requested: bool = True) -> str:
-    """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 10.0%
+    """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 12.0%
     of the vocabulary scored)`` (with ``, verified greedy (K=8, 12.5 rollbacks per 1000
     tokens)`` in verified mode) or ``dense``; ``requested``: whether a FlashHead was asked for."""
     if is_patched(model):

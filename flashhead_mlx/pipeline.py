@@ -21,16 +21,17 @@ from mlx_lm.convert import convert as mlx_lm_convert
 
 from ._version import __version__
 from .assets import MODEL_FILES, is_assets_file, is_flashhead_folder, make_assets, save_assets
-from .calibration import text_hidden_states
+from .calibration import text_contexts, text_hidden_states
 from .calibration_mix import dev_suite_states, mix_hidden_states
-from .clustering import cluster_head, scored_fraction
+from .clustering import CLUSTER_SIZE, cluster_head, scored_fraction
 from .containment import TUNING_TOKENS, suite_n_probes, target_ranks, tuned_n_probes
 from .durable import publish_folder, reclaim_stages, stage_folder
 from .head import FlashHead
 from .model_card import CARD_FILE, render_folder_card
 from .model_head import head_module, head_rows
+from .probe import probe_head
 from .sampling import fit_mass_bias
-from .storage import check_free_space, check_writable, storage_error
+from .storage import check_free_space, check_writable, plain_write_errors
 from .suite import model_fingerprint
 
 # Calibration positions the sampling mass offsets are averaged over (a mean per cluster).
@@ -80,7 +81,7 @@ def _prepare_mlx_model(
         raise ValueError(
             f"{model}: model type {unsupported[1]!r} is not one mlx-lm {mlx_lm.__version__} "
             f"supports (its model types are the modules in {models}; FlashHead converts any of "
-            "them whose head is lm_head or the tied embed_tokens)"
+            "them whose head it can serve exactly: docs/architectures.md)"
         ) from error
     card = Path(model).expanduser() / CARD_FILE
     if looks_like_path and card.is_file():
@@ -166,7 +167,7 @@ def calibration_states(
 def cluster_model(
     model,
     tokenizer,
-    cluster_size: int = 16,
+    cluster_size: int = CLUSTER_SIZE,
     n_clusters: Optional[int] = None,
     n_probes: Optional[int] = None,
     centroid_bits: Optional[int] = 4,
@@ -208,20 +209,24 @@ def tune_n_probes(
     fingerprint: Optional[str] = None,
 ) -> int:
     """The fewest probes with :data:`~flashhead_mlx.containment.TARGET_CONTAINMENT` top-1
-    containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1: on
+    containment for ``head`` (``model``'s, not installed), ranked by the head's own stage 1 and
+    its recent tokens counted (:func:`flashhead_mlx.containment.counted_ranks`): on
     every domain of the development suite (:func:`flashhead_mlx.calibration_mix.dev_suite_states`,
     chat replies cached by ``fingerprint``) within
     :data:`~flashhead_mlx.containment.MAX_SCORED_FRACTION` of the vocabulary scored
     (:func:`flashhead_mlx.containment.suite_n_probes`), or on the file ``tuning_text`` when
     given."""
+    recent = head.recent_tokens
     if tuning_text:
-        hidden = text_hidden_states(model, tokenizer, Path(tuning_text).read_text(), TUNING_TOKENS)
-        n_probes, reached = tuned_n_probes(head, hidden)
+        text = Path(tuning_text).read_text()
+        hidden = text_hidden_states(model, tokenizer, text, TUNING_TOKENS)
+        contexts = text_contexts(tokenizer, text, TUNING_TOKENS, recent)
+        n_probes, reached = tuned_n_probes(head, hidden, contexts=contexts)
         where = f"{hidden.shape[0]} positions of {Path(tuning_text).name}"
         print(f"[INFO] Tuned n_probes to {n_probes}: top-1 containment {reached:.4f} on {where}")
         return n_probes
-    states = dev_suite_states(model, tokenizer, fingerprint)
-    ranks = {domain: target_ranks(head, hidden) for domain, hidden in states.items()}
+    states = dev_suite_states(model, tokenizer, fingerprint, recent=recent)
+    ranks = {domain: target_ranks(head, *positions) for domain, positions in states.items()}
     n_probes, line = suite_n_probes(head, ranks)
     print(f"[INFO] Tuned on the development suite: {line}")
     return n_probes
@@ -291,6 +296,7 @@ def install_flashhead(
         **result,
         head_module=head_module(model),
         provenance=provenance,
+        head=probe_head(model).config(),
         model_file=model_file,
         card=lambda config: render_folder_card(path, config, **(card or {})),
     )
@@ -316,7 +322,7 @@ def add_flashhead(
 def convert(
     model: str,
     output: str,
-    cluster_size: int = 16,
+    cluster_size: int = CLUSTER_SIZE,
     n_clusters: Optional[int] = None,
     n_probes: Optional[int] = None,
     centroid_bits: Optional[int] = 4,
@@ -358,33 +364,28 @@ def convert(
     needed = conversion_bytes(model, dtype, quantize)
     if needed is not None:
         check_free_space(output_path.parent, needed, f"converting {source_name(model)}")
-    try:
-        with stage_folder(output_path) as stage:
-            mlx_path = stage / "model"
-            _prepare_mlx_model(
-                model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
-            )
-            add_flashhead(
-                mlx_path,
-                source=model,
-                card={
-                    "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
-                },
-                cluster_size=cluster_size,
-                n_clusters=n_clusters,
-                n_probes=n_probes,
-                centroid_bits=centroid_bits,
-                seed=seed,
-                calibration_tokens=calibration_tokens,
-                tuning_text=tuning_text,
-                model_file=model_file,
-            )
-            publish_folder(mlx_path, output_path, stage)
-    except (OSError, RuntimeError) as error:  # a full disk, a folder turned read-only, ...
-        plain = storage_error(error, output_path.parent)
-        if plain is None:
-            raise
-        raise plain from error
+    # A full disk, a folder turned read-only, ...: one line.
+    with plain_write_errors(output_path.parent), stage_folder(output_path) as stage:
+        mlx_path = stage / "model"
+        _prepare_mlx_model(
+            model, mlx_path, dtype, quantize, q_group_size, q_bits, revision, trust_remote_code
+        )
+        add_flashhead(
+            mlx_path,
+            source=model,
+            card={
+                "model_id": output_path.name, "eval_json": eval_json, "bench_json": bench_json
+            },
+            cluster_size=cluster_size,
+            n_clusters=n_clusters,
+            n_probes=n_probes,
+            centroid_bits=centroid_bits,
+            seed=seed,
+            calibration_tokens=calibration_tokens,
+            tuning_text=tuning_text,
+            model_file=model_file,
+        )
+        publish_folder(mlx_path, output_path, stage)
     print(f"[INFO] Wrote {output_path}")
     return output_path
 

@@ -54,6 +54,19 @@ class HeadProbe:
         head = f"{self.path}.as_linear" if self.tied else self.path
         return f"{head}, {self.transform or 'no transform'}"
 
+    def config(self) -> dict:
+        """The ``head`` entry of a converted folder's ``flashhead`` section (docs/format.md):
+        ``path``, ``tied``, ``transform`` (``{"kind": ..., "value": ...}`` or ``None``) and
+        ``body_calls``, for the model file's fallback, which cannot probe."""
+        transform = self.transform
+        return {
+            "path": self.path,
+            "tied": self.tied,
+            "transform": None if transform is None else {"kind": transform.kind,
+                                                         "value": transform.value},
+            "body_calls": self.body_calls,
+        }
+
 
 class Spy:
     """Stands in for the module at ``path``: records each head call's input (``__call__`` of a

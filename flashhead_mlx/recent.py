@@ -8,26 +8,37 @@ scores the last :data:`RECENT_TOKENS` tokens of its own context exactly (docs/cl
 FlashHead would pick without it, except to the dense one.
 
 The model learns the tokens from its own inputs: while a FlashHead is installed, the language
-model's class has :class:`RecentTokensModel` mixed in, which keeps each sequence's last tokens on
-its KV cache (so the prompt's tail, every decoded token and nothing of other sequences) and sets
-them for the head during the forward pass. Each position sees the tokens up to itself only, and a
-cache trimmed back (speculative decoding's rejected drafts, verified decoding's rollbacks) drops
-the trimmed tokens: a sequence's output does not depend on how its tokens were split into forward
-passes. Without a cache the inputs themselves are the context. Batches (``BatchGenerator``,
-``batch_generate``, a server's concurrent requests) score none: mlx-lm merges, filters and extends
-their caches' rows, which the history would have to follow (:func:`batched`). Hybrid models
-(qwen3_5, lfm2, mamba, ...) keep the history on their first cache entry too, an ``ArraysCache``
-without an offset: mlx-lm never trims such a cache (no speculative decoding, no prompt-cache
-trim), and FlashHead's verified decoding refuses it, so the history only grows with the
-sequence.
+model's class has :class:`RecentTokensModel` mixed in, which sets each position's last tokens for
+the head during the forward pass. A single sequence keeps its last tokens on its KV cache (so the
+prompt's tail, every decoded token and nothing of other sequences). Each position sees the tokens
+up to itself only, and a cache trimmed back (speculative decoding's rejected drafts, verified
+decoding's rollbacks) drops the trimmed tokens: a sequence's output does not depend on how its
+tokens were split into forward passes. Without a cache the inputs themselves are the context.
+
+A batch (``BatchGenerator``, ``batch_generate``, a server's concurrent requests) keeps nothing on
+its cache, whose rows mlx-lm merges, filters, extends and pads: each row reads its tokens from
+mlx-lm's own record of them, the batch's ``tokens`` (one list per row of the tokens in that row's
+cache, which mlx-lm filters, extends and splits with the cache rows, and which holds no padding),
+given to the decode step with its settings (:attr:`flashhead_mlx.decode.DecodeContext.histories`).
+So a batch row scores the recent tokens its prompt alone would. A row given a prompt cache
+without the cache's tokens (``batch_generate``'s ``prompt_caches``) sees only the tokens after it
+(mlx-lm's server gives them).
+
+Hybrid models (qwen3_5, lfm2, mamba, ...) keep a single sequence's history on their first cache
+entry too, an ``ArraysCache`` without an offset: mlx-lm never trims such a cache (no speculative
+decoding, no prompt-cache trim), and FlashHead's verified decoding puts back the
+history of the step it rolls back to (:func:`flashhead_mlx.verified.roll_back`).
 """
 
 import contextvars
 import inspect
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
+
+from .decode import decode_context
 
 # Tokens of each row's context scored exactly per decode step (the cost of RECENT_TOKENS rows).
 RECENT_TOKENS = 128
@@ -115,29 +126,59 @@ def track(cache, inputs: mx.array, size: int) -> mx.array:
 
 def batched(cache) -> bool:
     """Whether ``cache`` is a batch's (mlx-lm's ``BatchKVCache`` and kin, whose offsets are
-    per-row arrays; a hybrid model's ``ArraysCache`` with per-row padding): its rows are merged,
-    filtered and extended by mlx-lm, so no history is kept and batches score no recent tokens
-    (a batch row decodes as its prompt alone would with ``recent_tokens=0``)."""
+    per-row arrays; a hybrid model's ``ArraysCache`` with per-row padding): mlx-lm merges,
+    filters and extends its rows, so its rows' tokens come from the batch
+    (:func:`batch_windows`), not from the cache."""
     return any(
         not isinstance(getattr(c, "offset", 0), int) or getattr(c, "left_padding", None) is not None
         for c in cache or ()
     )
 
 
+def batch_windows(histories: Sequence[Sequence[int]], inputs: mx.array, size: int) -> mx.array:
+    """Each input position's last ``size`` tokens ``[B, L, size]`` (-1 where a context is
+    shorter) in a batch whose row ``b`` holds the tokens ``histories[b]`` before its inputs
+    ``inputs[b]`` (``inputs`` ``[B, L]``; ``size`` > 0)."""
+    inputs = inputs.reshape(-1, inputs.shape[-1]).astype(mx.int32)
+    before = np.full((len(histories), size), -1, dtype=np.int32)
+    for row, history in zip(before, histories):
+        tail = history[-size:]
+        if len(tail):
+            row[size - len(tail) :] = tail
+    sequence = mx.concatenate([mx.array(before), inputs], axis=1)
+    return windows(sequence, inputs.shape[1], size)
+
+
+def batch_histories(rows: int) -> Optional[Sequence[Sequence[int]]]:
+    """The tokens before this decode step's inputs of each of the ``rows`` rows of a batch
+    (:attr:`flashhead_mlx.decode.DecodeContext.histories`), or ``None`` outside a batch's decode
+    step."""
+    histories = getattr(decode_context(), "histories", None)
+    return histories if histories is not None and len(histories) == rows else None
+
+
 class RecentTokensModel:
     """Mixed into the language model's class while a FlashHead is installed: each forward pass
-    sets its rows' last tokens (:func:`track`, as many as the head's ``recent_tokens``) for the
-    head. The mixed class sets ``flashhead_head``, the FlashHead."""
+    sets its rows' last tokens (as many as the head's ``recent_tokens``) for the head: a single
+    sequence's from its cache (:func:`track`), a batch's decode step's from the batch
+    (:func:`batch_windows`). The mixed class sets ``flashhead_head``, the FlashHead."""
 
     def __call__(self, inputs: mx.array, *args, **kwargs):
         size = type(self).flashhead_head.recent_tokens
         untracked = (
             _UNTRACKED.get() or inputs is None or not mx.issubdtype(inputs.dtype, mx.integer)
         )
-        cache = cache_argument(type(self).flashhead_original, inputs, args, kwargs)
-        if size == 0 or untracked or batched(cache):
+        if size == 0 or untracked:
             return super().__call__(inputs, *args, **kwargs)
-        with reading(track(cache, inputs, size)):
+        cache = cache_argument(type(self).flashhead_original, inputs, args, kwargs)
+        if batched(cache):
+            histories = batch_histories(inputs.reshape(-1, inputs.shape[-1]).shape[0])
+            if histories is None:  # a batch's prefill, or a loop that gives no rows' tokens
+                return super().__call__(inputs, *args, **kwargs)
+            tokens = batch_windows(histories, inputs, size)
+        else:
+            tokens = track(cache, inputs, size)
+        with reading(tokens):
             return super().__call__(inputs, *args, **kwargs)
 
 

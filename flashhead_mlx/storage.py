@@ -7,13 +7,14 @@ MLX's writers, which raise a ``RuntimeError`` without one (``[write] Unable to w
 file.``), by what the folder is then found to be.
 """
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 # errno of a write that failed for want of space or permission -> what it means.
 WRITE_ERRNOS = {
@@ -70,6 +71,19 @@ def storage_error(error: BaseException, folder: Path) -> Optional[StorageError]:
     else:
         advice = "write elsewhere"
     return StorageError(f"cannot write into {where}: {reason}; {advice}")
+
+
+@contextlib.contextmanager
+def plain_write_errors(folder: Path) -> Iterator[None]:
+    """Within this block, a failure to write (:func:`storage_error`) is raised as its plain
+    :class:`StorageError` about ``folder``; any other error as it is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        plain = storage_error(error, folder)
+        if plain is None:
+            raise
+        raise plain from error
 
 
 def check_writable(folder: Path) -> None:

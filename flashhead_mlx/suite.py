@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .calibration import DATA_DIR
 from .model_head import final_hidden_states
 from .patch import is_patched, patch, unpatch
+from .recent import windows
 
 SUITE_DIR = DATA_DIR / "suite"
 MANIFEST = SUITE_DIR / "manifest.json"
@@ -167,6 +168,29 @@ def dense_replies(
     return replies, stopped
 
 
+def reply_rows(
+    tokenizer,
+    prompts: Sequence[str],
+    replies: Sequence[Sequence[int]],
+    stopped: Sequence[bool],
+    max_tokens: Optional[int] = None,
+    prompt_tokens: Callable = chat_prompt_tokens,
+) -> List[Tuple[List[int], int, int]]:
+    """Each prompt with its reply as ``(tokens, start, end)``: its positions where the model
+    decoded the reply are ``start`` (the prompt's last token, which predicts the reply's first)
+    to ``end`` (the reply's last token when the reply stopped there: it predicts the stop token;
+    else the one before), in prompt order until ``max_tokens`` positions are reached."""
+    rows, count = [], 0
+    for prompt, reply, stop in zip(prompts, replies, stopped):
+        if max_tokens is not None and count >= max_tokens:
+            break
+        tokens = prompt_tokens(tokenizer, prompt)
+        start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
+        rows.append((tokens + list(reply), start, end))
+        count += end - start
+    return rows
+
+
 def chat_hidden_states(
     model: nn.Module,
     tokenizer,
@@ -176,19 +200,10 @@ def chat_hidden_states(
     max_tokens: Optional[int] = None,
     prompt_tokens: Callable = chat_prompt_tokens,
 ) -> mx.array:
-    """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``:
-    for each prompt, from its last token (which predicts the reply's first token) to the reply's
-    last token when the reply stopped there (it predicts the stop token), else to the one before.
-    At most ``max_tokens`` positions, taken in prompt order; :data:`FORWARD_BATCH` prompts per
-    forward pass; ``prompt_tokens`` as :func:`dense_replies`'s."""
-    rows, count = [], 0
-    for prompt, reply, stop in zip(prompts, replies, stopped):
-        if max_tokens is not None and count >= max_tokens:
-            break
-        tokens = prompt_tokens(tokenizer, prompt)
-        start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
-        rows.append((tokens + list(reply), start, end))
-        count += end - start
+    """Hidden states ``[N, d]`` (float32) of the positions where the model decoded ``replies``
+    (:func:`reply_rows`), at most ``max_tokens``; :data:`FORWARD_BATCH` prompts per forward pass;
+    ``prompt_tokens`` as :func:`dense_replies`'s."""
+    rows = reply_rows(tokenizer, prompts, replies, stopped, max_tokens, prompt_tokens)
     states = []
     for i in tqdm(range(0, len(rows), FORWARD_BATCH), desc="Replies forward"):
         batch = rows[i : i + FORWARD_BATCH]
@@ -200,3 +215,19 @@ def chat_hidden_states(
     hidden = mx.concatenate(states)
     return hidden if max_tokens is None else hidden[:max_tokens]
 
+
+def chat_contexts(
+    tokenizer,
+    prompts: Sequence[str],
+    replies: Sequence[Sequence[int]],
+    stopped: Sequence[bool],
+    size: int,
+    max_tokens: Optional[int] = None,
+    prompt_tokens: Callable = chat_prompt_tokens,
+) -> mx.array:
+    """The last ``size`` tokens ``[N, size]`` (int32, -1 before the prompt's start) of each
+    position of :func:`chat_hidden_states`: the prompt's tokens and the reply so far, which a
+    FlashHead scores exactly at greedy steps (:mod:`flashhead_mlx.recent`)."""
+    rows = reply_rows(tokenizer, prompts, replies, stopped, max_tokens, prompt_tokens)
+    contexts = [windows(mx.array([t[:end]]), end - start, size)[0] for t, start, end in rows]
+    return mx.concatenate(contexts)[:max_tokens]

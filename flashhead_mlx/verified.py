@@ -11,17 +11,28 @@ yielded are the dense ones of the verify pass.
 
 Caches: ``KVCache`` and ``QuantizedKVCache`` are trimmed. A ``RotatingKVCache`` overwrites its
 oldest slot in place once full, so before a block's steps overwrite slots, evaluated copies of
-those slots are saved (at most ``K - 1`` per layer) and written back on rollback. Other caches
-(``ArraysCache`` of hybrid models, ...) cannot be rolled back: a ``ValueError``.
+those slots are saved (at most ``K - 1`` per layer) and written back on rollback. An
+``ArraysCache`` (the recurrent states of hybrid models: qwen3_5, lfm2, mamba, ...) has no trim,
+but the models rebind its entries at each step (``cache[i] = ...``) rather than write into them:
+a block keeps references to each step's entries and a rollback puts back those of the last step
+kept, with the sequence's recent-token history (:mod:`flashhead_mlx.recent`). A ``CacheList``
+is rolled back cache by cache. Other caches (``ChunkedKVCache``, ...): a ``ValueError``.
 """
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 
 from .acceptance import (
     accept,
@@ -35,45 +46,87 @@ from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
-from .recent import reading, track
+from .recent import CACHE_ATTRIBUTE, reading, track
 from .sample_utils import Sampler
 from .sampling import sample
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 DEFAULT_BLOCK = 8
-CACHES = (KVCache, QuantizedKVCache, RotatingKVCache)
+# ``K`` fixed, or ``(low, high)``: adaptive, from ``high``, halved after a rollback and doubled
+# after a block without one, within ``[low, high]`` (:func:`next_block`).
+Blocks = Union[int, Tuple[int, int]]
+CACHES = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
 
 
 @dataclass
 class Verification:
-    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check, the ``mode``
-    of the last generation (``"greedy"`` or ``"sampling"``), and the verified ``tokens``
-    yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
+    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check (:data:`Blocks`),
+    the ``mode`` of the last generation (``"greedy"`` or ``"sampling"``), and the verified
+    ``tokens`` yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
 
-    block: int = DEFAULT_BLOCK
+    block: Blocks = DEFAULT_BLOCK
     tokens: int = 0
     rollbacks: int = 0
     mode: str = "greedy"
 
     def describe(self) -> str:
-        """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)``."""
+        """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)`` (``K=4-32``:
+        adaptive)."""
         rate = 1000 * self.rollbacks / self.tokens if self.tokens else 0.0
-        return f"verified {self.mode} (K={self.block}, {rate:.1f} rollbacks per 1000 tokens)"
+        return (
+            f"verified {self.mode} (K={block_label(self.block)}, {rate:.1f} rollbacks per 1000 "
+            "tokens)"
+        )
 
 
-def set_verification(model: nn.Module, block: Optional[int] = DEFAULT_BLOCK) -> None:
+def block_range(block: Blocks) -> Tuple[int, int]:
+    """The smallest and largest K of ``block`` (:data:`Blocks`), checked: ``1 <= low <=
+    high``."""
+    low, high = (block, block) if isinstance(block, int) else tuple(block)
+    if not 1 <= low <= high:
+        raise ValueError(f"the verified block must be K >= 1 or (low, high), 1 <= low <= high, "
+                         f"got {block!r}")
+    return low, high
+
+
+def block_label(block: Blocks) -> str:
+    """``"8"`` for a fixed K, ``"4-32"`` for an adaptive one (what :func:`parse_block` reads)."""
+    low, high = block_range(block)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def parse_block(text: str) -> Blocks:
+    """``"8"`` -> ``8``, ``"4-32"`` -> ``(4, 32)`` (the command lines' ``K``)."""
+    try:
+        values = [int(value) for value in text.split("-")]
+        block = values[0] if len(values) == 1 else tuple(values)
+        block_range(block)
+    except (ValueError, TypeError):
+        raise ValueError(f"expected K >= 1 or LOW-HIGH like 4-32, got {text!r}") from None
+    return block
+
+
+def next_block(k: int, corrected: bool, low: int, high: int) -> int:
+    """Adaptive K: the next block's size after a block of ``k`` positions, halved when the
+    block was cut at a corrected token, else doubled, within ``[low, high]``."""
+    return max(low, k // 2) if corrected else min(high, 2 * k)
+
+
+def set_verification(model: nn.Module, block: Optional[Blocks] = DEFAULT_BLOCK) -> None:
     """Make verified decoding the default of ``model``'s FlashHead, ``block`` tokens per dense
-    check (``None`` or ``0``: off), for :mod:`flashhead_mlx.generation`'s functions."""
+    check (:data:`Blocks`; ``None`` or ``0``: off), for :mod:`flashhead_mlx.generation`'s
+    functions."""
+    if block:
+        block_range(block)
     flash_head(model).verification = Verification(block) if block else None
 
 
-def verify_block(model: nn.Module, flashhead_verify: Optional[int] = None) -> Optional[int]:
+def verify_block(model: nn.Module, flashhead_verify: Optional[Blocks] = None) -> Optional[Blocks]:
     """The block size of a generation call: ``flashhead_verify`` when given (``0``: off), else
     the default of ``model``'s FlashHead (:func:`set_verification`); ``None``: unverified."""
     if flashhead_verify is not None:
-        if flashhead_verify < 0:
-            raise ValueError(f"flashhead_verify must be >= 0, got {flashhead_verify}")
-        if flashhead_verify:
+        if flashhead_verify != 0:
+            block_range(flashhead_verify)
             flash_head(model)  # a clear error for a model without one
         return flashhead_verify or None
     verification = flash_head(model).verification if is_patched(model) else None
@@ -120,14 +173,48 @@ def rewind(cache: RotatingKVCache, saved: RotatingCheckpoint, n: int) -> None:
     cache._idx = undone[0][0]
 
 
-def roll_back(cache: List[Any], saved: dict, n: int, removed: int = 0) -> None:
-    """Remove the last ``n`` entries of every layer's cache, ``removed`` of the entries the
-    checkpoints ``saved`` were made for having been removed already."""
-    for layer, c in enumerate(cache):
+def layers(cache: List[Any]) -> List[Any]:
+    """The caches of ``cache``'s layers, each ``CacheList`` replaced by its caches."""
+    return [c for entry in cache for c in (
+        layers(entry.caches) if isinstance(entry, CacheList) else [entry]
+    )]
+
+
+@dataclass
+class Checkpoints:
+    """What rolling back a block's steps needs: the checkpoint of each ``RotatingKVCache`` (by
+    its index in :func:`layers`), taken after the first step, and after each step the entries
+    of every ``ArraysCache`` and the sequence's recent-token history (references: the models
+    rebind these, never write into them)."""
+
+    rotating: Dict[int, RotatingCheckpoint] = field(default_factory=dict)
+    steps: List[Tuple[List[List[Any]], Any]] = field(default_factory=list)
+
+
+def record(cache: List[Any], saved: Checkpoints) -> None:
+    """Keep the ``ArraysCache`` entries and the recent-token history of ``cache`` after a
+    step."""
+    arrays = [list(c.cache) for c in layers(cache) if isinstance(c, ArraysCache)]
+    saved.steps.append((arrays, getattr(cache[0], CACHE_ATTRIBUTE, None)))
+
+
+def roll_back(cache: List[Any], saved: Checkpoints, n: int, removed: int = 0) -> None:
+    """Remove the last ``n`` entries of every layer's cache, ``removed`` of the entries of the
+    steps ``saved`` was recorded in having been removed already."""
+    arrays = []
+    for layer, c in enumerate(layers(cache)):
         if isinstance(c, RotatingKVCache):
-            rewind(c, saved[layer], removed + n)
+            rewind(c, saved.rotating[layer], removed + n)
+        elif isinstance(c, ArraysCache):
+            arrays.append(c)
         elif n:
             c.trim(n)
+    if n:
+        entries, history = saved.steps[len(saved.steps) - removed - n - 1]
+        for c, kept in zip(arrays, entries):
+            c.cache = list(kept)
+        if history is not None:
+            setattr(cache[0], CACHE_ATTRIBUTE, history)
 
 
 def block_size(
@@ -138,7 +225,7 @@ def block_size(
     that dense decoding would quantize within the block ends the block there, so that the
     quantization happens at the offset where dense decoding does it."""
     k = block if remaining < 0 else min(block, remaining)
-    for c in cache:
+    for c in layers(cache):
         if isinstance(c, RotatingKVCache):
             k = min(k, c.max_size - c.keep + 1)
         elif kv_bits is not None and hasattr(c, "to_quantized") and c.offset < quantized_kv_start:
@@ -245,22 +332,23 @@ def verify(
     proposal: Union[GreedyProposal, SampledProposal],
     processors: Optional[list],
     tokens: Optional[mx.array],
-) -> Tuple[List[int], mx.array, bool]:
+) -> Tuple[List[int], mx.array, bool, Checkpoints]:
     """One block: ``k`` FlashHead steps from ``token`` (the last one, not yet in the cache),
     then one dense pass over their hidden states.
 
     Returns the verified tokens (FlashHead's up to the first the check replaced, then its
     replacement), their dense log-probabilities ``[n, V]``, whether a token was replaced, and
-    the rotating caches' checkpoints (for :func:`roll_back`); the caches hold the entries of
+    the block's checkpoints (for :func:`roll_back`); the caches hold the entries of
     the tokens before the last verified one.
     """
-    hidden, proposed, saved = [], [], {}
+    hidden, proposed, saved = [], [], Checkpoints()
     proposal.start(k)
     for step in range(k):
         h, recent = body_states(model, head, token[None], cache)
         if step == 0:
-            saved = {i: checkpoint(c, k - 1) for i, c in enumerate(cache)
-                     if isinstance(c, RotatingKVCache)}
+            saved.rotating = {i: checkpoint(c, k - 1) for i, c in enumerate(layers(cache))
+                              if isinstance(c, RotatingKVCache)}
+        record(cache, saved)
         if processors:
             tokens = mx.concatenate([tokens, token])
         with reading(recent):
@@ -289,7 +377,7 @@ def verified_generate_step(
     model: nn.Module,
     stream=MLX_GENERATE.generation_stream,
     *,
-    block: int = DEFAULT_BLOCK,
+    block: Blocks = DEFAULT_BLOCK,
     max_tokens: int = 256,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
@@ -302,9 +390,9 @@ def verified_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """``mlx_lm.generate_step`` with FlashHead's tokens verified by the dense head, ``block``
-    at a time: a generator of ``(token, logprobs)``. Greedy (a sampler of temperature ``0``):
-    exactly the tokens of greedy dense decoding (up to the rounding of a ``block``-row matrix
-    product against a one-row one at near-ties). Sampling (a sampler of
+    (:data:`Blocks`: fixed or adaptive) at a time: a generator of ``(token, logprobs)``. Greedy
+    (a sampler of temperature ``0``): exactly the tokens of greedy dense decoding (up to the
+    rounding of a ``block``-row matrix product against a one-row one at near-ties). Sampling (a sampler of
     :func:`flashhead_mlx.make_sampler`; another is a ``ValueError``): tokens distributed exactly
     as mlx-lm's sampler on the dense logits (:mod:`flashhead_mlx.acceptance`). The
     log-probabilities are the dense ones. When the consumer stops (or ``max_tokens`` is
@@ -314,8 +402,7 @@ def verified_generate_step(
     Takes ``generate_step``'s arguments (not ``input_embeddings``), plus ``block``.
     """
     settings = sampler_settings(sampler)
-    if block < 1:
-        raise ValueError(f"the verified block must be >= 1, got {block}")
+    low, high = block_range(block)
     head = flash_head(model)
     verification = head.verification or Verification(block)
     if settings is None:
@@ -324,11 +411,11 @@ def verified_generate_step(
         proposal = SampledProposal(head, settings, logits_processors)
     verification.mode = "greedy" if settings is None else "sampling"
     cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
-    for c in cache:
+    for c in layers(cache):
         if not isinstance(c, CACHES):
             raise ValueError(
-                f"FlashHead's verified decoding cannot roll back a {type(c).__name__} "
-                "(it supports KVCache, QuantizedKVCache and RotatingKVCache)"
+                f"FlashHead's verified decoding cannot roll back a {type(c).__name__} (it "
+                "supports KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache and CacheList)"
             )
 
     def quantize():
@@ -347,7 +434,7 @@ def verified_generate_step(
             progress(end, total)
             mx.clear_cache()
 
-    def settle(k: int, verified: List[int], saved: dict, kept: int) -> None:
+    def settle(k: int, verified: List[int], saved: Checkpoints, kept: int) -> None:
         """The consumer stops after ``kept`` of the block's ``verified`` tokens: the caches then
         hold the prompt and exactly the tokens yielded, as after ``mlx_lm.generate_step``."""
         with mx.stream(stream):
@@ -359,10 +446,10 @@ def verified_generate_step(
             mx.eval([c.state for c in cache])
 
     token, n = prompt[-1:], 0
-    k, verified, saved = 0, [], {}
+    k, target, verified, saved = 0, high, [], Checkpoints()
     while n != max_tokens:
         with mx.stream(stream):
-            k = block_size(block, cache, max_tokens - n, kv_bits, quantized_kv_start)
+            k = block_size(target, cache, max_tokens - n, kv_bits, quantized_kv_start)
             verified, logprobs, corrected, saved = verify(
                 model, head, cache, token, k, proposal, logits_processors, tokens
             )
@@ -373,6 +460,7 @@ def verified_generate_step(
             tokens = mx.concatenate([tokens, token, mx.array(verified[:-1], token.dtype)])
         token = mx.array(verified[-1:], prompt.dtype)
         verification.rollbacks += corrected
+        target = next_block(target, corrected, low, high)
         for i, t in enumerate(verified):
             verification.tokens += 1
             try:

@@ -2,11 +2,13 @@
 prompts at 48 tokens), per FlashHead setting, with Wilson 95% intervals.
 
     python scripts/chat_agreement.py --model DIR [--split held-out] [--max-tokens 48]
-        [--n-probes P] [--recent-tokens 128,0] [--prompts N] [--chat-template FILE] [--json OUT.json]
+        [--n-probes P] [--recent-tokens 128,0] [--verify K] [--prompts N] [--chat-template FILE]
+        [--json OUT.json]
 
 Each prompt goes through the model's chat template, one sequence at a time (as a chat app decodes
 it): the dense head with mlx-lm's ``generate``, FlashHead with flashhead_mlx's, at each
-``--recent-tokens`` setting. An answer counts as identical when its tokens are the dense ones.
+``--recent-tokens`` setting, and with ``--verify K`` in verified mode (``flashhead_verify=K``, the
+folder's recent tokens). An answer counts as identical when its tokens are the dense ones.
 A model whose tokenizer has no chat template (the Gemma-3-270M GGUF file) takes one from
 ``--chat-template`` (a Jinja file; Gemma 3's turn format is in docs/suite.md).
 """
@@ -14,6 +16,7 @@ A model whose tokenizer has no chat template (the Gemma-3-270M GGUF file) takes 
 import argparse
 import json
 import sys
+from functools import partial
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step as dense_generate_step
@@ -33,7 +36,8 @@ def main() -> None:
     parser.add_argument("--split", default="held-out", choices=["dev", "held-out"])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--n-probes", type=int, help="override the folder's n_probes")
-    parser.add_argument("--recent-tokens", default="128,0", help="settings, comma-separated")
+    parser.add_argument("--recent-tokens", default="128,0", help="settings, comma-separated (or none)")
+    parser.add_argument("--verify", type=int, help="also verified decoding with this block size")
     parser.add_argument("--prompts", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--chat-template", help="a Jinja chat template file for the tokenizer")
     parser.add_argument("--json", help="write the results here")
@@ -46,15 +50,23 @@ def main() -> None:
     head = flash_head(model)
     prompts = read_prompts(suite_files(args.split)[CHAT])[: args.prompts]
     stops = set(tokenizer.eos_token_ids)
-    settings = [int(r) for r in args.recent_tokens.split(",")]
+    settings = [int(r) for r in args.recent_tokens.split(",") if r]
     answers = {"dense": []}
     answers.update({f"recent {r}": [] for r in settings})
+    recent = head.recent_tokens
+    verified = f"verified K={args.verify}"
+    if args.verify:
+        answers[verified] = []
     for prompt in tqdm(prompts, desc="Chat answers"):
         tokens = mx.array(chat_prompt_tokens(tokenizer, prompt))
         answers["dense"].append(greedy(dense_generate_step, tokens, dense, args, stops))
         for r in settings:
             head.recent_tokens = r
             answers[f"recent {r}"].append(greedy(generate_step, tokens, model, args, stops))
+        if args.verify:
+            head.recent_tokens = recent
+            step = partial(generate_step, flashhead_verify=args.verify)
+            answers[verified].append(greedy(step, tokens, model, args, stops))
     results = {"model": args.model, "split": args.split, "max_tokens": args.max_tokens,
                "prompts": len(prompts), "n_probes": head.n_probes, "settings": {}}
     print(f"{args.model}: greedy {args.max_tokens}-token chat answers identical to dense, "

@@ -95,7 +95,7 @@ def measure(model, head, rows: List[tuple]) -> dict:
         for chunk, _, target in dense_targets(head, h):
             scores = head.cluster_scores(chunk)
             ranks.append(np.array(cluster_rank(scores, owner[target])))
-            tops.append(np.array(mx.topk(scores, TOP_SCORES, axis=-1)))
+            tops.append(np.array(mx.topk(scores, min(TOP_SCORES, head.n_clusters), axis=-1)))
             row_targets.append(np.array(target))
         targets += row_targets
         for i, target in zip(range(start, end), np.concatenate(row_targets)):

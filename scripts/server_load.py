@@ -7,7 +7,7 @@ JSON, a negative max_tokens, an unknown model). Each round prints its requests, 
 got another status than their kind's, the p50/p95 latency of the well-formed ones and MLX's
 active memory in the server's process after it; at the end, each wrong answer, the greedy
 responses that differ from the dense server's, the FlashHead's sparse decode steps, and each
-kind's latency:
+kind's latency and completion tokens (the responses' ``usage``):
 
     nice -n 19 python scripts/server_load.py --model DIR [--clients 16] [--rounds 3]
 """
@@ -90,9 +90,12 @@ def main() -> None:
     print(f"FlashHead sparse decode steps: {len(steps)}")
     for head, rows in (("dense", dense), ("FlashHead", flash)):
         for kind in KINDS:
-            seconds = [r["seconds"] for row in rows for r in row["records"] if r["kind"] == kind]
+            records = [r for row in rows for r in row["records"] if r["kind"] == kind]
+            seconds = [r["seconds"] for r in records]
             p50, p95 = np.percentile(seconds, 50), np.percentile(seconds, 95)
-            print(f"{head} {kind}: p50 {p50:.2f} s, p95 {p95:.2f} s")
+            tokens = [r["tokens"] for r in records if r["tokens"] is not None]
+            made = f", {np.mean(tokens):.1f} tokens on average" if tokens else ""
+            print(f"{head} {kind}: p50 {p50:.2f} s, p95 {p95:.2f} s{made}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ with it (docs/clustering.md, "Tuning on the development suite").
 
     python scripts/tuning_objectives.py --model DIR [--max-tokens 2048] [--states DIR]
 
-Each domain's stage-1 target ranks are measured once (:func:`flashhead_mlx.containment.target_ranks`),
-so every objective is read off the same containment curves. ``--states`` caches the dev hidden
-states (``dev_<domain>.npy``): a second run, or another folder of the same model, reuses them.
+Each domain's stage-1 target ranks are measured once, the head's recent tokens counted
+(:func:`flashhead_mlx.containment.target_ranks`), so every objective is read off the same
+containment curves. ``--states`` caches the dev hidden states and recent tokens
+(``dev_<domain>.npz``): a second run, or another folder of the same model, reuses them.
 """
 
 import argparse
@@ -31,15 +32,20 @@ USAGE = {
 }
 
 
-def dev_states(model, tokenizer, folder: Path, max_tokens: int, cache: Optional[Path]) -> dict:
-    """The dev suite's hidden states by domain, read from ``cache`` when it holds them."""
-    if cache is not None and list(cache.glob("dev_*.npy")):
-        return {p.stem[4:]: mx.array(np.load(p)) for p in sorted(cache.glob("dev_*.npy"))}
-    states = dev_suite_states(model, tokenizer, model_fingerprint(folder), max_tokens)
+def dev_states(
+    model, tokenizer, folder: Path, max_tokens: int, cache: Optional[Path], recent: int
+) -> dict:
+    """The dev suite's hidden states and recent tokens by domain, read from ``cache`` when it
+    holds them."""
+    if cache is not None and list(cache.glob("dev_*.npz")):
+        stored = {p.stem[4:]: np.load(p) for p in sorted(cache.glob("dev_*.npz"))}
+        return {d: (mx.array(s["hidden"]), mx.array(s["contexts"])) for d, s in stored.items()}
+    states = dev_suite_states(model, tokenizer, model_fingerprint(folder), max_tokens, recent)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        for domain, hidden in states.items():
-            np.save(cache / f"dev_{domain}.npy", np.array(hidden))
+        for domain, (hidden, contexts) in states.items():
+            arrays = {"hidden": np.array(hidden), "contexts": np.array(contexts)}
+            np.savez(cache / f"dev_{domain}.npz", **arrays)
     return states
 
 
@@ -51,7 +57,7 @@ def first_meeting(ok: np.ndarray) -> int:
 def objectives(head, target: float) -> Dict[str, Callable[[dict], int]]:
     """Each objective: the probes it picks from the domains' containment curves."""
     cap = {
-        f: most_probes(f, head.n_clusters, head.cluster_size, head.vocab_size)
+        f: most_probes(f, head.n_clusters, head.cluster_size, head.vocab_size, head.recent_tokens)
         for f in (0.10, 0.12, 0.15)
     }
     every = lambda c: first_meeting(np.min(list(c.values()), axis=0) >= target)  # noqa: E731
@@ -85,19 +91,21 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=TARGET_CONTAINMENT)
     args = parser.parse_args()
     model, tokenizer, head = load_head(args.model)
-    states = dev_states(model, tokenizer, Path(args.model), args.max_tokens, args.states)
-    ranks = {domain: target_ranks(head, hidden) for domain, hidden in states.items()}
+    recent = head.recent_tokens
+    states = dev_states(model, tokenizer, Path(args.model), args.max_tokens, args.states, recent)
+    ranks = {domain: target_ranks(head, *positions) for domain, positions in states.items()}
     probes = np.arange(1, head.n_clusters + 1)
     curves = {d: np.searchsorted(np.sort(r), probes) / r.size for d, r in ranks.items()}
     positions = ", ".join(f"{d} {r.size}" for d, r in ranks.items())
-    print(f"{args.model}: dev positions {positions}; folder n_probes {head.n_probes}\n")
+    print(f"{args.model}: dev positions {positions}; folder n_probes {head.n_probes}; "
+          f"{recent} recent tokens counted\n")
     print(f"| objective | n_probes | scored | {' | '.join(curves)} | min | pooled |")
     print("|---|---:|---:|" + "---:|" * (len(curves) + 2))
     for name, pick in objectives(head, args.target).items():
         p = pick(curves)
         shares = [curve[p - 1] for curve in curves.values()]
         pooled = np.mean(np.concatenate(list(ranks.values())) < p)
-        scored = scored_fraction(head.n_clusters, head.cluster_size, p, head.vocab_size)
+        scored = scored_fraction(head.n_clusters, head.cluster_size, p, head.vocab_size, recent)
         cells = " | ".join(f"{100 * s:.2f}" for s in [*shares, min(shares), pooled])
         print(f"| {name} | {p} | {100 * scored:.1f}% | {cells} |")
 

@@ -128,6 +128,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_converted(tiny_llama, tmp_path_factory) -> Path:
+    """``tiny_llama`` converted (256 calibration tokens), once per session: not to be changed."""
+    from flashhead_mlx.pipeline import convert
+
+    out = tmp_path_factory.mktemp("converted") / "tiny-flashhead"
+    return convert(str(tiny_llama), str(out), calibration_tokens=256)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its GGUF as a float32 mlx-lm folder (once per session)."""
     from flashhead_mlx.gguf import import_gguf
@@ -198,14 +207,13 @@ def assert_batch_matches_single_rows(head, h, paths) -> None:
 
 
 @contextlib.contextmanager
-def without_recent_tokens(model):
-    """Within the block the model's FlashHead scores no recent tokens: what a batch row gets
-    (flashhead_mlx.recent.batched), for comparing batch rows with single rows."""
-    from flashhead_mlx import flash_head
+def broken_kernels():
+    """The CPU emulator (:func:`flashhead_mlx.testing.metal_emulator.emulate`, yielding its
+    launches), with every kernel's source ending in an ``#error``: no kernel compiles."""
+    from flashhead_mlx.testing.metal_emulator import emulate
 
-    head = flash_head(model)
-    saved, head.recent_tokens = head.recent_tokens, 0
-    try:
-        yield
-    finally:
-        head.recent_tokens = saved
+    with emulate() as launches, pytest.MonkeyPatch.context() as mp:
+        factory = mx.fast.metal_kernel
+        mp.setattr(mx.fast, "metal_kernel", lambda **kw: factory(
+            **{**kw, "source": kw["source"] + "\n#error forced by the test\n"}))
+        yield launches

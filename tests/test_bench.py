@@ -6,14 +6,26 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
-from conftest import make_tiny_model, run_cli
+from conftest import make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import flash_head, load
-from flashhead_mlx.bench import blocks, break_even, bytes_per_token, free_head, parameter_bytes
+from flashhead_mlx.bench import (
+    block_list,
+    blocks,
+    break_even,
+    bytes_per_token,
+    free_head,
+    parameter_bytes,
+)
 from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_card import BENCH_KEYS
+from flashhead_mlx.assets import make_assets
+from flashhead_mlx.patch import apply_flashhead
+from flashhead_mlx.testing.architectures import build
 
 JSON_KEYS = set(BENCH_KEYS)  # the issue's keys, which the model card reads
 VERIFIED_KEYS = {"decode_tok_s", "speedup", "share_of_flash_gain", "rollbacks_per_1000_tokens"}
@@ -75,13 +87,13 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         "--plot",
         str(png),
         "--verify-blocks",
-        "2,4",
+        "2,2-4",
         "--batch-sizes",
         "1,2",
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
-                 "verified K=4", "FlashHead per-row", "Break-even:"):
+                 "verified K=2-4", "FlashHead per-row", "Break-even:"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -93,7 +105,7 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for key in JSON_KEYS - {"device", "kernels", "share_of_ceiling"}:
         assert report[key] > 0, key
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(report["verified"]) == {"2", "4"}
+    assert set(report["verified"]) == {"2", "2-4"}
     for verified in report["verified"].values():
         assert set(verified) == VERIFIED_KEYS
         assert verified["decode_tok_s"] > 0 and verified["rollbacks_per_1000_tokens"] >= 0
@@ -162,6 +174,10 @@ def test_verify_blocks_are_positive_integers():
     for text in ("", "4,x", "0,4"):
         with pytest.raises(argparse.ArgumentTypeError):
             blocks(text)
+    assert block_list("4,8,4-32") == [4, 8, (4, 32)]
+    for text in ("", "4,0", "8-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            block_list(text)
 
 
 def test_folder_without_flashhead_is_refused(tmp_path):
@@ -169,3 +185,31 @@ def test_folder_without_flashhead_is_refused(tmp_path):
     result = run_cli("bench", "--model", str(source), "--runs", "1")
     assert result.returncode != 0
     assert "flashhead-mlx bench: error:" in result.stderr and "has no FlashHead" in result.stderr
+
+
+# Tiny models of the matrix whose head and embedding tables a name lookup (``lm_head``,
+# ``model.embed_tokens``) misses: gpt2's tied head ``model.wte`` beside its position table
+# ``model.wpe``, llama4_text's untied ``output`` beside ``model.embed_tokens``.
+TABLES = {"gpt2": ("model.wte", ["model.wte", "model.wpe"]),
+          "llama4_text": ("output", ["model.embed_tokens"])}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_bytes_per_token_by_hand_on_the_probed_head(name):
+    head, tables = TABLES[name]
+    model = build(name)
+    arrays = dict(tree_flatten(model.parameters()))
+    total = sum(a.nbytes for a in arrays.values())
+    table_bytes = sum(arrays[f"{t}.weight"].nbytes for t in tables)
+    rows = sum(arrays[f"{t}.weight"].nbytes // arrays[f"{t}.weight"].shape[0] for t in tables)
+    head_bytes = arrays[f"{head}.weight"].nbytes
+    skipped = table_bytes + (0 if head in tables else head_bytes)
+    assert bytes_per_token(model) == total - skipped + rows + head_bytes
+    dense = bytes_per_token(model)
+    clusters = make_clusters(np.array(arrays[f"{head}.weight"]))
+    apply_flashhead(model, make_assets(clusters, 3))
+    flash = flash_head(model)
+    stage1 = sum(flash[k].nbytes for k in ("centroids", "centroid_scales", "centroid_biases",
+                                           "cluster_bias"))
+    probed = 3 * flash.cluster_size * (head_bytes // arrays[f"{head}.weight"].shape[0] + 4)
+    assert bytes_per_token(model) == dense - head_bytes + stage1 + probed

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import make_tiny_model
 from flashhead_mlx import calibration_mix, flash_head, load, suite
-from flashhead_mlx.clustering import most_probes, scored_fraction
+from flashhead_mlx.clustering import CLUSTER_SIZE, most_probes, scored_fraction
 from flashhead_mlx.containment import TARGET_CONTAINMENT, suite_n_probes
 from flashhead_mlx.pipeline import convert
-from flashhead_mlx.recent import RECENT_TOKENS
+from flashhead_mlx.recent import RECENT_TOKENS, reading
 from flashhead_mlx.tune import tune
 
 CHAT_TEMPLATE = (
@@ -37,12 +37,18 @@ def chat_source(tmp_path_factory) -> Path:
     return with_chat_template(make_tiny_model(folder / "tiny", tied=False, seed=4))
 
 
+def set_reply_tokens(monkeypatch, tokens: int) -> None:
+    """The calibration mix's replies to its chat prompts are ``tokens`` long."""
+    path, _, prompt_tokens = calibration_mix.GENERATED_SOURCES["chat"]
+    monkeypatch.setitem(calibration_mix.GENERATED_SOURCES, "chat", (path, tokens, prompt_tokens))
+
+
 @pytest.fixture(autouse=True)
 def small_conversions(monkeypatch):
     """The tiny model's conversions and tunings on a few short replies and positions per domain:
     what each test checks does not depend on the sizes, which are the product's for real models."""
     monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLIES", 4)
-    monkeypatch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 16)
+    set_reply_tokens(monkeypatch, 16)
     monkeypatch.setattr(calibration_mix, "TUNING_REPLY_TOKENS", 16)
     monkeypatch.setattr(calibration_mix, "TUNING_DOMAIN_TOKENS", 64)
 
@@ -83,7 +89,7 @@ def test_mix_is_deterministic_for_a_seed(chat_source, capsys):
     # Replies short of their share: the novel takes the rest.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(calibration_mix, "CALIBRATION_REPLIES", 1)
-        patch.setattr(calibration_mix, "CALIBRATION_REPLY_TOKENS", 4)
+        set_reply_tokens(patch, 4)
         short = calibration_mix.mix_hidden_states(model, tokenizer, 96, seed=0)
     # One reply of 4 positions, 24 of code, 12 of continuations, the novel's 56.
     assert short.shape == (96, 64)
@@ -106,14 +112,16 @@ def test_conversion_with_the_mix_gives_the_same_assets_twice(chat_source, tmp_pa
 
 
 def domain_containment(folder: Path, states: dict, n_probes: int) -> dict:
-    """Each domain's share of positions whose dense argmax is among the head's own candidates."""
+    """Each domain's share of positions whose dense argmax the head scores exactly at a greedy
+    decode step: its own candidates and the position's recent tokens."""
     model, _ = load(str(folder), n_probes=n_probes)
     head = flash_head(model)
     shares = {}
-    for domain, hidden in states.items():
-        tokens, _ = head.candidates(hidden)
+    for domain, (hidden, contexts) in states.items():
+        with reading(contexts[None]):
+            scored = np.isfinite(np.array(head.greedy_logits(hidden[None]))[0])
         argmax = np.array(mx.argmax(head.dense_logits(hidden), axis=-1))
-        shares[domain] = float(np.mean([a in row for a, row in zip(argmax, np.array(tokens))]))
+        shares[domain] = float(np.mean(scored[np.arange(argmax.size), argmax]))
     return shares
 
 
@@ -129,7 +137,7 @@ def test_tuning_on_the_development_suite_meets_the_target_on_every_domain(
     assert set(rows["domains"]) == set(suite.suite_files("dev"))
     model, tokenizer = load(str(converted))
     states = calibration_mix.dev_suite_states(
-        model, tokenizer, suite.model_fingerprint(converted), max_tokens=64
+        model, tokenizer, suite.model_fingerprint(converted), 64, RECENT_TOKENS
     )
     shares = domain_containment(converted, states, n_probes)
     assert min(shares.values()) >= target, shares
@@ -175,7 +183,8 @@ def test_tune_on_the_development_suite_keeps_the_cap(chat_source, tmp_path, monk
     monkeypatch.setattr(suite, "CHAT_CACHE_DIR", tmp_path / "cache")
     converted = convert(str(chat_source), str(tmp_path / "out"), calibration_tokens=256, n_probes=1)
     uncapped = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=2)
-    cap = most_probes(0.25, 63, 16, 1000, RECENT_TOKENS)  # the recent tokens count as scored
+    n_clusters = -(-1000 // CLUSTER_SIZE)
+    cap = most_probes(0.25, n_clusters, CLUSTER_SIZE, 1000, RECENT_TOKENS)  # recent tokens count
     assert uncapped["after"]["n_probes"] > cap  # the tiny random model needs more for 100%
     rows = tune(str(converted), target=1.0, max_tokens=64, max_scored_fraction=0.25)
     assert rows["after"]["n_probes"] == cap > 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import gguf_path, run_cli
+from flashhead_mlx.clustering import CLUSTER_SIZE
 from flashhead_mlx import pipeline
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.model_head import final_hidden_states
@@ -38,8 +39,8 @@ def test_output_is_an_mlx_lm_folder_with_flashhead_assets(converted, tiny_llama)
     np.testing.assert_allclose(np.array(plain(TOKENS)), np.array(source(TOKENS)), rtol=1e-5, atol=1e-5)
     config = json.loads((converted / "config.json").read_text())
     section = config["flashhead"]
-    assert section["cluster_size"] == 16
-    assert section["n_clusters"] == -(-1000 // 16)
+    assert section["cluster_size"] == CLUSTER_SIZE
+    assert section["n_clusters"] == -(-1000 // CLUSTER_SIZE)
     assert 1 <= section["n_probes"] <= section["n_clusters"]
     assert (converted / section["assets_file"]).is_file()
     assert "model_file" not in config and not list(converted.glob("*.py"))  # no remote code

@@ -8,15 +8,19 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
-from conftest import SHARED_AUSTEN, make_clusters, make_tiny_model, run_cli
-from flashhead_mlx import evaluate, flash_head, patch
+from conftest import SHARED_AUSTEN, TINY_TEXT, make_clusters, make_tiny_model, run_cli
+from flashhead_mlx import decoding, evaluate, flash_head, patch
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.pipeline import convert
-from flashhead_mlx.calibration import text_hidden_states
-from flashhead_mlx.metrics import decimals, default_n_probes, evaluate as evaluate_head
+from flashhead_mlx.calibration import text_contexts, text_hidden_states, text_windows
+from flashhead_mlx.clustering import CLUSTER_SIZE
+from flashhead_mlx.metrics import decimals, default_n_probes, dense_pass, evaluate as evaluate_head
+from flashhead_mlx.patch import apply_flashhead
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.model_card import EVAL_KEYS
 from flashhead_mlx.model_head import head_module, head_rows
@@ -143,8 +147,6 @@ def test_metrics_match_brute_force(random_head):
 @pytest.mark.slow
 def test_real_model_matches_brute_force(smollm2_dir):
     """SmolLM2-135M's hidden states on Emma, with stand-in clusters (conftest)."""
-    import mlx_lm
-
     model, tokenizer = mlx_lm.load(str(smollm2_dir))
     weight = np.array(head_rows(head_module(model)))
     clusters = make_clusters(weight)
@@ -250,5 +252,39 @@ def test_cli_errors(converted, tmp_path, monkeypatch, capsys):
         return str(error.value.code) + capsys.readouterr().err
 
     assert "flashhead-mlx eval: error: argument --n-probes" in run("--n-probes", "3,x")
-    assert "n_probes must be in [1, 63], got 64" in run("--n-probes", "64", "--max-tokens", "8")
+    n_clusters = -(-1000 // CLUSTER_SIZE)
+    message = f"n_probes must be in [1, {n_clusters}], got {n_clusters + 1}"
+    assert message in run("--n-probes", str(n_clusters + 1), "--max-tokens", "8")
     assert f"{tmp_path / 'absent.txt'} is not a file" in run("--text", str(tmp_path / "absent.txt"))
+
+
+def test_top1_and_greedy_count_what_the_head_scores_at_decode(tiny_llama):
+    """Position by position, eval's top-1 with the recent tokens counted says whether the real
+    head, decoding each window a token at a time (its recent tokens scored), scores the dense
+    argmax exactly, and its greedy column is that decode's token; the recent tokens add
+    positions that the probes alone miss."""
+    n, seq_len, recent, n_probes = 96, 48, 32, 1
+    model, tokenizer = mlx_lm.load(str(tiny_llama))
+    assets = make_assets(make_clusters(np.array(head_rows(head_module(model)))), n_probes)
+    head = flash_head(apply_flashhead(model, assets, recent_tokens=recent))
+    hidden = text_hidden_states(model, tokenizer, TINY_TEXT, n, seq_len)
+    contexts = text_contexts(tokenizer, TINY_TEXT, n, recent, seq_len)
+    rows, stats = evaluate_head(head, hidden, [n_probes], tv_positions=0, contexts=contexts)
+    windows = np.array(text_windows(tokenizer, TINY_TEXT, n, seq_len))
+    prefix = windows.shape[1] - seq_len
+    scored, greedy = [], []
+    for window in windows:
+        cache = make_prompt_cache(model)
+        with decoding(temperatures=[0.0]):
+            for position, token in enumerate(window):
+                logits = model(mx.array([[int(token)]]), cache=cache)[0, -1]
+                if position >= prefix:
+                    scored.append(np.isfinite(np.array(logits)))
+                    greedy.append(int(mx.argmax(logits)))
+    argmax = stats["targets"]
+    exact = np.stack(scored)[:n][np.arange(n), argmax]
+    np.testing.assert_array_equal(stats["top1_ranks"] < n_probes, exact)
+    assert rows[0]["top1_contained"] == exact.sum() and rows[0]["recent_tokens"] == recent
+    assert rows[0]["greedy_agreement"] == np.mean(np.array(greedy[:n]) == argmax)
+    probes_alone = dense_pass(head, hidden)["top1_ranks"] < n_probes
+    assert (exact & ~probes_alone).any() and not (probes_alone & ~exact).any()

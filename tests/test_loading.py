@@ -15,20 +15,25 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from conftest import make_clusters
 
 from flashhead_mlx import decoding, flash_head, load
 from flashhead_mlx import loading
-from flashhead_mlx.assets import MODEL_FILE
+from flashhead_mlx.assets import MODEL_FILE, make_assets
+from flashhead_mlx.flashhead_model import install_fallback
+from flashhead_mlx.model_head import head_module, head_rows
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.patch import FlashEmbedding, is_patched
+from flashhead_mlx.probe import probe_head
+from flashhead_mlx.testing.architectures import build
 from hub import LocalHub, snapshot_files
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_llama) -> Path:
-    return convert(str(tiny_llama), str(tmp_path_factory.mktemp("load") / "tiny"), calibration_tokens=256)
+def converted(tiny_converted) -> Path:
+    return tiny_converted
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +216,44 @@ def test_plain_mlx_lm_without_flashhead_mlx_fetches_the_assets_and_uses_the_fall
     assert report["prefill_error"] < 1e-4 and report["step_error"] < 1e-4
     assert 0 < report["candidates"] < report["vocab"]
     assert isinstance(report["text"], str)
+
+
+def fallback_model(name: str, n_probes: int):
+    """A tiny model of ``name`` from the architecture matrix with the model file's pure-MLX
+    fallback installed from the ``head`` entry convert records, and its dense twin."""
+    model, dense = build(name), build(name)
+    clusters = make_clusters(np.array(head_rows(head_module(model))))
+    assets = make_assets(clusters, n_probes)
+    section = {
+        "n_clusters": len(clusters["centroids"]),
+        **{k: assets[k] for k in ("cluster_size", "centroid_bits", "centroid_group_size")},
+        "n_probes": n_probes,
+        "head": probe_head(model).config(),
+    }
+    arrays = {k: v for k, v in assets.items() if isinstance(v, mx.array)}
+    install_fallback(model, {"flashhead": section}, arrays)
+    return model, dense
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama4_text"])
+def test_fallback_takes_the_probed_head(name):
+    """gpt2's head is a tied ``model.wte``, llama4_text's an untied ``output`` beside an
+    ``embed_tokens``: no ``lm_head``/``embed_tokens`` lookup finds either."""
+    model, dense = fallback_model(name, n_probes=2)
+    module = dict(model.named_modules())[probe_head(dense).path]
+    assert type(module).__name__ in ("FallbackHead", "FallbackEmbedding")
+    tokens = TOKENS[:, :1]
+    step, reference = np.array(model(tokens))[0, 0], np.array(dense(tokens))[0, 0]
+    finite = np.isfinite(step)
+    assert 0 < finite.sum() <= 2 * 16 and np.all(np.isneginf(step[~finite]))
+    np.testing.assert_allclose(step[finite], reference[finite], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(dense(TOKENS)))
+
+
+def test_fallback_keeps_a_softcapped_head_dense():
+    with pytest.warns(UserWarning, match="needs flashhead_mlx"):
+        model, dense = fallback_model("gemma2", n_probes=2)
+    np.testing.assert_array_equal(np.array(model(TOKENS[:, :1])), np.array(dense(TOKENS[:, :1])))
 
 
 def test_folder_without_assets_loads_dense_or_clusters_once(tiny_llama, tmp_path, monkeypatch):

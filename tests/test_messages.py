@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import gguf_path, make_tiny_model, run_cli
+from flashhead_mlx import import_assets as import_assets_module
 from flashhead_mlx import pipeline, storage
+from flashhead_mlx import tune as tune_module
 from flashhead_mlx.gguf import import_gguf
 from flashhead_mlx.gguf_file import GGUFError, GGUFFile
 from flashhead_mlx.pipeline import convert
@@ -108,20 +110,21 @@ def test_truncated_real_gguf(tmp_path):
 
 
 def test_unsupported_gguf_architecture_names_it_and_the_list(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv7")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
     message = one_line_error(
-        run_cli("convert", "--model", str(tmp_path / "phi.gguf"), "--output", str(tmp_path / "o")),
+        run_cli("convert", "--model", str(tmp_path / "rwkv.gguf"), "--output", str(tmp_path / "o")),
         "convert",
     )
     assert message == (
-        f"{tmp_path / 'phi.gguf'}: GGUF architecture 'phi3' is not supported; the GGUF import "
-        "reads gemma3, llama, qwen2, qwen3 (docs/cli.md, under convert); convert the model "
-        "from its Hugging Face repo or an mlx-lm folder instead"
+        f"{tmp_path / 'rwkv.gguf'}: GGUF architecture 'rwkv7' is not supported; the GGUF import "
+        "reads gemma3, gemma4, granite, llama, olmo2, phi3, qwen2, qwen3, qwen35, smollm3 "
+        "(docs/cli.md, under convert); convert the model from its Hugging Face repo or an mlx-lm "
+        "folder instead"
     )
-    nothing_left(tmp_path, "phi.gguf")
+    nothing_left(tmp_path, "rwkv.gguf")
 
 
 def test_unsupported_mlx_model_type_names_it_and_the_list(tmp_path):
@@ -134,8 +137,8 @@ def test_unsupported_mlx_model_type_names_it_and_the_list(tmp_path):
     models = Path(mlx_lm.__file__).parent / "models"
     assert str(error.value) == (
         f"{folder}: model type 'phi9' is not one mlx-lm {mlx_lm.__version__} supports (its model "
-        f"types are the modules in {models}; FlashHead converts any of them whose head is lm_head "
-        "or the tied embed_tokens)"
+        f"types are the modules in {models}; FlashHead converts any of them whose head "
+        "it can serve exactly: docs/architectures.md)"
     )
     nothing_left(tmp_path, "tiny")
 
@@ -186,6 +189,24 @@ def test_unknown_tensor_type_code(tiny_gguf, tmp_path):
     assert str(error.value) == (
         f"{bad}: tensor {name.decode()!r} has type code 99, which is no GGML tensor type: the "
         "file is corrupt, or newer than the installed gguf package (pip install -U gguf)"
+    )
+
+
+def test_more_heads_than_embedding_width(tiny_gguf, tmp_path):
+    """attention.head_count above embedding_length and no attention.key_length: no head dimension
+    (today: "metadata llama.attention.key_length is missing", though no file has that key)."""
+    data = bytearray(tiny_gguf.read_bytes())
+    key = b"llama.attention.head_count"
+    at = data.index(len(key).to_bytes(8, "little") + key) + 8 + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == gguf.GGUFValueType.UINT32
+    data[at + 4 : at + 8] = (100).to_bytes(4, "little")  # the embedding is 64 wide
+    bad = tmp_path / "heads.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFError) as error:
+        import_gguf(bad, tmp_path / "out")
+    assert str(error.value) == (
+        f"{bad}: llama.attention.head_count is 100, more than llama.embedding_length 64, and no "
+        "llama.attention.key_length gives the head dimension"
     )
 
 
@@ -332,6 +353,28 @@ def test_read_only_output_folder(tiny_gguf, tmp_path, monkeypatch, code):
     )
     assert str(error.value) == f"cannot write into {parent}: {reason}; write elsewhere"
     nothing_left(parent)
+
+
+@pytest.mark.parametrize("command", ["tune", "import-assets"])
+def test_rewriting_a_read_only_or_full_folder(converted, tmp_path, monkeypatch, command):
+    """``tune`` and ``import-assets`` rewrite a folder in place: a read-only one, or a full disk,
+    gives the same one line as ``convert``, from Python too (today: the OSError itself)."""
+    folder = Path(shutil.copytree(converted, tmp_path / "model"))
+    module = {"tune": tune_module, "import-assets": import_assets_module}[command]
+
+    def refused(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path) / ".stage"))
+
+    monkeypatch.setattr(module, "reclaim_leftovers", refused)
+    run = {
+        "tune": lambda: tune_module.tune(str(folder), max_tokens=16),
+        "import-assets": lambda: import_assets_module.import_assets(str(folder), str(tmp_path)),
+    }[command]
+    with pytest.raises(StorageError) as error:
+        run()
+    assert str(error.value) == (
+        f"cannot write into {folder}: it is on a read-only file system; write elsewhere"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod'ed folder")

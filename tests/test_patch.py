@@ -12,7 +12,7 @@ from mlx_lm.generate import batch_generate, generate_step, stream_generate
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from conftest import make_clusters, make_tiny_model, without_recent_tokens
+from conftest import make_clusters, make_tiny_model
 from flashhead_mlx import decoding, flash_head, patch, unpatch
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.head import FlashHead
@@ -163,8 +163,7 @@ def test_batch_rows_match_single_rows(llama):
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     for m in (dense, model):
         batch = batch_generate(m, tokenizer, prompts, max_tokens=10, return_token_ids=True)
-        with without_recent_tokens(model):  # as a batch row (flashhead_mlx.recent.batched)
-            single = [greedy_tokens(m, tokenizer, p, max_tokens=10) for p in PROMPTS]
+        single = [greedy_tokens(m, tokenizer, p, max_tokens=10) for p in PROMPTS]
         assert batch.token_ids == single
 
 

@@ -12,7 +12,7 @@ from mlx_lm.generate import batch_generate, generate_step, stream_generate
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from conftest import assert_batch_matches_single_rows, make_clusters, without_recent_tokens
+from conftest import assert_batch_matches_single_rows, make_clusters
 from flashhead_mlx import flash_head, patch
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.kernels import BATCH_PATHS
@@ -71,8 +71,7 @@ def test_batch_rows_match_single_rows(pair):
     _, model, tokenizer = pair
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     batch = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True)
-    with without_recent_tokens(model):  # as a batch row (flashhead_mlx.recent.batched)
-        assert batch.token_ids == [tokens_of(model, tokenizer, p, max_tokens=6) for p in PROMPTS]
+    assert batch.token_ids == [tokens_of(model, tokenizer, p, max_tokens=6) for p in PROMPTS]
 
 
 def test_batch_paths_match_single_rows_on_real_hidden_states(pair):

@@ -1,7 +1,8 @@
 """Each row's recent tokens scored exactly at greedy decode steps (flashhead_mlx.recent), against
 the dense head of the same tiny models: the exact set is the candidates plus the row's own last
-tokens, a context holding every token makes greedy FlashHead decoding dense, and the tokens are
-tracked per sequence on its cache."""
+tokens, a context holding every token makes greedy FlashHead decoding dense, the tokens are
+tracked per sequence on its cache, and a batch row (batch_generate, BatchGenerator with rows
+joining and leaving) decodes as its prompt alone."""
 
 from types import SimpleNamespace
 
@@ -14,10 +15,17 @@ from mlx_lm.models.cache import make_prompt_cache
 from conftest import make_clusters, make_tiny_model
 from flashhead_mlx import decoding, flash_head, unpatch
 from flashhead_mlx.assets import make_assets
-from flashhead_mlx.generation import generate
+from flashhead_mlx.generation import BatchGenerator, batch_generate, generate, generate_step
 from flashhead_mlx.model_head import head_module, head_rows, language_model
 from flashhead_mlx.patch import apply_flashhead
-from flashhead_mlx.recent import CACHE_ATTRIBUTE, RecentTokensModel, batched, track, windows
+from flashhead_mlx.recent import (
+    CACHE_ATTRIBUTE,
+    RecentTokensModel,
+    batch_windows,
+    batched,
+    track,
+    windows,
+)
 from flashhead_mlx.verified import set_verification
 
 MODELS = {
@@ -131,10 +139,86 @@ def test_a_trimmed_cache_drops_the_trimmed_tokens_and_new_rows_start_again():
     np.testing.assert_array_equal(np.array(track(cache, two_rows, 2)), [[[-1, 7]], [[-1, 8]]])
 
 
-def test_batches_score_no_recent_tokens():
-    """mlx-lm's batch caches (per-row offset arrays) keep no history: see recent.batched."""
+def test_batch_caches_are_told_apart_and_rows_read_their_own_tokens():
+    """mlx-lm's batch caches (per-row offset arrays) keep no history: each row's tokens come from
+    the batch (flashhead_mlx.recent.batch_windows), without padding."""
     assert batched([SimpleNamespace(offset=mx.array([3, 5]))])
     assert not batched([SimpleNamespace(offset=3)]) and not batched(None) and not batched([])
+    histories = [[1, 2, 3, 4, 5], [], [7]]
+    np.testing.assert_array_equal(
+        np.array(batch_windows(histories, mx.array([[6], [8], [9]]), 3)),
+        [[[4, 5, 6]], [[-1, -1, 8]], [[-1, 7, 9]]],
+    )
+
+
+# Prompts of different lengths for the batch tests (random tokens: the dense argmax is often a
+# recent token outside the probed clusters, so the recent tokens change the output).
+BATCH_PROMPTS = [
+    list(map(int, np.random.default_rng(seed).integers(0, 1000, size=n)))
+    for seed, n in enumerate((3, 60, 150, 290))
+]
+# Where a batch row's greedy token may differ from its single row's: a near-tie, the two logits
+# within this at the single row's step (float32 sums of another matmul shape).
+NEAR_TIE = 1e-4
+
+
+def single_row(model, prompt, max_tokens: int) -> list:
+    """The greedy tokens of ``prompt`` decoded alone (flashhead_mlx.generate_step)."""
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens)]
+
+
+def assert_decodes_as_alone(model, prompt, row: list, alone: list) -> None:
+    """A batch row's tokens ``row`` are its single row's ``alone``, up to a near-tie (then the
+    rest may differ)."""
+    for step, (token, expected) in enumerate(zip(row, alone)):
+        if token != expected:
+            context = prompt + alone[:step]
+            logits = decode_step(model, np.array([context]))[0]
+            assert abs(logits[token] - logits[expected]) <= NEAR_TIE, (step, token, expected)
+            return
+    assert len(row) == len(alone)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("batch") / "m", seed=2)
+    model, tokenizer = patched(folder, recent_tokens=128, n_probes=1)
+    return model, tokenizer
+
+
+def test_batch_rows_decode_as_their_prompts_alone(llama):
+    """batch_generate's greedy rows, of different lengths (left-padded in the batch): each row's
+    tokens are its prompt's alone, with the recent tokens scored; without them they differ."""
+    model, tokenizer = llama
+    batch = batch_generate(model, tokenizer, BATCH_PROMPTS, max_tokens=10, return_token_ids=True)
+    eos = set(tokenizer.eos_token_ids)
+    unlike = 0
+    for prompt, row in zip(BATCH_PROMPTS, batch.token_ids):
+        alone = single_row(model, prompt, 10)
+        stop = next((i for i, t in enumerate(alone) if t in eos), len(alone))
+        assert_decodes_as_alone(model, prompt, row, alone[:stop])
+        flash_head(model).recent_tokens = 0
+        unlike += single_row(model, prompt, 10) != alone
+        flash_head(model).recent_tokens = 128
+    assert unlike  # the recent tokens change some row's output
+
+
+def test_rows_joining_and_leaving_a_batch_decode_as_alone(llama):
+    """BatchGenerator rows inserted while others decode (merged, extended with left padding) and
+    finishing at different steps (filtered out): each decodes as its prompt alone."""
+    model, _ = llama
+    max_tokens = [4, 12, 9, 5]
+    generator = BatchGenerator(model, stop_tokens=[])
+    uids = generator.insert(BATCH_PROMPTS[:2], max_tokens[:2])
+    rows = {}
+    for step in range(20):
+        if step == 3:  # two more rows join while the first two decode
+            uids += generator.insert(BATCH_PROMPTS[2:], max_tokens[2:])
+        for response in generator.next_generated():
+            rows.setdefault(response.uid, []).append(response.token)
+    generator.close()
+    for uid, prompt, n in zip(uids, BATCH_PROMPTS, max_tokens):
+        assert_decodes_as_alone(model, prompt, rows[uid], single_row(model, prompt, n))
 
 
 def test_unpatch_gives_the_language_model_its_class_back(folder):

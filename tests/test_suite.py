@@ -253,6 +253,14 @@ def test_chat_replies_are_mlx_lms_dense_greedy_generation(chat_model, tmp_path, 
     for end, stop in zip(np.cumsum(counts), stopped):
         mask[end - 1] = not stop  # that position predicts the stop token
     assert argmax[mask].tolist() == [t for reply in replies for t in reply]
+    # Each position's recent tokens: the last 8 of the prompt and the reply up to it.
+    expected = []
+    for prompt, reply, stop in zip(PROMPTS, replies, stopped):
+        tokens = suite.chat_prompt_tokens(tokenizer, prompt) + reply
+        for end in range(len(tokens) - len(reply), len(tokens) + stop):
+            expected.append([-1] * max(0, 8 - end) + tokens[max(0, end - 8) : end])
+    contexts = suite.chat_contexts(tokenizer, PROMPTS, replies, stopped, 8)
+    assert np.array(contexts).tolist() == expected
 
 
 def test_plain_continuations_are_mlx_lms_dense_greedy_generation(chat_model, tmp_path):

@@ -1,17 +1,18 @@
 """``flashhead-mlx tune``: the search against a brute-force scan, and the folder it writes: the
-chosen n_probes meets the target through the head's own candidates, one fewer does not."""
+chosen n_probes meets the target through what the head scores exactly at greedy decode steps
+(its candidates and each position's recent tokens), one fewer does not."""
 
+import bisect
 import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import TINY_TEXT, make_tiny_model, run_cli
-from flashhead_mlx import flash_head, load
-from flashhead_mlx.calibration import calibration_hidden_states
+from flashhead_mlx import decoding, flash_head, load
+from flashhead_mlx.calibration import text_windows
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.containment import TARGET_CONTAINMENT, smallest_n_probes
 from flashhead_mlx.tune import tune
@@ -43,14 +44,25 @@ def converted(tmp_path_factory) -> Path:
     return convert(str(source), str(folder / "tiny-flashhead"), calibration_tokens=256)
 
 
-def containment(folder: Path, text: str, n_probes: int, n_tokens: int, seq_len=None) -> float:
-    """Share of the text's positions whose dense argmax is among the head's own candidates."""
-    model, tokenizer = load(str(folder), n_probes=n_probes)
-    hidden = calibration_hidden_states(model, tokenizer, text, n_tokens, seq_len or n_tokens)
-    head = flash_head(model)
-    tokens, _ = head.candidates(hidden)
-    argmax = np.array(mx.argmax(head.dense_logits(hidden), axis=-1))
-    return float(np.mean([a in row for a, row in zip(argmax, np.array(tokens))]))
+def containment(
+    folder: Path, text: str, n_probes: int, n_tokens: int, seq_len=None, recent_tokens=None
+) -> float:
+    """Share of the text's positions (windows as tuning reads them) whose dense argmax the head
+    scores exactly at a greedy decode step: a forward pass of each window in a decode context,
+    each position with its own recent tokens (``recent_tokens``: default the head's)."""
+    options = {"n_probes": n_probes}
+    if recent_tokens is not None:
+        options["recent_tokens"] = recent_tokens
+    model, tokenizer = load(str(folder), flashhead=options)
+    seq_len = seq_len or n_tokens
+    windows = text_windows(tokenizer, text, n_tokens, seq_len)
+    contained = []
+    for window in windows:
+        dense = np.array(model(window[None]))[0, -seq_len:]
+        with decoding(temperatures=[0.0]):
+            scored = np.isfinite(np.array(model(window[None]))[0, -seq_len:])
+        contained += list(scored[np.arange(seq_len), dense.argmax(axis=-1)])
+    return float(np.mean(contained[:n_tokens]))
 
 
 @pytest.mark.parametrize("target", [0.9, 1.0])
@@ -65,6 +77,14 @@ def test_tune_writes_the_smallest_n_probes_meeting_the_target(converted, tmp_pat
     assert containment(folder, TINY_TEXT, after, 128) >= target
     if after > 1:
         assert containment(folder, TINY_TEXT, after - 1, 128) < target
+    # The probes alone (no recent tokens scored) need more: tune counted the recent tokens.
+    n_clusters = config["n_clusters"]
+    alone = bisect.bisect_left(
+        range(1, n_clusters + 1),
+        True,
+        key=lambda p: containment(folder, TINY_TEXT, p, 128, recent_tokens=0) >= target,
+    ) + 1
+    assert after <= alone
     model, _ = load(str(folder))  # the assets stay consistent and load
     head = flash_head(model)
     assert head.n_probes == after and head.mass_bias.shape == (2, config["n_clusters"])

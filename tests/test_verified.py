@@ -9,7 +9,12 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 from mlx_lm.sample_utils import make_sampler
 from mlx.utils import tree_flatten
 
@@ -19,7 +24,8 @@ from flashhead_mlx.assets import make_assets
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
 from flashhead_mlx.patch import apply_flashhead, flash_head
 from flashhead_mlx.pipeline import convert
-from flashhead_mlx.verified import Verification, set_verification
+from flashhead_mlx import verified
+from flashhead_mlx.verified import Verification, layers, parse_block, set_verification
 from test_generate_cli import generated_text, run_generate
 
 N_PROBES = 2  # few probes: the unverified FlashHead text differs from the dense one
@@ -101,8 +107,13 @@ def incremental_cache(dense, prompt, tokens, cache, quantize):
 
 
 def assert_same_cache(actual, expected):
-    for a, e in zip(actual, expected):
+    assert len(layers(actual)) == len(layers(expected))
+    for a, e in zip(layers(actual), layers(expected)):
         assert type(a) is type(e)
+        if isinstance(a, ArraysCache):  # the recurrent states, entry by entry
+            for x, y in zip(a.cache, e.cache, strict=True):
+                np.testing.assert_array_equal(np.array(x), np.array(y))
+            continue
         assert a.offset == e.offset
         if isinstance(a, RotatingKVCache):
             assert a._idx == e._idx
@@ -194,6 +205,41 @@ def test_describe_reports_the_mode_and_rollbacks():
     assert Verification(8, tokens=2000, rollbacks=25).describe() == (
         "verified greedy (K=8, 12.5 rollbacks per 1000 tokens)"
     )
+    assert "(K=4-32, " in Verification((4, 32)).describe()
+
+
+def test_blocks_are_parsed_and_checked():
+    assert parse_block("8") == 8 and parse_block("4-32") == (4, 32)
+    for text in ("0", "32-4", "0-4", "x", "4-", "-4", "2-4-8"):
+        with pytest.raises(ValueError, match="LOW-HIGH"):
+            parse_block(text)
+
+
+def test_adaptive_block_halves_after_a_rollback_and_doubles_after_a_clean_block(
+    tmp_path, monkeypatch
+):
+    """flashhead_verify=(2, 16): each block's K follows the rule, written out here, from the
+    blocks' own rollbacks; the output is still the dense head's."""
+    dense, model, tokenizer = flash_pair(make_tiny_model(tmp_path / "m"))
+    blocks, verify = [], verified.verify
+
+    def spy(*args):
+        result = verify(*args)
+        blocks.append((args[4], len(result[0]), result[2]))  # K, tokens verified, rollback
+        return result
+
+    monkeypatch.setattr(verified, "verify", spy)
+    prompt = mx.array(tokenizer.encode(LONG))
+    expected, _ = run(dense, prompt, 64)
+    assert run(model, prompt, 64, flashhead_verify=(2, 16))[0] == expected
+    target, remaining = 16, 64
+    for k, n, rolled_back in blocks:
+        assert k == min(target, remaining)
+        target = max(2, target // 2) if rolled_back else min(16, 2 * target)
+        remaining -= n
+    assert remaining == 0
+    assert any(r for _, _, r in blocks), "no rollback: no test"
+    assert any(not r and k < 16 for k, _, r in blocks), "K never grew back: no test"
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +265,11 @@ def test_generate_command_verifies(converted):
     assert default.returncode == 0, default.stderr
     assert "verified greedy (K=8," in default.stdout
     assert generated_text(default.stdout) == expected
-    sampled = run_generate(converted, "--flashhead-verify", "4", "--temp", "0.7", "--top-p", "0.9")
+    sampled = run_generate(
+        converted, "--flashhead-verify", "2-8", "--temp", "0.7", "--top-p", "0.9"
+    )
     assert sampled.returncode == 0, sampled.stderr
-    assert "verified sampling (K=4," in sampled.stdout
+    assert "verified sampling (K=2-8," in sampled.stdout
 
 
 REAL_PROMPTS = ["Once upon a time", "The three laws of robotics are", "def add(a, b):"]

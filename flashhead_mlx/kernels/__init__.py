@@ -1,7 +1,9 @@
 """Fused Metal kernels for the two FlashHead stages, one kernel per file, each with the
-pure-MLX path it must agree with. The sources live in ``metal/``."""
+pure-MLX path it must agree with. The sources live in ``metal/``; which path runs: ``use_metal``
+(``FLASHHEAD_KERNELS``, a ``kernel_path`` block), and for a FlashHead the first-use self-test
+(``flashhead_mlx.kernels.selftest``)."""
 
-from ._common import kernel_implementation
+from ._common import forced_path, kernel_implementation, kernel_path
 from .centroid_topk import (
     centroid_topk,
     cluster_rank,
@@ -30,8 +32,10 @@ __all__ = [
     "cluster_rank",
     "cluster_ranks",
     "cluster_scores",
+    "forced_path",
     "gathered_logits",
     "kernel_implementation",
+    "kernel_path",
     "ranking_key",
     "row_logits",
     "slot_tokens",

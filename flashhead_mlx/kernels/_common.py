@@ -1,12 +1,14 @@
 """Helpers that the kernels share: loading their sources, choosing the path, and the ranking
 key both paths use."""
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -23,13 +25,42 @@ ROWS_PER_THREADGROUP = ROWS * SCORE_THREADS // 32
 KERNEL_BITS = (None, 2, 4, 8)
 
 
-def use_metal() -> bool:
-    """Whether to run the Metal kernels: ``FLASHHEAD_KERNELS=metal`` or ``mlx`` forces a path;
-    by default, the kernels run when Metal is available."""
+# The path of a kernel_path() block, or None outside one.
+_PATH: contextvars.ContextVar = contextvars.ContextVar("flashhead_kernel_path", default=None)
+
+
+def forced_path() -> Optional[str]:
+    """The path forced, ``"metal"`` or ``"mlx"``: by the enclosing :func:`kernel_path` block,
+    else by ``FLASHHEAD_KERNELS``; ``None`` when neither forces one."""
+    path = _PATH.get()
+    if path:
+        return path
     choice = os.environ.get("FLASHHEAD_KERNELS", "").lower()
     if choice not in ("", "metal", "mlx"):
         raise ValueError(f"FLASHHEAD_KERNELS must be 'metal' or 'mlx', got {choice!r}")
-    return choice == "metal" or (choice == "" and mx.metal.is_available())
+    return choice or None
+
+
+@contextlib.contextmanager
+def kernel_path(path: Optional[str]) -> Iterator[None]:
+    """Within this block the kernels take ``path``, ``"metal"`` or ``"mlx"`` (before
+    ``FLASHHEAD_KERNELS``, and without FlashHead's self-test); ``None`` changes nothing."""
+    if path not in (None, "metal", "mlx"):
+        raise ValueError(f"the kernel path must be 'metal' or 'mlx', got {path!r}")
+    token = _PATH.set(path) if path else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _PATH.reset(token)
+
+
+def use_metal() -> bool:
+    """Whether to run the Metal kernels: the :func:`forced_path` (a :func:`kernel_path` block,
+    where FlashHead's self-test puts its choice, :mod:`flashhead_mlx.kernels.selftest`; else
+    ``FLASHHEAD_KERNELS=metal`` or ``mlx``), else the kernels when Metal is available."""
+    path = forced_path()
+    return path == "metal" if path else mx.metal.is_available()
 
 
 def kernel_implementation() -> str:

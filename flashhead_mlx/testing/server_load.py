@@ -4,10 +4,12 @@ with MLX's active memory measured in the server's own process after each round.
 
 :func:`serve` runs the server in the main thread (as the command does) and a driver in another;
 when the driver is done, a SIGINT ends the server the way Ctrl-C does, and :func:`serve` checks
-that it shut down cleanly (no thread of it left). ``tests/test_server_load.py`` runs it on a tiny
-model, ``scripts/server_load.py`` on a real one.
+that it shut down cleanly (no thread of it left); with a deadline, a run that does not finish
+fails with every thread's stack instead of hanging. ``tests/test_server_load.py`` runs it on a
+tiny model, ``scripts/server_load.py`` on a real one.
 """
 
+import faulthandler
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,8 @@ import numpy as np
 KINDS = ("greedy", "stream", "sampled", "bad-json", "negative-max-tokens", "unknown-model")
 EXPECTED_STATUS = {"bad-json": 400, "negative-max-tokens": 400, "unknown-model": 404}
 GREEDY_KINDS = ("greedy", "stream")
+# Seconds a server has to stop after its deadline, before the process is ended.
+SHUTDOWN_GRACE = 60.0
 
 
 def free_port() -> int:
@@ -37,12 +42,12 @@ def free_port() -> int:
 
 def _request(url: str, kind: str, prompt: str, max_tokens: int, timeout: float) -> dict:
     """Send one request of ``kind``; its status, text (the streamed chunks joined; the body of an
-    error) and latency."""
+    error), completion tokens (the response's ``usage``; ``None`` without one) and latency."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     if kind == "sampled":
         body["temperature"] = 0.8
     elif kind == "stream":
-        body["stream"] = True
+        body.update(stream=True, stream_options={"include_usage": True})
     elif kind == "negative-max-tokens":
         body["max_tokens"] = -max_tokens
     elif kind == "unknown-model":
@@ -52,7 +57,7 @@ def _request(url: str, kind: str, prompt: str, max_tokens: int, timeout: float) 
         f"{url}/v1/completions", data=data, headers={"Content-Type": "application/json"}
     )
     start = time.perf_counter()
-    text = None
+    text = tokens = None
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read().decode()
@@ -61,13 +66,16 @@ def _request(url: str, kind: str, prompt: str, max_tokens: int, timeout: float) 
             events = [json.loads(c) for c in chunks if c != "[DONE]"]
             text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
         else:
-            text = json.loads(raw)["choices"][0]["text"]
+            events = [json.loads(raw)]
+            text = events[0]["choices"][0]["text"]
+        tokens = next((e["usage"]["completion_tokens"] for e in events if "usage" in e), None)
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read().decode(errors="replace")
     except (OSError, ValueError, KeyError) as error:  # refused, reset, timed out, garbled
         status, text = None, f"{type(error).__name__}: {error}"
     seconds = time.perf_counter() - start
-    return {"kind": kind, "prompt": prompt, "status": status, "text": text, "seconds": seconds}
+    return {"kind": kind, "prompt": prompt, "status": status, "text": text, "tokens": tokens,
+            "seconds": seconds}
 
 
 def run_round(
@@ -80,11 +88,13 @@ def run_round(
 ) -> List[dict]:
     """One round: ``clients`` concurrent clients, client ``c`` sending ``requests_per_client``
     requests one after the other, request ``i`` of kind ``KINDS[(c + i) % len(KINDS)]`` on prompt
-    ``prompts[(c + i) % len(prompts)]``. Returns every request's record (:func:`_request`)."""
+    ``prompts[(2 * c + i) % len(prompts)]``: every kind meets every prompt over the clients, also
+    when there are as many prompts as kinds (with ``c + i`` for both, each kind would always get
+    the same prompt). Returns every request's record (:func:`_request`)."""
 
     def client(c: int) -> List[dict]:
         return [
-            _request(url, KINDS[(c + i) % len(KINDS)], prompts[(c + i) % len(prompts)],
+            _request(url, KINDS[(c + i) % len(KINDS)], prompts[(2 * c + i) % len(prompts)],
                      max_tokens, timeout)
             for i in range(requests_per_client)
         ]
@@ -115,11 +125,20 @@ def wait_healthy(url: str, timeout: float, stopped: threading.Event) -> None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, or no answer within 5 s (a server busy loading)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server did not answer {url}/health in {timeout:.0f} s")
             time.sleep(0.2)
     raise RuntimeError("the server stopped before it answered")
+
+
+def thread_stacks() -> str:
+    """The Python stack of every thread of this process, each under its thread's name."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame)).rstrip()}"
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 def serve(
@@ -127,10 +146,19 @@ def serve(
     flags: Sequence[str],
     drive: Callable[[str], object],
     startup_timeout: float = 120.0,
+    deadline: Optional[float] = None,
+    stacks_file=None,
 ):
     """Run ``flashhead-mlx server --model model flags`` on 127.0.0.1 (a free port) in this
     process's main thread, and ``drive(url)`` in another thread once it answers; then end the
     server with a SIGINT (Ctrl-C) and return what ``drive`` returned (or raise what it raised).
+
+    ``deadline`` (seconds, optional) bounds ``drive``: when it has not returned that long after
+    the server first answered, the server is ended the same way and a ``TimeoutError`` carries
+    every thread's stack as it was then (:func:`thread_stacks`); should the server not stop
+    within ``SHUTDOWN_GRACE`` seconds more either, ``faulthandler`` writes the stacks to
+    ``stacks_file`` (a file or a file descriptor; default ``sys.stderr``) and ends the process
+    with status 1. The start is bounded by ``startup_timeout``.
 
     Raises ``RuntimeError`` when the server does not shut down cleanly: a thread it started still
     running, or an exception out of its ``main``."""
@@ -140,18 +168,40 @@ def serve(
         raise RuntimeError("serve runs the server in the main thread (signals go there)")
     url = f"http://127.0.0.1:{free_port()}"
     outcome: Dict[str, object] = {}
-    stopped = threading.Event()
+    stopped, armed, expired = threading.Event(), threading.Event(), threading.Event()
+    interrupted, arming = threading.Lock(), threading.Lock()
     before = set(threading.enumerate())
+
+    def interrupt() -> None:
+        """Ctrl-C for the server, once."""
+        if not stopped.is_set() and interrupted.acquire(blocking=False):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def expire() -> None:
+        expired.set()
+        stacks = thread_stacks()
+        message = f"not done {deadline:g} s after the server answered; the threads then:\n"
+        outcome.setdefault("error", TimeoutError(message + stacks))
+        interrupt()
+
+    watchdog = threading.Timer(deadline or 0, expire)
+    watchdog.name, watchdog.daemon = "server-load-watchdog", True
 
     def driver() -> None:
         try:
             wait_healthy(url, startup_timeout, stopped)
-            outcome["result"] = drive(url)
+            with arming:
+                if deadline is not None and not stopped.is_set():
+                    armed.set()
+                    watchdog.start()
+                    faulthandler.dump_traceback_later(
+                        deadline + SHUTDOWN_GRACE, exit=True, file=stacks_file or sys.stderr
+                    )
+            outcome.setdefault("result", drive(url))
         except BaseException as error:  # handed to the main thread
-            outcome["error"] = error
+            outcome.setdefault("error", error)
         finally:
-            if not stopped.is_set():
-                os.kill(os.getpid(), signal.SIGINT)
+            interrupt()
 
     thread = threading.Thread(target=driver, name="server-load-driver", daemon=True)
     argv = sys.argv
@@ -165,9 +215,13 @@ def serve(
     except BaseException as error:
         outcome.setdefault("error", RuntimeError(f"the server failed: {error!r}"))
     finally:
-        stopped.set()
+        with arming:
+            stopped.set()
+            if armed.is_set():
+                watchdog.cancel()
+                faulthandler.cancel_dump_traceback_later()
         sys.argv = argv
-    thread.join(timeout=60)
+    thread.join(timeout=0 if expired.is_set() else 60)  # past its deadline, the driver may wait
     if "error" in outcome:
         raise outcome["error"]
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]

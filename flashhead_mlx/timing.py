@@ -1,0 +1,42 @@
+"""Timing calls against each other: runs alternated between them after a warm-up run each, and
+their medians (``bench``, ``doctor`` and the kernels' self-test)."""
+
+import statistics
+import time
+from typing import Callable, Dict, Sequence
+
+import mlx.core as mx
+
+
+def time_calls(fn: Callable, inputs: Sequence, clock: Callable[[], float] = time.perf_counter
+               ) -> float:
+    """Milliseconds per call of ``fn`` over ``inputs``, each call evaluated before the next, by
+    ``clock`` (seconds)."""
+    start = clock()
+    for x in inputs:
+        mx.eval(fn(x))
+    return 1000 * (clock() - start) / len(inputs)
+
+
+def alternate(calls: Dict[str, tuple], runs: int,
+              clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median :func:`time_calls` of each ``name -> (fn, inputs)``, the runs alternating between
+    them after one warm-up run each."""
+    times = alternated_runs(
+        {name: lambda f=fn, x=inputs: time_calls(f, x, clock)
+         for name, (fn, inputs) in calls.items()},
+        runs,
+    )
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
+    """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
+    after one warm-up call each."""
+    results = {name: [] for name in runs_of}
+    for run in range(runs + 1):
+        for name, fn in runs_of.items():
+            result = fn()
+            if run:
+                results[name].append(result)
+    return results
