@@ -16,6 +16,7 @@ import mlx.nn as nn
 from .decode import DecodeContext, decode_context, temperature_array
 from .forward import head_outputs
 from .kernels import (
+    best_token,
     cluster_scores,
     gathered_logits,
     row_logits,
@@ -291,6 +292,19 @@ class FlashHead(nn.Module):
             tokens = mx.concatenate([tokens, recent], axis=-1)
             logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
         return self.scatter(tokens, logits)
+
+    def greedy_step(self, h: mx.array) -> mx.array:
+        """The token ``[...]`` (int32) of a greedy decode step: the argmax of
+        :meth:`greedy_logits` (ties to the lowest token id), from the stage-2 kernel's greedy
+        token and the recent tokens' exact logits, without building the ``[..., V]`` logits."""
+        probes = self.probe(h)
+        token, logits = self._cluster_argmax(h, probes)
+        recent = self.recent_extra(h, probes)
+        if recent is None:
+            return token
+        tokens = mx.concatenate([token[..., None], recent], axis=-1)
+        best = logits.max(axis=-1, keepdims=True)  # the kernel's token's logit
+        return best_token(tokens, mx.concatenate([best, self.row_token_logits(h, recent)], -1))
 
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
         """Logits ``[..., V]`` of a decode step: exact at the candidates, at each row's recent

@@ -265,7 +265,10 @@ class GreedyProposal:
 
     def draw(self, h: mx.array, tokens: Optional[mx.array]) -> mx.array:
         """FlashHead's token ``[1]`` at the hidden state ``h`` ``[1, 1, d]`` (the processors see
-        ``tokens``)."""
+        ``tokens``). Without processors, the stage-2 kernel's greedy token (with the recent
+        tokens'): no ``[1, V]`` logits to scatter, normalise and search."""
+        if not self.processors:
+            return self.head.greedy_step(h[:, -1:, :]).reshape(-1)
         with in_context(self.context):
             logits = self.head(h)[:, -1, :]
         return self.sampler(log_softmax(process(self.processors, tokens, logits)))

@@ -5,16 +5,24 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 # metal/ at the top of the repository, installed as the package ``flashhead_mlx.metal``.
 METAL_DIR = Path(importlib.util.find_spec("flashhead_mlx.metal").submodule_search_locations[0])
-BODY = "// ---- kernel body ----"
-THREADGROUP = 256
+# Each kernel's body in a ``metal/*.metal`` file starts at this line with its name after it.
+BODY = re.compile(r"^// ---- kernel (\w+) ----\n", re.M)
+# The scoring kernels' threadgroups: 4 SIMD groups of 32 threads, each scoring ROWS = 4 rows
+# (metal/_common.metal).
+SCORE_THREADS = 128
+ROWS = 4
+ROWS_PER_THREADGROUP = ROWS * SCORE_THREADS // 32
+# Packed formats the kernels read (MLX's affine 2-, 4- and 8-bit; None: float rows).
+KERNEL_BITS = (None, 2, 4, 8)
 
 
 # The path of a kernel_path() block, or None outside one.
@@ -62,26 +70,37 @@ def kernel_implementation() -> str:
 
 
 @lru_cache
-def kernel_source(name: str) -> Tuple[str, str]:
-    """The header (the shared helpers, then the file's own) and the body of
-    ``metal/<name>.metal``."""
-    text = (METAL_DIR / f"{name}.metal").read_text()
-    header, body = text.split(BODY + "\n")
-    return (METAL_DIR / "_common.metal").read_text() + header, body
+def kernel_sources(name: str) -> Tuple[str, Dict[str, str]]:
+    """The header (the shared helpers, then the file's own) of ``metal/<name>.metal`` and its
+    kernels' bodies by kernel name."""
+    header, *bodies = BODY.split((METAL_DIR / f"{name}.metal").read_text())
+    return (METAL_DIR / "_common.metal").read_text() + header, dict(zip(bodies[::2], bodies[1::2]))
 
 
-def metal_kernel(name: str, input_names: Sequence[str]):
-    """The kernel of ``metal/<name>.metal`` (one output, ``out``), made by the current
-    ``mx.fast.metal_kernel``, which the tests replace with the CPU emulator."""
-    return _make_kernel(mx.fast.metal_kernel, name, tuple(input_names))
+def metal_kernel(file: str, name: str, input_names: Sequence[str], output_names: Sequence[str]):
+    """Kernel ``name`` of ``metal/<file>.metal``, made by the current ``mx.fast.metal_kernel``,
+    which the tests replace with the CPU emulator."""
+    return _make_kernel(mx.fast.metal_kernel, file, name, tuple(input_names), tuple(output_names))
 
 
 @lru_cache
-def _make_kernel(factory, name: str, input_names: Tuple[str, ...]):
-    header, body = kernel_source(name)
-    return factory(
-        name=name, input_names=list(input_names), output_names=["out"], source=body, header=header
-    )
+def _make_kernel(factory, file: str, name: str, input_names: Tuple[str, ...],
+                 output_names: Tuple[str, ...]):
+    header, bodies = kernel_sources(file)
+    return factory(name=name, input_names=list(input_names), output_names=list(output_names),
+                   source=bodies[name], header=header)
+
+
+def kernel_rows(d: int, dtype: mx.Dtype, bits) -> bool:
+    """Whether the scoring kernels read rows of ``d`` values stored as ``dtype`` (float rows,
+    ``bits`` None) or packed with ``bits``: a lane reads 16 bytes of a float row at a time."""
+    return bits in KERNEL_BITS and (bits is not None or d * dtype.size % 16 == 0)
+
+
+def threads_for(count: int, most: int) -> int:
+    """Threads per threadgroup for ``count`` work items: ``count`` rounded up to whole SIMD groups
+    of 32, at most ``most``."""
+    return min(most, max(32, -(-count // 32) * 32))
 
 
 @lru_cache

@@ -1,14 +1,29 @@
-"""FlashHead stage 1: the ``n_probes`` best clusters of each hidden state, in one kernel."""
+"""FlashHead stage 1: the ``n_probes`` best clusters of each hidden state, in two dispatches
+(score, then select)."""
 
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_metal
+from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also from here
+    KERNEL_BITS,
+    ROWS_PER_THREADGROUP,
+    SCORE_THREADS,
+    kernel_rows,
+    metal_kernel,
+    order_key,
+    placeholder,
+    threads_for,
+    use_metal,
+)
 
-# Clusters scored per threadgroup: 8 SIMD groups of 4 (see metal/centroid_topk.metal).
-CLUSTERS_PER_THREADGROUP = 32
-KERNEL_BITS = (None, 2, 4, 8)
+# The selection's threadgroup (one per row of h): at most this many threads, each holding
+# KPT keys (a power of two, so that few instantiations are compiled) in registers, counted in
+# 8-bit fields (see metal/centroid_topk.metal): the kernel takes at most SELECT_THREADS * 128
+# clusters.
+SELECT_THREADS = 512
+KEYS_PER_THREAD = 16
+MAX_KEYS_PER_THREAD = 128
 # On the CPU, MLX's quantized matmul costs about as much per row as dequantizing all centroids
 # once (Gemma-3-270M's 16384: ~12 ms a row, ~0.1 s to dequantize); from this many rows on,
 # stage 1 dequantizes the centroids and multiplies in float32 (~20x faster at 256 rows).
@@ -47,7 +62,8 @@ def centroid_topk(
         raise ValueError(f"n_probes must be in 1..{n_clusters} (the clusters), got {n_probes}")
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
-    if use_metal() and bits in KERNEL_BITS and (bits is not None or h.shape[-1] % 4 == 0):
+    kernel = kernel_rows(h.shape[-1], centroids.dtype, bits)
+    if use_metal() and kernel and centroids.shape[0] <= SELECT_THREADS * MAX_KEYS_PER_THREAD:
         ids, scores = _centroid_topk_metal(
             h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits
         )
@@ -123,24 +139,36 @@ def _centroid_topk_mlx(h, centroids, scales, biases, cluster_bias, n_probes, gro
     return top_clusters(scores, n_probes)
 
 
+def select_shape(n_clusters: int) -> Tuple[int, int]:
+    """The selection's threads per threadgroup and keys per thread for ``n_clusters``."""
+    threads = threads_for(-(-n_clusters // KEYS_PER_THREAD), SELECT_THREADS)
+    per_thread = 1 << (-(-n_clusters // threads) - 1).bit_length()
+    return threads, per_thread
+
+
 def _centroid_topk_metal(h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits):
-    B = h.shape[0]
-    n = centroids.shape[0]
+    B, n = h.shape[0], centroids.shape[0]
     if scales is None:
         scales = biases = placeholder(centroids.dtype)
-    kernel = metal_kernel(
-        "centroid_topk", ["h", "w", "scales", "biases", "cluster_bias", "n_probes"]
-    )
-    n_groups = -(-n // CLUSTERS_PER_THREADGROUP)
-    out = kernel(
-        inputs=[h, centroids, scales, biases, cluster_bias, n_probes],
+    score = metal_kernel("centroid_topk", "centroid_topk_score",
+                         ["h", "w", "scales", "biases", "cluster_bias"], ["keys"])
+    (keys,) = score(
+        inputs=[h, centroids, scales, biases, cluster_bias],
         template=[("BITS", bits or 0), ("GS", group_size if bits else 0)],
-        grid=(n_groups * THREADGROUP, 1, 1),
-        threadgroup=(THREADGROUP, 1, 1),
-        output_shapes=[(2 * B * n_probes + B * n + 1,)],
+        grid=(-(-n // ROWS_PER_THREADGROUP) * SCORE_THREADS, B, 1),
+        threadgroup=(SCORE_THREADS, 1, 1),
+        output_shapes=[(B, n)],
         output_dtypes=[mx.uint32],
-        init_value=0,
-    )[0]
-    ids = out[: B * n_probes].reshape(B, n_probes)
-    scores = out[B * n_probes : 2 * B * n_probes].view(mx.float32).reshape(B, n_probes)
+    )
+    threads, per_thread = select_shape(n)
+    select = metal_kernel("centroid_topk", "centroid_topk_select", ["keys", "n_probes"],
+                          ["ids", "scores"])
+    ids, scores = select(
+        inputs=[keys, n_probes],
+        template=[("KPT", per_thread)],
+        grid=(threads, B, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, n_probes), (B, n_probes)],
+        output_dtypes=[mx.uint32, mx.float32],
+    )
     return ids, scores

@@ -1,16 +1,27 @@
-"""FlashHead stage 2: the exact logits of the probed clusters' rows and the greedy token, in
-one kernel for one row; for a batch of rows, one matmul over the union of their clusters."""
+"""FlashHead stage 2: the exact logits of the probed clusters' rows and the greedy token, in two
+dispatches (score, then reduce) on Metal; for a batch of rows, one matmul over the union of
+their clusters."""
 
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
 from ..transform import Transform, apply
-from ._common import THREADGROUP, metal_kernel, order_key, placeholder, use_metal
+from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also from here
+    KERNEL_BITS,
+    ROWS,
+    ROWS_PER_THREADGROUP,
+    SCORE_THREADS,
+    kernel_rows,
+    metal_kernel,
+    order_key,
+    placeholder,
+    threads_for,
+    use_metal,
+)
 
-# Probes (clusters) per threadgroup: one per SIMD group (see metal/cluster_argmax.metal).
-PROBES_PER_THREADGROUP = 8
-KERNEL_BITS = (None, 2, 4, 8)
+# Threads per threadgroup of the reduction to the greedy token, at most.
+REDUCE_THREADS = 256
 # How stage 2 scores a batch of M > 1 rows (the rows of a batch, the positions of a verification
 # block), each row keeping the logits of its own clusters only: "rows" gathers and scores each
 # row's clusters on its own (the fused kernel on Metal), reading about M times the scored share of
@@ -71,8 +82,8 @@ def cluster_argmax(
     h = h.reshape(-1, h.shape[-1])
     probes = probes.reshape(h.shape[0], -1).astype(mx.uint32)
     args = (h, probes, weight, scales, biases, order, cluster_size, group_size, bits, transform)
-    kernel_format = mode == "affine" and bits in KERNEL_BITS
-    kernel = use_metal() and kernel_format and (bits is not None or h.shape[-1] % 4 == 0)
+    kernel_format = mode == "affine" and kernel_rows(h.shape[-1], weight.dtype, bits)
+    kernel = use_metal() and kernel_format and cluster_size % ROWS == 0
     if path is None:
         # Where the fused kernel runs, batches keep it until the union is measured against it.
         path = "rows" if kernel else choose_batch_path(*probes.shape, order.size // cluster_size)
@@ -194,29 +205,39 @@ def _finish(logits, probes, order, cluster_size, transform):
 
 def _cluster_argmax_metal(h, probes, weight, scales, biases, order, cluster_size, group_size,
                           bits, transform):
-    """The fused kernel, which applies a softcap itself; another transform is applied to its
-    logits after it, and the greedy token taken again from them."""
+    """The score kernel, which applies a softcap itself, then the reduction to the greedy token;
+    another transform is applied to its logits after it, and the greedy token taken from them."""
     B, n_probes = probes.shape
+    n = n_probes * cluster_size
     softcap = transform.value if transform is not None and transform.kind == "softcap" else None
     if scales is None:
         scales = biases = placeholder(weight.dtype)
-    kernel = metal_kernel(
+    score = metal_kernel(
         "cluster_argmax",
+        "cluster_argmax_score",
         ["h", "probes", "w", "scales", "biases", "order", "cluster_size", "softcap"],
+        ["logits", "partials"],
     )
-    n_groups = -(-n_probes // PROBES_PER_THREADGROUP)
-    n_logits = B * n_probes * cluster_size
-    out = kernel(
+    n_groups = -(-n // ROWS_PER_THREADGROUP)
+    n_pairs = n_groups * SCORE_THREADS // 32  # one per SIMD group
+    logits, partials = score(
         inputs=[h, probes, weight, scales, biases, order, cluster_size, float(softcap or 0.0)],
         template=[("BITS", bits or 0), ("GS", group_size if bits else 0)],
-        grid=(n_groups * THREADGROUP, B, 1),
-        threadgroup=(THREADGROUP, 1, 1),
-        output_shapes=[(n_logits + B + 2 * B * n_groups + B,)],
-        output_dtypes=[mx.uint32],
-        init_value=0,
-    )[0]
-    logits = out[:n_logits].view(mx.float32).reshape(B, -1)
+        grid=(n_groups * SCORE_THREADS, B, 1),
+        threadgroup=(SCORE_THREADS, 1, 1),
+        output_shapes=[(B, n), (B, n_pairs, 2)],
+        output_dtypes=[mx.float32, mx.uint32],
+    )
     if transform is not None and softcap is None:
         logits = transform(logits)
         return best_token(slot_tokens(probes, order, cluster_size), logits), logits
-    return out[n_logits : n_logits + B].view(mx.int32), logits
+    reduce = metal_kernel("cluster_argmax", "cluster_argmax_reduce", ["partials"], ["tokens"])
+    threads = threads_for(n_pairs, REDUCE_THREADS)
+    (tokens,) = reduce(
+        inputs=[partials],
+        grid=(threads, B, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B,)],
+        output_dtypes=[mx.int32],
+    )
+    return tokens, logits
