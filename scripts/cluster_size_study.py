@@ -22,7 +22,7 @@ import numpy as np
 
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.clustering import most_probes, scored_fraction
-from flashhead_mlx.metrics import wilson_interval
+from flashhead_mlx.metrics import containment_curve, wilson_interval
 from flashhead_mlx.recent import RECENT_TOKENS
 
 # Bytes per head element: float32, bf16, and MLX's 4-bit with a bf16 scale and bias per 64.
@@ -34,14 +34,16 @@ def layout(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())["flashhead"]
 
 
-def contained(states: Path, probes: int) -> tuple:
-    """(contained positions, positions) over every domain of a ``--states`` folder."""
-    hits = total = 0
-    for path in sorted(states.glob("*.npz")):
-        d = np.load(path)
-        hits += int(((d["ranks"] < probes) | (d["back"] < RECENT_TOKENS)).sum())
-        total += d["ranks"].size
-    return hits, total
+def counted_ranks(states: Path) -> np.ndarray:
+    """Every position's stage-1 rank over the domains of a ``--states`` folder, 0 where the
+    argmax is among the recent tokens (contained at any probe count)."""
+    domains = [np.load(path) for path in sorted(states.glob("*.npz"))]
+    return np.concatenate([np.where(d["back"] < RECENT_TOKENS, 0, d["ranks"]) for d in domains])
+
+
+def contained(ranks: np.ndarray, probes: int) -> tuple:
+    """(contained positions, positions) at ``probes`` probes."""
+    return int((ranks < probes).sum()), ranks.size
 
 
 def step_bytes(section: dict, probes: int, head_bytes: float) -> float:
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--stage-times", action="store_true", help="time both heads' stages")
     args = parser.parse_args()
     sizes = {"small": layout(args.small), "large": layout(args.large)}
-    states = {"small": args.small_states, "large": args.large_states}
+    states = {"small": counted_ranks(args.small_states), "large": counted_ranks(args.large_states)}
     names = " | ".join(f"clusters of {s['cluster_size']}" for s in sizes.values())
     print(f"| scored | {names} |")
     print("|---|---|---|")
@@ -77,10 +79,8 @@ def main() -> None:
         print(f"| {100 * cap:g}% | " + " | ".join(cells) + " |")
     small, large = sizes["small"], sizes["large"]
     hits, total = contained(states["small"], small["n_probes"])
-    probes = next(
-        p for p in range(1, large["n_clusters"] + 1)
-        if np.divide(*contained(states["large"], p)) >= hits / total
-    )
+    curve = containment_curve(states["large"], large["n_clusters"])  # at 1 ... n_clusters probes
+    probes = int(np.argmax(curve >= hits / total)) + 1
     share = scored_fraction(
         large["n_clusters"], large["cluster_size"], probes, large["vocab_size"], RECENT_TOKENS
     )
