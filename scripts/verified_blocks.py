@@ -24,15 +24,8 @@ from flashhead_mlx.bench import block_list
 from flashhead_mlx.speed import generation_run
 from flashhead_mlx.blas import reexec_with_openblas
 from flashhead_mlx.verified import block_label
+from verified_acceptance import PROMPTS  # the same short prompts
 
-PROMPTS = [
-    "Once upon a time",
-    "The three laws of robotics are",
-    "def add(a, b):",
-    "Paris is",
-    "My favourite recipe",
-    "Explain why the sky is blue.",
-]
 
 
 def timed(model, tokenizer, prompt, tokens: int, block):
