@@ -25,18 +25,8 @@ from flashhead_mlx.bench import blocks
 from flashhead_mlx.speed import decode_step, hidden_inputs
 from flashhead_mlx.timing import alternate
 from flashhead_mlx.blas import reexec_with_openblas
-from flashhead_mlx.kernels import row_logits
-from flashhead_mlx.transform import apply
 
 N_STATES = 64
-
-
-def cluster_order_logits(head, h: mx.array) -> mx.array:
-    """The dense logits ``[..., V]`` from the rows in cluster order (no gather of the head): one
-    product over the FlashHead's own rows, then a gather of the logits into token order."""
-    slots = row_logits(h, head.weight, head.get("scales"), head.get("biases"), head.group_size,
-                       head.bits, head.mode)
-    return apply(head.transform, mx.take(slots, head.inverse, axis=-1))
 
 
 def timings(dense, flash, tokenizer, ks, runs: int) -> dict:
@@ -48,9 +38,7 @@ def timings(dense, flash, tokenizer, ks, runs: int) -> dict:
     for k in ks:
         inputs = [h.reshape(1, k, -1) for h in hidden_inputs(dense, tokenizer, k, 8)]
         calls[f"verify pass (gather + product), K={k}"] = (head.dense_logits, inputs)
-        calls[f"cluster order (product + logit gather), K={k}"] = (
-            lambda h: cluster_order_logits(head, h), inputs
-        )
+        calls[f"cluster order (product + logit gather), K={k}"] = (head.exact_logits, inputs)
     return alternate(calls, runs)
 
 
@@ -59,7 +47,7 @@ def bound_study(dense, flash, tokenizer) -> dict:
     clusters) a Cauchy-Schwarz bound per cluster certifies."""
     head = flash_head(flash)
     h = mx.concatenate(hidden_inputs(dense, tokenizer, N_STATES, 1))[:, 0]  # [N, d]
-    gathered, ordered = head.dense_logits(h[None]), cluster_order_logits(head, h[None])
+    gathered, ordered = head.dense_logits(h[None]), head.exact_logits(h[None])
     same = bool(mx.array_equal(gathered, ordered))
     weight = np.array(head.embed(mx.arange(head.vocab_size)).astype(mx.float32))
     order = np.array(head.order).reshape(head.n_clusters, head.cluster_size)

@@ -215,6 +215,22 @@ def test_softcap(weight, clusters):
     np.testing.assert_allclose(step[finite], capped[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_exact_logits_are_the_dense_ones(weight, clusters, quantized):
+    """The cluster-order product with its logits gathered into token order equals the dense
+    head's logits (numpy's product of the token-order rows) and ranks tokens as they do."""
+    head, rows = make_head(weight, clusters, quantized, cap=5.0)
+    h = hidden(weight, 6).reshape(2, 3, DIMS)
+    expected = np.tanh(h @ rows.T / 5.0) * 5.0
+    exact = np.array(head.exact_logits(mx.array(h)))
+    assert exact.shape == (2, 3, VOCAB)
+    np.testing.assert_allclose(exact, expected, rtol=1e-5, atol=1e-5)
+    mine, theirs = exact.argmax(-1), expected.argmax(-1)
+    best = np.take_along_axis(expected, theirs[..., None], -1)[..., 0]
+    near_tie = np.take_along_axis(expected, mine[..., None], -1)[..., 0] >= best - 1e-5
+    assert np.all((mine == theirs) | near_tie)
+
+
 def test_bad_n_probes(weight, clusters):
     with pytest.raises(ValueError, match="n_probes"):
         make_head(weight, clusters, n_probes=0)
