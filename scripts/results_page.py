@@ -1,7 +1,8 @@
 """Regenerate docs/results.md: `flashhead-mlx eval`, `tune` and `bench` for SmolLM2-135M and
 Gemma-3-270M on this machine, tables and plots.
 
-    python scripts/results_page.py [--models smollm2 gemma3] [--render-only]
+    python scripts/results_page.py [--models smollm2 gemma3] [--parts fidelity speed]
+                                   [--render-only]
 
 The models are the float32 FlashHead folders of scripts/decode_table.py under --models-dir
 (converted from the GGUF files of ../shared/models/fetch_models.sh on first use). Each run saves
@@ -55,8 +56,14 @@ def scratch_copy(folder: Path, into: Path) -> Path:
     return copy
 
 
-def measure(name: str, folder: Path, device: str, args) -> None:
-    """Tune (on a scratch copy), eval and bench one model; save the JSON files and plots."""
+# bench's verified blocks (fixed K and the adaptive 4-32) and batch sizes on the page.
+VERIFY_BLOCKS = (4, 8, 16, 32, (4, 32))
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def measure_fidelity(name: str, folder: Path, device: str, args) -> None:
+    """Tune (on a scratch copy) and eval one model; save the JSON files and the eval plot.
+    Counts only, so they may run while the machine is busy."""
     prefix = OUT / f"{device}-{name}"
     with tempfile.TemporaryDirectory() as scratch:
         rows = tune(str(scratch_copy(folder, Path(scratch))), target=TARGET)
@@ -70,9 +77,18 @@ def measure(name: str, folder: Path, device: str, args) -> None:
     )
     Path(f"{prefix}-eval.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
 
-    result = bench.bench(str(folder), runs=args.runs)
+
+def measure_speed(name: str, folder: Path, device: str, args) -> None:
+    """bench one model (verified blocks and batch sizes included); save the JSON and the plot.
+    Timings: run on an otherwise idle machine."""
+    prefix = OUT / f"{device}-{name}"
+    result = bench.bench(str(folder), runs=args.runs, verify_blocks=VERIFY_BLOCKS,
+                         batch_sizes=BATCH_SIZES)
     bench.plot(result, f"{prefix}-bench.png", f"{NAMES[name]}: {result['head']}")
     Path(f"{prefix}-bench.json").write_text(json.dumps(stamp(result), indent=2) + "\n")
+
+
+PARTS = {"fidelity": measure_fidelity, "speed": measure_speed}
 
 
 def model_section(device: str, name: str) -> list:
@@ -152,13 +168,17 @@ def main() -> None:
     parser.add_argument("--models-dir", default=str(ROOT / "results" / "models"))
     parser.add_argument("--tv-positions", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
+                        help="What to measure: tune and eval (counts), bench (timings).")
     parser.add_argument("--render-only", action="store_true", help="Only render the saved JSON.")
     args = parser.parse_args()
     if not args.render_only:
         OUT.mkdir(parents=True, exist_ok=True)
         device = "gpu" if mx.default_device().type == mx.gpu else "cpu"
         for name in args.models:
-            measure(name, model_folder(name, Path(args.models_dir)), device, args)
+            folder = model_folder(name, Path(args.models_dir))
+            for part in args.parts:
+                PARTS[part](name, folder, device, args)
     render()
 
 
