@@ -22,13 +22,14 @@ import mlx.core as mx
 import numpy as np
 
 from flashhead_mlx.blas import reexec_with_openblas
-from flashhead_mlx.calibration import CALIBRATION_TEXT, text_windows
+from flashhead_mlx.calibration import CALIBRATION_TEXT, text_contexts, text_hidden_states
 from flashhead_mlx.calibration_mix import (
     CALIBRATION_CODE,
     CALIBRATION_REPLIES,
     CALIBRATION_REPLY_TOKENS,
     TUNING_REPLY_TOKENS,
     calibration_prompts,
+    reply_states,
 )
 from flashhead_mlx.clustering import scored_fraction
 from flashhead_mlx.containment import MAX_SCORED_FRACTION, dense_targets, token_clusters
@@ -36,7 +37,6 @@ from flashhead_mlx.kernels import cluster_rank
 from flashhead_mlx.metrics import containment_curve, load_head
 from flashhead_mlx.recent import RECENT_TOKENS
 from flashhead_mlx.report import pyplot
-from flashhead_mlx.model_head import final_hidden_states
 from flashhead_mlx.suite import (
     CHAT,
     REPLY_BATCH,
@@ -53,59 +53,38 @@ RECENT = (32, 64, 128, 256)
 SHORTLIST = (128, 256, 512, 1024)
 
 
-def text_rows(tokenizer, text: str, max_tokens: int) -> List[tuple]:
-    """Teacher-forced windows as (tokens, first position, end) rows, as the suite reads a text."""
-    n_text = len(tokenizer.encode(text, add_special_tokens=False))
-    n = min(max_tokens, n_text)
-    windows = np.array(text_windows(tokenizer, text, n, min(512, n)))
-    n_prefix = windows.shape[1] - min(512, n)
-    rows, count = [], 0
-    for w in windows:
-        take = min(w.size - n_prefix, n - count)
-        rows.append((list(map(int, w)), n_prefix, n_prefix + take))
-        count += take
-    return rows
+def domain_states(model, tokenizer, domain: str, files, fingerprint, max_tokens: int):
+    """Up to ``max_tokens`` positions of a suite domain: their hidden states and last
+    ``max(RECENT)`` context tokens, as tuning and eval read them (the chat domain: the dense
+    replies to the first :data:`REPLY_BATCH` prompts, tuning's first batch, whose replies are
+    cached)."""
+    if domain == CHAT:
+        prompts = read_prompts(files)[:REPLY_BATCH]
+        return reply_states(model, tokenizer, prompts, max_tokens, TUNING_REPLY_TOKENS,
+                            fingerprint, recent=max(RECENT))
+    text = read_text(files)
+    return (text_hidden_states(model, tokenizer, text, max_tokens),
+            text_contexts(tokenizer, text, max_tokens, max(RECENT)))
 
 
-def chat_rows(model, tokenizer, prompts, fingerprint, max_tokens: int) -> List[tuple]:
-    """The model's dense replies as (prompt + reply, first position, end) rows, as the suite
-    measures them (from the prompt's last token to the stop-token prediction)."""
-    prompts = prompts[:REPLY_BATCH]  # tuning's first batch, whose replies are cached
-    replies, stopped = dense_replies(model, tokenizer, prompts, fingerprint, TUNING_REPLY_TOKENS)
-    rows, count = [], 0
-    for prompt, reply, stop in zip(prompts, replies, stopped):
-        tokens = chat_prompt_tokens(tokenizer, prompt)
-        start, end = len(tokens) - 1, len(tokens) + len(reply) - (0 if stop else 1)
-        end = min(end, start + max_tokens - count)
-        rows.append((tokens + list(reply), start, end))
-        count += end - start
-        if count >= max_tokens:
-            break
-    return rows
-
-
-def measure(model, head, rows: List[tuple]) -> dict:
+def measure(head, hidden: mx.array, contexts: mx.array) -> dict:
     """Per position: the argmax's stage-1 rank, the argmax, the distance back to its last
-    occurrence in the context (a large number when absent) and the best stage-1 scores."""
+    occurrence among the ``contexts`` tokens (0: the position's own input; a large number when
+    absent) and the best stage-1 scores."""
     owner = token_clusters(head.order, head.cluster_size)
-    ranks, targets, back, tops = [], [], [], []
-    for tokens, start, end in rows:
-        h = final_hidden_states(model, mx.array([tokens]))[0, start:end].astype(mx.float32)
-        row_targets = []
-        for chunk, _, target in dense_targets(head, h):
-            scores = head.cluster_scores(chunk)
-            ranks.append(np.array(cluster_rank(scores, owner[target])))
-            tops.append(np.array(mx.topk(scores, min(TOP_SCORES, head.n_clusters), axis=-1)))
-            row_targets.append(np.array(target))
-        targets += row_targets
-        for i, target in zip(range(start, end), np.concatenate(row_targets)):
-            seen = [j for j in range(i, -1, -1) if tokens[j] == target]
-            back.append(i - seen[0] if seen else 1 << 30)
+    ranks, targets, tops = [], [], []
+    for chunk, _, target in dense_targets(head, hidden):
+        scores = head.cluster_scores(chunk)
+        ranks.append(np.array(cluster_rank(scores, owner[target])))
+        tops.append(np.array(mx.topk(scores, min(TOP_SCORES, head.n_clusters), axis=-1)))
+        targets.append(np.array(target))
+    targets = np.concatenate(targets)
+    seen = (np.array(contexts) == targets[:, None])[:, ::-1]  # most recent first
     tops = np.sort(np.concatenate(tops), axis=-1)[:, ::-1]
     return {
         "ranks": np.concatenate(ranks),
-        "targets": np.concatenate(targets),
-        "back": np.array(back),
+        "targets": targets,
+        "back": np.where(seen.any(axis=1), seen.argmax(axis=1), 1 << 30),
         "tops": tops.astype(np.float32),
     }
 
@@ -292,13 +271,10 @@ def main() -> None:
         if cached and cached.is_file():
             domains[domain] = dict(np.load(cached))
             continue
-        if domain == CHAT:
-            if not getattr(tokenizer, "chat_template", None):
-                continue
-            rows = chat_rows(model, tokenizer, read_prompts(files), fingerprint, args.max_tokens)
-        else:
-            rows = text_rows(tokenizer, read_text(files), args.max_tokens)
-        domains[domain] = measure(model, head, rows)
+        if domain == CHAT and not getattr(tokenizer, "chat_template", None):
+            continue
+        states = domain_states(model, tokenizer, domain, files, fingerprint, args.max_tokens)
+        domains[domain] = measure(head, *states)
         print(f"{domain}: {domains[domain]['ranks'].size} positions", flush=True)
         if cached:
             args.states.mkdir(parents=True, exist_ok=True)
