@@ -356,7 +356,7 @@ def verify(
         mx.async_eval(token)
         hidden.append(h)
         proposed.append(token)
-    logits = head.dense_logits(mx.concatenate(hidden, axis=1))[0]
+    logits = head.exact_logits(mx.concatenate(hidden, axis=1))[0]
     if processors:  # row i sees the tokens up to the one it was computed from
         rows = tokens.size - k + 1
         logits = mx.concatenate(
