@@ -46,7 +46,7 @@ from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
-from .recent import CACHE_ATTRIBUTE, reading, track
+from .recent import CACHE_ATTRIBUTE, quantize_kv_cache, reading, track
 from .sample_utils import Sampler
 from .sampling import sample
 
@@ -424,7 +424,7 @@ def verified_generate_step(
             )
 
     def quantize():
-        MLX_GENERATE.maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+        quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
     progress = prompt_progress_callback or (lambda *_: None)
     total = len(prompt)

@@ -4,8 +4,9 @@ Per K: the exact logits of K rows with the head's rows gathered back into token 
 (``FlashHead.dense_logits`` on ``[1, K, d]``: the dense head's own product, what the verify pass
 used before), the verify pass as verified decoding runs it (``FlashHead.exact_logits``: the same
 K-row product on the rows in the FlashHead's cluster order, then a gather of the K x V logits
-into token order), and K decode steps of the dense head (one row each, a matrix-vector product), alternated
-in one run (medians of ``--runs``), with FlashHead's own decode step for scale. Then, at 64 hidden
+into token order), and K decode steps of the dense head (one row each, a matrix-vector
+product), alternated in one run (medians of ``--runs``), with FlashHead's own decode step for
+scale. Then, at 64 hidden
 states of the built-in text, whether the gathered and the cluster-order products agree bit for
 bit, and how far an exact bound gets: for each cluster not probed, ``max_v w_v . h <= c . h +
 r ||h||`` (``c`` the mean of its rows, ``r`` their largest distance to it) certifies FlashHead's
