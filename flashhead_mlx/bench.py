@@ -8,7 +8,8 @@ two (one warm-up run each first) and the medians are reported:
   FlashHead's stages on the same inputs: the centroid pass (``cluster_scores``), the selection of
   the ``n_probes`` best clusters (``top_clusters``), the gather and score of their rows
   (``cluster_logits``) and the scatter into full-vocabulary logits;
-- end to end: decode and prompt tokens/s of greedy ``flashhead_mlx.stream_generate``; with
+- end to end: decode and prompt tokens/s of greedy ``flashhead_mlx.stream_generate``, every
+  model's from whole calls (:func:`flashhead_mlx.speed.decode_speed`); with
   ``verify_blocks``, also verified greedy decoding (:mod:`flashhead_mlx.verified`) at each K in
   the same alternation: its decode tokens/s, the share of FlashHead's decode gain over dense it
   keeps (``(verified - dense) / (flash - dense)``) and its rollbacks per 1000 tokens;

@@ -27,6 +27,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .decode import DecodeContext, batch_context, in_context, make_context, settings_context
+from .recent import quantize_kv_cache
 from .verified import Blocks, verified_generate_step, verify_block
 
 MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
@@ -109,9 +110,8 @@ def generate_step(
         if input_embeddings is not None:
             raise ValueError("FlashHead's verified decoding does not take input_embeddings")
         return verified_generate_step(prompt, model, stream, block=block, **options)
-    steps = MLX_GENERATE.generate_step(
-        prompt, model, stream, input_embeddings=input_embeddings, **options
-    )
+    run = with_globals(MLX_GENERATE.generate_step, maybe_quantize_kv_cache=quantize_kv_cache)
+    steps = run(prompt, model, stream, input_embeddings=input_embeddings, **options)
     return in_steps(steps, settings_context([sampler], [logits_processors]))
 
 
@@ -136,7 +136,10 @@ def speculative_generate_step(
     processors' biased tokens. Takes mlx-lm's arguments; a ``ValueError`` for a model whose
     default is verified decoding (:func:`unverified`)."""
     unverified(model, "a draft model")
-    steps = MLX_GENERATE.speculative_generate_step(
+    run = with_globals(
+        MLX_GENERATE.speculative_generate_step, maybe_quantize_kv_cache=quantize_kv_cache
+    )
+    steps = run(
         prompt,
         model,
         draft_model,

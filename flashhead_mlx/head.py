@@ -106,7 +106,8 @@ class FlashHead(nn.Module):
         if recent_tokens < 0:
             raise ValueError(f"recent_tokens must be >= 0, got {recent_tokens}")
         self.recent_tokens = recent_tokens
-        # Verified decoding's default and counts (flashhead_mlx.verified.Verification), or None.
+        # Verified decoding's default K and its latest K and counts
+        # (flashhead_mlx.verified.Verification), or None.
         self.verification = None
         # How stage 2 scores a batch of rows (flashhead_mlx.kernels.BATCH_PATHS); None: the
         # measured choice (flashhead_mlx.kernels.choose_batch_path).

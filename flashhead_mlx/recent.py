@@ -28,9 +28,14 @@ Hybrid models (qwen3_5, lfm2, mamba, ...) keep a single sequence's history on th
 entry too, an ``ArraysCache`` without an offset: mlx-lm never trims such a cache (no speculative
 decoding, no prompt-cache trim), and FlashHead's verified decoding puts back the
 history of the step it rolls back to (:func:`flashhead_mlx.verified.roll_back`).
+
+With ``kv_bits``, mlx-lm replaces a cache that reaches ``quantized_kv_start`` by a new
+``QuantizedKVCache``; FlashHead's generate functions quantize through
+:func:`quantize_kv_cache`, which moves the history onto the replacement.
 """
 
 import contextvars
+import importlib
 import inspect
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
@@ -40,6 +45,7 @@ import numpy as np
 
 from .decode import decode_context
 
+MLX_GENERATE = importlib.import_module("mlx_lm.generate")  # ``mlx_lm.generate`` is a function
 # Tokens of each row's context scored exactly per decode step (the cost of RECENT_TOKENS rows).
 RECENT_TOKENS = 128
 # The attribute of a sequence's first cache entry that holds its recent tokens and the cache
@@ -122,6 +128,18 @@ def track(cache, inputs: mx.array, size: int) -> mx.array:
         except AttributeError:  # a cache that takes no attributes: no history across calls
             pass
     return windows(sequence, inputs.shape[1], size)
+
+
+def quantize_kv_cache(prompt_cache, quantized_kv_start: int, kv_group_size: int,
+                      kv_bits: Optional[int]) -> None:
+    """mlx-lm's ``maybe_quantize_kv_cache`` (``kv_bits``: each cache that reached
+    ``quantized_kv_start`` replaced by a new ``QuantizedKVCache``), the sequence's history
+    carried over to the first entry's replacement, where it would otherwise restart empty."""
+    first = prompt_cache[0] if prompt_cache else None
+    history = getattr(first, CACHE_ATTRIBUTE, None)
+    MLX_GENERATE.maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)
+    if history is not None and prompt_cache[0] is not first:
+        setattr(prompt_cache[0], CACHE_ATTRIBUTE, history)
 
 
 def batched(cache) -> bool:

@@ -46,7 +46,7 @@ from .decode import in_context, settings_context
 from .head import FlashHead
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
-from .recent import CACHE_ATTRIBUTE, reading, track
+from .recent import CACHE_ATTRIBUTE, quantize_kv_cache, reading, track
 from .sample_utils import Sampler
 from .sampling import sample
 
@@ -60,14 +60,16 @@ CACHES = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
 
 @dataclass
 class Verification:
-    """A FlashHead's verified mode: ``block`` (K) tokens decoded per dense check (:data:`Blocks`),
-    the ``mode`` of the last generation (``"greedy"`` or ``"sampling"``), and the verified
-    ``tokens`` yielded and ``rollbacks`` (blocks cut at a corrected token) so far."""
+    """A FlashHead's verified decoding: the ``block`` (K, :data:`Blocks`) and ``mode``
+    (``"greedy"`` or ``"sampling"``) of its latest verified generation, the verified ``tokens``
+    yielded and ``rollbacks`` (blocks cut at a corrected token) of the generations at that K
+    (since K last changed), and the model's ``default`` K (``None``: unverified by default)."""
 
     block: Blocks = DEFAULT_BLOCK
     tokens: int = 0
     rollbacks: int = 0
     mode: str = "greedy"
+    default: Optional[Blocks] = None
 
     def describe(self) -> str:
         """E.g. ``verified greedy (K=8, 12.5 rollbacks per 1000 tokens)`` (``K=4-32``:
@@ -118,7 +120,7 @@ def set_verification(model: nn.Module, block: Optional[Blocks] = DEFAULT_BLOCK) 
     functions."""
     if block:
         block_range(block)
-    flash_head(model).verification = Verification(block) if block else None
+    flash_head(model).verification = Verification(block, default=block) if block else None
 
 
 def verify_block(model: nn.Module, flashhead_verify: Optional[Blocks] = None) -> Optional[Blocks]:
@@ -130,7 +132,7 @@ def verify_block(model: nn.Module, flashhead_verify: Optional[Blocks] = None) ->
             flash_head(model)  # a clear error for a model without one
         return flashhead_verify or None
     verification = flash_head(model).verification if is_patched(model) else None
-    return None if verification is None else verification.block
+    return None if verification is None else verification.default
 
 
 @dataclass
@@ -356,7 +358,7 @@ def verify(
         mx.async_eval(token)
         hidden.append(h)
         proposed.append(token)
-    logits = head.dense_logits(mx.concatenate(hidden, axis=1))[0]
+    logits = head.exact_logits(mx.concatenate(hidden, axis=1))[0]
     if processors:  # row i sees the tokens up to the one it was computed from
         rows = tokens.size - k + 1
         logits = mx.concatenate(
@@ -404,7 +406,10 @@ def verified_generate_step(
     settings = sampler_settings(sampler)
     low, high = block_range(block)
     head = flash_head(model)
-    verification = head.verification or Verification(block)
+    verification = head.verification
+    if verification is None or verification.block != block:  # the counts restart
+        default = None if verification is None else verification.default
+        verification = head.verification = Verification(block, default=default)
     if settings is None:
         proposal = GreedyProposal(head, sampler or MLX_GENERATE.greedy_sampler, logits_processors)
     else:
@@ -419,7 +424,7 @@ def verified_generate_step(
             )
 
     def quantize():
-        MLX_GENERATE.maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+        quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
     progress = prompt_progress_callback or (lambda *_: None)
     total = len(prompt)

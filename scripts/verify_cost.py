@@ -1,10 +1,12 @@
 """What verified decoding's dense check costs on this machine, and whether a bound could skip it.
 
-Per K: the verify pass as verified decoding runs it (``FlashHead.dense_logits`` on ``[1, K, d]``:
-the head's rows gathered back into token order, then one K-row matrix product), the same product
-on the rows in the FlashHead's cluster order followed by a gather of the K x V logits into token
-order, and K decode steps of the dense head (one row each, a matrix-vector product), alternated
-in one run (medians of ``--runs``), with FlashHead's own decode step for scale. Then, at 64 hidden
+Per K: the exact logits of K rows with the head's rows gathered back into token order first
+(``FlashHead.dense_logits`` on ``[1, K, d]``: the dense head's own product, what the verify pass
+used before), the verify pass as verified decoding runs it (``FlashHead.exact_logits``: the same
+K-row product on the rows in the FlashHead's cluster order, then a gather of the K x V logits
+into token order), and K decode steps of the dense head (one row each, a matrix-vector
+product), alternated in one run (medians of ``--runs``), with FlashHead's own decode step for
+scale. Then, at 64 hidden
 states of the built-in text, whether the gathered and the cluster-order products agree bit for
 bit, and how far an exact bound gets: for each cluster not probed, ``max_v w_v . h <= c . h +
 r ||h||`` (``c`` the mean of its rows, ``r`` their largest distance to it) certifies FlashHead's
@@ -37,8 +39,8 @@ def timings(dense, flash, tokenizer, ks, runs: int) -> dict:
              "FlashHead decode step, 1 row": (decode_step(flash), rows)}
     for k in ks:
         inputs = [h.reshape(1, k, -1) for h in hidden_inputs(dense, tokenizer, k, 8)]
-        calls[f"verify pass (gather + product), K={k}"] = (head.dense_logits, inputs)
-        calls[f"cluster order (product + logit gather), K={k}"] = (head.exact_logits, inputs)
+        calls[f"head gather + product, K={k}"] = (head.dense_logits, inputs)
+        calls[f"verify pass (product + logit gather), K={k}"] = (head.exact_logits, inputs)
     return alternate(calls, runs)
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import make_clusters, make_tiny_model, run_cli
-from flashhead_mlx import flash_head, load
+from flashhead_mlx import flash_head, generation, load
 from flashhead_mlx.bench import (
     block_list,
     blocks,
@@ -22,6 +22,7 @@ from flashhead_mlx.bench import (
 )
 from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
+from flashhead_mlx.speed import decode_speed
 from flashhead_mlx.model_card import BENCH_KEYS
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.patch import apply_flashhead
@@ -123,6 +124,39 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         assert min(batch[k] for k in BATCH_KEYS - {"chosen_path"}) > 0
     assert report["batches"]["1"]["chosen_path"] == "rows"
     assert set(report["batch_break_even"]) == {"batch_size", "union_share", "chosen_dense_from"}
+
+
+def test_decode_rate_counts_whole_calls(converted, monkeypatch):
+    """A generator that yields every token only at its end (as verified decoding yields a
+    block) gets the decode rate of one that yields each as it is decoded at the same cost per
+    token: the tokens over the call's time after the prefill, measured on a fake clock. From
+    the first token yielded on (``stream_generate``'s rate), the first would look instant."""
+    flash, tokenizer = load(str(converted))
+    now = [0.0]
+    prefill_s, step_s, tokens = 2.0, 0.5, 6
+    token = next(t for t in range(10, VOCAB) if t not in tokenizer.eos_token_ids)
+
+    def fake_generate_step(prompt, model, stream=None, *, max_tokens, prompt_progress_callback,
+                           flashhead_verify=None, **kwargs):
+        prompt_progress_callback(0, len(prompt))
+        now[0] += prefill_s
+        prompt_progress_callback(len(prompt) - 1, len(prompt))
+        for _ in range(max_tokens):
+            now[0] += step_s
+            if not flashhead_verify:
+                yield token, mx.zeros(VOCAB)
+        for _ in range(max_tokens if flashhead_verify else 0):
+            yield token, mx.zeros(VOCAB)
+
+    monkeypatch.setattr(generation, "generate_step", fake_generate_step)
+    prompt = tokenizer.encode("one two three four five")
+    speed = decode_speed({"flash": (flash, 0), "verified K=8": (flash, 8)}, tokenizer, prompt,
+                         tokens, runs=2, clock=lambda: now[0])
+    for name in ("flash", "verified K=8"):
+        assert speed[name]["tokens"] == tokens
+        assert speed[name]["decode_tok_s"] == pytest.approx(1 / step_s), name
+        assert speed[name]["decode_runs"] == pytest.approx([1 / step_s] * 2), name
+        assert speed[name]["prompt_tok_s"] == pytest.approx((len(prompt) - 1) / prefill_s)
 
 
 def spy(monkeypatch, module, method: str, calls: list, only_this: bool = True) -> None:

@@ -27,6 +27,7 @@ NAMES = {
         "GenerationBatch.empty", "PromptProcessingBatch", "PromptProcessingBatch.prompt",
         "PromptProcessingBatch.generate", "PromptProcessingBatch.empty", "BatchResponse",
         "GenerationResponse", "generation_stream", "DEFAULT_QUANTIZED_KV_START",
+        "maybe_quantize_kv_cache",
         # the generate command
         "main", "setup_arg_parser",
         # the fallback's decode loops
@@ -47,6 +48,8 @@ NAMES = {
 # (generation.with_globals) look up.
 GLOBALS = {
     "mlx_lm.generate.stream_generate": ["generate_step", "speculative_generate_step"],
+    "mlx_lm.generate.generate_step": ["maybe_quantize_kv_cache"],
+    "mlx_lm.generate.speculative_generate_step": ["maybe_quantize_kv_cache"],
     "mlx_lm.generate.generate": ["stream_generate"],
     "mlx_lm.generate.batch_generate": ["BatchGenerator"],
     "mlx_lm.generate.main": ["setup_arg_parser", "load", "make_sampler", "generate"],

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
 from conftest import make_clusters, make_tiny_model
 from flashhead_mlx import decoding, flash_head, unpatch
@@ -219,6 +219,24 @@ def test_rows_joining_and_leaving_a_batch_decode_as_alone(llama):
     generator.close()
     for uid, prompt, n in zip(uids, BATCH_PROMPTS, max_tokens):
         assert_decodes_as_alone(model, prompt, rows[uid], single_row(model, prompt, n))
+
+
+def test_a_quantized_cache_keeps_the_sequences_tokens(tmp_path):
+    """With ``kv_bits``, mlx-lm replaces the first cache by a new ``QuantizedKVCache`` once it
+    reaches ``quantized_kv_start``: the history moves with it, so it still holds every token in
+    the cache, the prompt's included (unverified and verified decoding)."""
+    model, _ = patched(make_tiny_model(tmp_path / "m", hidden_size=128), recent_tokens=128)
+    prompt = ROWS[0, :24].tolist()
+    for verify in (0, 4):
+        cache = make_prompt_cache(model)
+        steps = generate_step(mx.array(prompt), model, max_tokens=6, prompt_cache=cache,
+                              kv_bits=4, kv_group_size=32, quantized_kv_start=8,
+                              flashhead_verify=verify)
+        tokens = prompt + [int(token) for token, _ in steps]
+        assert isinstance(cache[0], QuantizedKVCache)
+        history, end = getattr(cache[0], CACHE_ATTRIBUTE)
+        assert end == cache[0].offset > len(prompt)
+        assert np.array(history[0, -end:]).tolist() == tokens[:end], verify
 
 
 def test_unpatch_gives_the_language_model_its_class_back(folder):

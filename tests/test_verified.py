@@ -22,7 +22,7 @@ from conftest import make_clusters, make_tiny_model
 from flashhead_mlx import generation, load, stream_generate
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.model_head import final_hidden_states, head_module, head_rows
-from flashhead_mlx.patch import apply_flashhead, flash_head
+from flashhead_mlx.patch import apply_flashhead, describe_head, flash_head
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx import verified
 from flashhead_mlx.verified import Verification, layers, parse_block, set_verification
@@ -206,6 +206,19 @@ def test_describe_reports_the_mode_and_rollbacks():
         "verified greedy (K=8, 12.5 rollbacks per 1000 tokens)"
     )
     assert "(K=4-32, " in Verification((4, 32)).describe()
+
+
+def test_head_line_reports_the_calls_k_and_counts(tmp_path):
+    """A call's ``flashhead_verify=4`` on a model whose default is K=8: the ``Head:`` line
+    says K=4 and counts that call's tokens; the next call, at the default, K=8 and its own."""
+    _, model, tokenizer = flash_pair(make_tiny_model(tmp_path / "m"))
+    set_verification(model, 8)
+    prompt = mx.array(tokenizer.encode("It is"))
+    for kwargs, label, tokens in (({"flashhead_verify": 4}, "K=4", 5), ({}, "K=8", 3)):
+        run(model, prompt, tokens, **kwargs)
+        assert f"verified greedy ({label}, " in describe_head(model)
+        assert flash_head(model).verification.tokens == tokens
+        assert verified.verify_block(model) == 8  # the default stays
 
 
 def test_blocks_are_parsed_and_checked():

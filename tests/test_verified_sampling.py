@@ -3,6 +3,7 @@ sampler's distribution (Pearson's chi-square, pooled bins, fixed seed and alpha)
 FlashHead's own draws do not; end to end, blocks roll back and the log-probabilities are the
 dense ones."""
 
+import math
 from statistics import NormalDist
 
 import mlx.core as mx
@@ -34,12 +35,17 @@ SETTINGS = {  # sampler settings, logit bias, the proposal verified decoding pic
 }
 
 
-def passes(counts: np.ndarray, expected: np.ndarray) -> bool:
-    """Pearson's test at level ``ALPHA`` (Wilson-Hilferty's critical value)."""
+def passes(counts: np.ndarray, expected: np.ndarray, label: str) -> bool:
+    """Pearson's test at level ``ALPHA``: the statistic below Wilson-Hilferty's critical value.
+    Prints (``pytest -s``) the statistic, degrees of freedom, p-value (the same approximation),
+    alpha and draws of ``label``."""
     chi2, dof = chi_square(counts, expected)
+    scale = np.sqrt(2 / (9 * dof))
     z = NormalDist().inv_cdf(1 - ALPHA)
-    critical = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
-    print(f"chi-square {chi2:.1f}, {dof} degrees of freedom, critical {critical:.1f}")  # -s
+    critical = dof * (1 - 2 / (9 * dof) + z * scale) ** 3
+    p_value = 0.5 * math.erfc(((chi2 / dof) ** (1 / 3) - 1 + 2 / (9 * dof)) / scale / math.sqrt(2))
+    print(f"chi-square {label}: statistic {chi2:.1f}, {dof} degrees of freedom, p {p_value:.3g}, "
+          f"alpha {ALPHA:g} (critical {critical:.1f}), {counts.sum()} draws")
     return chi2 < critical
 
 
@@ -83,8 +89,8 @@ def test_acceptance_follows_the_dense_sampler(weight, name):
         proposed.append(np.array(tokens))
         expected = expected + draws * np.array(p[0])
     counts = [np.bincount(np.concatenate(t), minlength=VOCAB) for t in (kept, proposed)]
-    assert passes(counts[0], expected), "verified sampling is not the dense sampler"
-    assert not passes(counts[1], expected), "FlashHead alone passes: no test"
+    assert passes(counts[0], expected, f"{name}, verified"), "verified is not the dense sampler"
+    assert not passes(counts[1], expected, f"{name}, unverified"), "FlashHead alone passes"
 
 
 def test_the_tail_proposal_is_what_flashhead_draws(weight):
@@ -96,7 +102,8 @@ def test_the_tail_proposal_is_what_flashhead_draws(weight):
     proposal.start(1)
     proposal.draw(h[None, None], None)
     _, q = proposal.distributions(logprobs)
-    assert passes(np.bincount(np.array(tokens), minlength=VOCAB), TAIL_DRAWS * np.array(q[0]))
+    counts = np.bincount(np.array(tokens), minlength=VOCAB)
+    assert passes(counts, TAIL_DRAWS * np.array(q[0]), "tail proposal, FlashHead's draws vs q")
 
 
 def dense_replay(dense, prompt, tokens):
