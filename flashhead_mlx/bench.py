@@ -44,7 +44,14 @@ from mlx.utils import tree_flatten
 from .decode import decoding
 from .calibration import TUNING_TEXT
 from .generation import generate_step, stream_generate
-from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
+from .kernels import (
+    BATCH_PATHS,
+    choose_batch_path,
+    cluster_scores,
+    float32_centroids,
+    kernel_implementation,
+    top_clusters,
+)
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import head_module
@@ -58,8 +65,6 @@ from .verified import Blocks, block_label
 
 # Different hidden states per batch size of the batch table, in turn.
 N_BATCH_INPUTS = 16
-# FlashHead's stage-1 arrays, all read at every decode step.
-STAGE1_ARRAYS = ("centroids", "centroid_scales", "centroid_biases", "cluster_bias")
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -75,11 +80,12 @@ def row_bytes(module: nn.Module) -> float:
 
 def head_bytes_read(model: nn.Module) -> float:
     """Bytes of weights the head reads per decoded token at B = 1: every row (dense), or the
-    stage-1 arrays plus the probed clusters' rows and token ids (FlashHead)."""
+    stage-1 arrays in the format stage 1 multiplies (float32 centroids on the CPU) plus the
+    probed clusters' rows and token ids (FlashHead)."""
     if not is_patched(model):
         return parameter_bytes(head_module(model))
     head = flash_head(model)
-    stage1 = sum(head[name].nbytes for name in STAGE1_ARRAYS if name in head)
+    stage1 = sum(a.nbytes for a in head.stage1_arguments()[:4] if a is not None)
     rows = head.n_probes * head.cluster_size
     return stage1 + rows * (row_bytes(head) + head.order.itemsize)
 
@@ -119,6 +125,34 @@ def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
         "gather and score": (lambda a: head.cluster_logits(*a), list(zip(inputs, probes))),
         "scatter to full vocabulary": (lambda a: head.scatter(*a), candidates),
     }
+
+
+def stage1_calls(centroids, scales, biases, cluster_bias, group_size: int, bits,
+                 inputs: List[mx.array]) -> Dict[str, tuple]:
+    """Stage 1 (:func:`~flashhead_mlx.kernels.cluster_scores`) in each centroid format, as
+    :func:`alternate` takes them: ``"{bits}-bit"``, the packed centroids (MLX's quantized
+    matmul; what a FlashHead keeps on a GPU), ``"float32"`` (a plain matmul over centroids
+    dequantized once; what it keeps on the CPU) and ``"dequantized per call"``; only
+    ``"float32"`` for float centroids (``bits`` None). The arguments are
+    :func:`~flashhead_mlx.kernels.centroid_topk`'s."""
+    f32 = float32_centroids(centroids, scales, biases, group_size, bits)
+    mx.eval(f32)
+    calls = {"float32": (lambda h: cluster_scores(h, f32, None, None, cluster_bias, 0, None),
+                         inputs)}
+    if bits is not None:
+        packed = (centroids, scales, biases)
+
+        def per_call(h: mx.array) -> mx.array:
+            rows = float32_centroids(*packed, group_size, bits)
+            return cluster_scores(h, rows, None, None, cluster_bias, 0, None)
+
+        calls = {
+            f"{bits}-bit": (lambda h: cluster_scores(h, *packed, cluster_bias, group_size, bits),
+                            inputs),
+            **calls,
+            "dequantized per call": (per_call, inputs),
+        }
+    return calls
 
 
 def head_latency(dense, flash, tokenizer, runs: int) -> Dict[int, dict]:
