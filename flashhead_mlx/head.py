@@ -1,11 +1,12 @@
 """FlashHead: a two-stage retrieval classification head.
 
 Stage 1 scores a hidden state against one centroid per cluster (stored quantized; on the CPU
-multiplied as float32, :func:`stage1_float32`) and keeps the ``n_probes`` best clusters; stage 2 scores the rows of those clusters exactly. The head's rows
-are stored once, in cluster order (cluster ``k`` owns slots ``[k * cluster_size, (k + 1) *
-cluster_size)``), at the model's own precision: permuting whole rows keeps every quantization
-group intact, so each candidate logit is the dense logit. Padding slots (when the vocabulary is
-not a multiple of ``cluster_size``) have token id -1 and logit ``-inf``.
+multiplied as float32, :func:`stage1_float32`) and keeps the ``n_probes`` best clusters; stage 2
+scores the rows of those clusters exactly. The head's rows are stored once, in cluster order
+(cluster ``k`` owns slots ``[k * cluster_size, (k + 1) * cluster_size)``), at the model's own
+precision: permuting whole rows keeps every quantization group intact, so each candidate logit
+is the dense logit. Padding slots (when the vocabulary is not a multiple of ``cluster_size``)
+have token id -1 and logit ``-inf``.
 """
 
 from typing import Optional, Tuple
@@ -37,6 +38,7 @@ def stage1_float32(device: mx.Device) -> bool:
     bfloat16 matmuls; elsewhere (Metal, whose kernels read the packed format, and CUDA) it keeps
     the stored format."""
     return device.type == mx.cpu
+
 
 class FlashHead(nn.Module):
     """A classification head that scores only the rows of the ``n_probes`` best clusters.
