@@ -22,7 +22,10 @@ two (one warm-up run each first) and the medians are reported:
   bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
   share of that gain measured: ``(decode_speedup - 1) / (ceiling_speedup - 1)`` (0: no gain,
-  1: all of it).
+  1: all of it). Beside them, on paper, the same bytes for the model as a 4-bit body with a
+  4-bit or a bf16 head (:func:`mac_configurations`) and their bandwidth-bound speedups;
+- stage 1 per centroid format (:func:`stage1_times`): packed, float32 (what a CPU FlashHead
+  multiplies), dequantized per call, at B = 1 and 4, alternated;
 - the free-head baseline: the same model with a head that costs nothing but writing its logits
   (:class:`FreeHead`), alternated with dense and FlashHead through ``generate_step``: the prefill
   (all prompt tokens but the last), the first step (the last prompt token, the head and the
@@ -33,10 +36,11 @@ two (one warm-up run each first) and the medians are reported:
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,7 +49,15 @@ from mlx.utils import tree_flatten
 from .decode import decoding
 from .calibration import TUNING_TEXT
 from .generation import generate_step, stream_generate
-from .kernels import BATCH_PATHS, choose_batch_path, kernel_implementation, top_clusters
+from .head import FlashHead
+from .kernels import (
+    BATCH_PATHS,
+    choose_batch_path,
+    cluster_scores,
+    float32_centroids,
+    kernel_implementation,
+    top_clusters,
+)
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import head_module
@@ -59,8 +71,6 @@ from .verified import Blocks, block_label
 
 # Different hidden states per batch size of the batch table, in turn.
 N_BATCH_INPUTS = 16
-# FlashHead's stage-1 arrays, all read at every decode step.
-STAGE1_ARRAYS = ("centroids", "centroid_scales", "centroid_biases", "cluster_bias")
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -76,11 +86,12 @@ def row_bytes(module: nn.Module) -> float:
 
 def head_bytes_read(model: nn.Module) -> float:
     """Bytes of weights the head reads per decoded token at B = 1: every row (dense), or the
-    stage-1 arrays plus the probed clusters' rows and token ids (FlashHead)."""
+    stage-1 arrays in the format stage 1 multiplies (float32 centroids on the CPU) plus the
+    probed clusters' rows and token ids (FlashHead)."""
     if not is_patched(model):
         return parameter_bytes(head_module(model))
     head = flash_head(model)
-    stage1 = sum(head[name].nbytes for name in STAGE1_ARRAYS if name in head)
+    stage1 = sum(a.nbytes for a in head.stage1_arguments()[:4] if a is not None)
     rows = head.n_probes * head.cluster_size
     return stage1 + rows * (row_bytes(head) + head.order.itemsize)
 
@@ -119,6 +130,117 @@ def stage_calls(head, inputs: List[mx.array]) -> Dict[str, tuple]:
         "selection": (lambda s: top_clusters(s, head.n_probes), scores),
         "gather and score": (lambda a: head.cluster_logits(*a), list(zip(inputs, probes))),
         "scatter to full vocabulary": (lambda a: head.scatter(*a), candidates),
+    }
+
+
+# The configurations Mac users run, counted on paper (:func:`mac_configurations`): the body in
+# MLX's default affine quantization (mlx-lm's ``convert -q``: 4 bits, groups of 64, a bfloat16
+# scale and bias per group; norms and other small parameters in bfloat16) with the head in
+# each of these formats (bits; None: bfloat16).
+MAC_HEADS = {"4-bit head": 4, "bf16 head": None}
+MAC_BITS, MAC_GROUP_SIZE, BF16 = 4, 64, 2
+
+
+def mac_bytes(shape: Sequence[int], bits: Optional[int], group_size: int = MAC_GROUP_SIZE
+              ) -> float:
+    """Bytes of a parameter of logical ``shape`` quantized with ``bits`` (a bfloat16 scale and
+    bias per ``group_size`` values of the last axis), or in bfloat16 (``bits`` None, or a last
+    axis that is not a multiple of ``group_size``)."""
+    size = math.prod(shape)
+    if bits is None or shape[-1] % group_size:
+        return BF16 * size
+    return size * bits / 8 + 2 * BF16 * size / group_size
+
+
+def own_parameters(module: nn.Module) -> Dict[str, tuple]:
+    """The logical shape of each array ``module`` holds itself (not its children's), by name: a
+    quantized weight's unpacked shape, its scales and biases left out."""
+    shapes = {name: tuple(a.shape) for name, a in module.items() if isinstance(a, mx.array)}
+    if "scales" in module:
+        shapes.pop("scales"), shapes.pop("biases", None)
+        shapes["weight"] = (*shapes["weight"][:-1], shapes["weight"][-1] * 32 // module.bits)
+    return shapes
+
+
+def module_mac_bytes(module: nn.Module, bits: Optional[int]) -> float:
+    """Bytes of ``module``'s own parameters with its weight quantized with ``bits`` (as mlx-lm
+    quantizes the weights of the modules that have ``to_quantized``) and the rest in
+    bfloat16."""
+    quantizable = hasattr(module, "to_quantized")
+    return sum(mac_bytes(shape, bits if quantizable and name == "weight" else None)
+               for name, shape in own_parameters(module).items())
+
+
+def mac_bytes_per_token(dense: nn.Module, head: FlashHead, head_bits: Optional[int]) -> dict:
+    """Bytes of weights one decode step at B = 1 reads with the dense head (``dense``, a model
+    with its dense head) and with FlashHead (``head``), as :func:`bytes_per_token` counts them,
+    for the body as 4-bit (:data:`MAC_HEADS`) and the head quantized with ``head_bits`` (None:
+    bfloat16): every body parameter once, one row of each embedding table; FlashHead's head the
+    packed centroids (their stored bits and group size, bfloat16 scales and biases), the cluster
+    biases (bfloat16), the probed clusters' rows at the head's precision and their token ids
+    (int32). Counted from the parameters' shapes; nothing is quantized."""
+    module, tables = head_module(dense), embedding_tables(dense)
+    body = sum(module_mac_bytes(m, MAC_BITS) for _, m in dense.named_modules()
+               if m is not module and all(m is not t for t in tables))
+    d = own_parameters(module)["weight"][-1]
+    row = mac_bytes((1, d), head_bits)
+    lookups = sum(row if t is module else mac_bytes((1, d), MAC_BITS) for t in tables)
+    vocab_size = own_parameters(module)["weight"][0]
+    n_clusters = head.n_clusters
+    centroids = mac_bytes((n_clusters, d), head.centroid_bits, head.centroid_group_size)
+    probed = head.n_probes * head.cluster_size * (row + head.order.itemsize)
+    dense_bytes = body + lookups + vocab_size * row
+    flash_bytes = body + lookups + centroids + BF16 * n_clusters + probed
+    return {
+        "bytes_per_token_dense": round(dense_bytes),
+        "bytes_per_token_flash": round(flash_bytes),
+        "bandwidth_bound_speedup": dense_bytes / flash_bytes,
+    }
+
+
+def mac_configurations(dense: nn.Module, head: FlashHead) -> Dict[str, dict]:
+    """:func:`mac_bytes_per_token` for each head format of :data:`MAC_HEADS`, by its name."""
+    return {name: mac_bytes_per_token(dense, head, bits) for name, bits in MAC_HEADS.items()}
+
+
+def stage1_calls(centroids, scales, biases, cluster_bias, group_size: int, bits,
+                 inputs: List[mx.array]) -> Dict[str, tuple]:
+    """Stage 1 (:func:`~flashhead_mlx.kernels.cluster_scores`) in each centroid format, as
+    :func:`alternate` takes them: ``"{bits}-bit"``, the packed centroids (MLX's quantized
+    matmul; what a FlashHead keeps on a GPU), ``"float32"`` (a plain matmul over centroids
+    dequantized once; what it keeps on the CPU) and ``"dequantized per call"``; only
+    ``"float32"`` for float centroids (``bits`` None). The arguments are
+    :func:`~flashhead_mlx.kernels.centroid_topk`'s."""
+    f32 = float32_centroids(centroids, scales, biases, group_size, bits)
+    mx.eval(f32)
+    calls = {"float32": (lambda h: cluster_scores(h, f32, None, None, cluster_bias, 0, None),
+                         inputs)}
+    if bits is not None:
+        packed = (centroids, scales, biases)
+
+        def per_call(h: mx.array) -> mx.array:
+            rows = float32_centroids(*packed, group_size, bits)
+            return cluster_scores(h, rows, None, None, cluster_bias, 0, None)
+
+        calls = {
+            f"{bits}-bit": (lambda h: cluster_scores(h, *packed, cluster_bias, group_size, bits),
+                            inputs),
+            **calls,
+            "dequantized per call": (per_call, inputs),
+        }
+    return calls
+
+
+def stage1_times(dense: nn.Module, head: FlashHead, tokenizer, runs: int) -> Dict[str, dict]:
+    """Per batch size of :data:`~flashhead_mlx.speed.BATCH_SIZES`: stage 1's ms in each centroid
+    format (:func:`stage1_calls`, from the head's stored centroids) over
+    :data:`N_BATCH_INPUTS` hidden states, alternated."""
+    arrays = (head.centroids, head.get("centroid_scales"), head.get("centroid_biases"),
+              head.cluster_bias, head.centroid_group_size, head.centroid_bits)
+    return {
+        str(b): alternate(stage1_calls(*arrays, hidden_inputs(dense, tokenizer, b,
+                                                              N_BATCH_INPUTS)), runs)
+        for b in BATCH_SIZES
     }
 
 
@@ -322,6 +444,7 @@ def bench(
     if not is_patched(flash):
         raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
     latency = head_latency(dense, flash, tokenizer, runs)
+    stage1 = stage1_times(dense, flash_head(flash), tokenizer, runs)
     batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     models = {"dense": (dense, 0), "flash": (flash, 0)}
@@ -350,9 +473,12 @@ def bench(
         "share_of_ceiling": (decode_speedup - 1) / (ceiling - 1) if ceiling > 1 else None,
         "resident_dense_bytes": parameter_bytes(dense),
         "resident_flash_bytes": parameter_bytes(flash),
+        "mac_configurations": mac_configurations(dense, flash_head(flash)),
         "device": device_description(),
         "kernels": kernel_implementation(),
         "head_by_batch_size": {str(b): latency[b] for b in BATCH_SIZES},
+        "stage1_format": flash_head(flash).stage1_format,
+        "stage1_ms_by_format": stage1,
         "prompt_dense_tok_s": speed["dense"]["prompt_tok_s"],
         "prompt_flash_tok_s": speed["flash"]["prompt_tok_s"],
         "end_to_end": speed,
@@ -463,9 +589,33 @@ def format_result(result: dict) -> str:
         f"FlashHead {e2e['flash']['tokens']:g}; medians of {result['runs']} alternated runs."
     )
     return "\n\n".join(
-        [head, stages, *batch_table, speed, *verified_table, memory, summary,
-         format_free_head(result)]
+        [head, stages, format_stage1(result), *batch_table, speed, *verified_table, memory,
+         format_mac(result), summary, format_free_head(result)]
     )
+
+
+def format_stage1(result: dict) -> str:
+    """The table of stage 1's ms per centroid format (:func:`stage1_times`) and the format the
+    head uses."""
+    by_batch = result["stage1_ms_by_format"]
+    formats = next(iter(by_batch.values()))
+    rows = [[name, *(f"{ms[name]:.3f}" for ms in by_batch.values())] for name in formats]
+    return (table(["stage 1 per centroid format (ms)", *(f"B = {b}" for b in by_batch)], rows)
+            + f"\n\nFlashHead's stage 1 here multiplies {result['stage1_format']} centroids.")
+
+
+def format_mac(result: dict) -> str:
+    """The bytes per decode token of the Mac configurations (:func:`mac_configurations`) beside
+    the measured model's."""
+    rows = [["this model (as measured)", f"{result['bytes_per_token_dense'] / 1e6:.1f}",
+             f"{result['bytes_per_token_flash'] / 1e6:.1f}", f"{result['ceiling_speedup']:.2f}x"]]
+    rows += [[f"4-bit body, {name}", f"{c['bytes_per_token_dense'] / 1e6:.1f}",
+              f"{c['bytes_per_token_flash'] / 1e6:.1f}", f"{c['bandwidth_bound_speedup']:.2f}x"]
+             for name, c in result["mac_configurations"].items()]
+    header = ["weights read per decode token (MB)", "dense", "FlashHead",
+              "bandwidth-bound speedup"]
+    return table(header, rows) + ("\n\nThe 4-bit rows are counted on paper from the parameters' "
+                                  "shapes (MLX's affine 4-bit, groups of 64, bf16 scales).")
 
 
 def format_free_head(result: dict) -> str:

@@ -1,11 +1,12 @@
 """FlashHead: a two-stage retrieval classification head.
 
-Stage 1 scores a hidden state against one centroid per cluster (stored quantized) and keeps
-the ``n_probes`` best clusters; stage 2 scores the rows of those clusters exactly. The head's rows
-are stored once, in cluster order (cluster ``k`` owns slots ``[k * cluster_size, (k + 1) *
-cluster_size)``), at the model's own precision: permuting whole rows keeps every quantization
-group intact, so each candidate logit is the dense logit. Padding slots (when the vocabulary is
-not a multiple of ``cluster_size``) have token id -1 and logit ``-inf``.
+Stage 1 scores a hidden state against one centroid per cluster (stored quantized; on the CPU
+multiplied as float32, :func:`stage1_float32`) and keeps the ``n_probes`` best clusters; stage 2
+scores the rows of those clusters exactly. The head's rows are stored once, in cluster order
+(cluster ``k`` owns slots ``[k * cluster_size, (k + 1) * cluster_size)``), at the model's own
+precision: permuting whole rows keeps every quantization group intact, so each candidate logit
+is the dense logit. Padding slots (when the vocabulary is not a multiple of ``cluster_size``)
+have token id -1 and logit ``-inf``.
 """
 
 from typing import Optional, Tuple
@@ -18,6 +19,7 @@ from .forward import head_outputs
 from .kernels import (
     best_token,
     cluster_scores,
+    float32_centroids,
     gathered_logits,
     row_logits,
     selftest,
@@ -27,6 +29,15 @@ from .kernels import (
 from .recent import RECENT_TOKENS, recent_tokens
 from .transform import Transform, apply
 from .sampling import full_vocabulary_logits
+
+
+def stage1_float32(device: mx.Device) -> bool:
+    """Whether a FlashHead on ``device`` multiplies float32 centroids in stage 1, dequantized
+    once at load: on the CPU, where MLX's quantized matmul is slow (Gemma-3-270M's 16384
+    centroids: several times a float32 matmul's time from B = 2 on) and so are its float16 and
+    bfloat16 matmuls; elsewhere (Metal, whose kernels read the packed format, and CUDA) it keeps
+    the stored format."""
+    return device.type == mx.cpu
 
 
 class FlashHead(nn.Module):
@@ -50,6 +61,10 @@ class FlashHead(nn.Module):
         recent_tokens (int): tokens of each row's context also scored exactly at greedy decode
             steps (:mod:`flashhead_mlx.recent`).
             Default: :data:`~flashhead_mlx.recent.RECENT_TOKENS`.
+        device (mx.Device, optional): the device the head runs on, which sets the centroids'
+            format in stage 1 (:func:`stage1_float32`): on the CPU the head also holds
+            ``stage1_centroids``, float32 (the stored arrays are kept as they are, for
+            :func:`flashhead_mlx.patch.head_assets`). Default: ``mx.default_device()``.
     """
 
     def __init__(
@@ -64,6 +79,7 @@ class FlashHead(nn.Module):
         n_probes: Optional[int] = None,
         transform: Optional[Transform] = None,
         recent_tokens: int = RECENT_TOKENS,
+        device: Optional[mx.Device] = None,
     ):
         super().__init__()
         order = assets["order"].astype(mx.int32)
@@ -93,12 +109,18 @@ class FlashHead(nn.Module):
         self.inverse = mx.argsort(order)[order.size - self.vocab_size :].astype(mx.int32)
         self.centroid_bits = assets["centroid_bits"]
         self.centroid_group_size = assets["centroid_group_size"]
+        float32 = stage1_float32(device or mx.default_device())
         if self.centroid_bits is None:
-            self.centroids = assets["centroids"].astype(dtype)
+            self.centroids = assets["centroids"].astype(mx.float32 if float32 else dtype)
         else:
             self.centroids = assets["centroids"]
             self.centroid_scales = assets["centroid_scales"].astype(dtype)
             self.centroid_biases = assets["centroid_biases"].astype(dtype)
+            if float32:
+                self.stage1_centroids = float32_centroids(
+                    self.centroids, self.centroid_scales, self.centroid_biases,
+                    self.centroid_group_size, self.centroid_bits,
+                )
         self.cluster_bias = assets["cluster_bias"].astype(dtype)
         mass_bias = assets.get("mass_bias")
         self.mass_bias = None if mass_bias is None else mass_bias.astype(mx.float32)
@@ -143,7 +165,7 @@ class FlashHead(nn.Module):
             f"vocab_size={self.vocab_size}, n_clusters={self.n_clusters}, "
             f"cluster_size={self.cluster_size}, n_probes={self.n_probes}, "
             f"recent_tokens={self.recent_tokens}, bits={self.bits}, "
-            f"centroid_bits={self.centroid_bits}"
+            f"centroid_bits={self.centroid_bits}, stage1_format={self.stage1_format}"
         )
 
     # The two stages are the kernels' (flashhead_mlx.kernels: Metal where the first-use self-test
@@ -152,13 +174,26 @@ class FlashHead(nn.Module):
 
     def _centroids(self) -> tuple:
         """The centroids as the stage-1 kernel takes them: centroids, scales, biases, bias."""
+        if "stage1_centroids" in self:
+            return self.stage1_centroids, None, None, self.cluster_bias
         scales, biases = self.get("centroid_scales"), self.get("centroid_biases")
         return self.centroids, scales, biases, self.cluster_bias
+
+    @property
+    def stage1_bits(self) -> Optional[int]:
+        """The quantization bits of the centroids stage 1 multiplies (``None``: float)."""
+        return None if "stage1_centroids" in self else self.centroid_bits
+
+    @property
+    def stage1_format(self) -> str:
+        """The format of the centroids stage 1 multiplies, e.g. ``"4-bit"`` or ``"float32"``."""
+        bits = self.stage1_bits
+        return str(self._centroids()[0].dtype).split(".")[-1] if bits is None else f"{bits}-bit"
 
     def cluster_scores(self, h: mx.array) -> mx.array:
         """Stage-1 scores ``[..., n_clusters]`` (float32): ``h`` against the centroids, plus
         bias."""
-        return cluster_scores(h, *self._centroids(), self.centroid_group_size, self.centroid_bits)
+        return cluster_scores(h, *self._centroids(), self.centroid_group_size, self.stage1_bits)
 
     def probe(self, h: mx.array, scores: Optional[mx.array] = None) -> mx.array:
         """The ``n_probes`` best clusters ``[..., n_probes]`` (uint32, ascending; ties to the
@@ -176,7 +211,7 @@ class FlashHead(nn.Module):
     def stage1_arguments(self) -> tuple:
         """The arguments of the stage-1 kernel (:func:`~flashhead_mlx.kernels.centroid_topk`)
         after the hidden states."""
-        return (*self._centroids(), self.n_probes, self.centroid_group_size, self.centroid_bits)
+        return (*self._centroids(), self.n_probes, self.centroid_group_size, self.stage1_bits)
 
     def stage2_arguments(self) -> tuple:
         """The arguments of the stage-2 kernel (:func:`~flashhead_mlx.kernels.cluster_argmax`)

@@ -70,8 +70,9 @@ def is_patched(model: nn.Module) -> bool:
 
 def describe_head(model, requested: bool = True) -> str:
     """Which head ``model`` scores with, e.g. ``FlashHead (n_probes=..., 3072 clusters of 16, 12.0%
-    of the vocabulary scored)`` (with ``, verified greedy (K=8, 12.5 rollbacks per 1000
-    tokens)`` in verified mode) or ``dense``; ``requested``: whether a FlashHead was asked for."""
+    of the vocabulary scored, stage 1 on float32 centroids)`` (with ``, verified greedy (K=8, 12.5
+    rollbacks per 1000 tokens)`` in verified mode) or ``dense``; ``requested``: whether a
+    FlashHead was asked for."""
     if is_patched(model):
         head = flash_head(model)
         scored = scored_fraction(
@@ -81,7 +82,7 @@ def describe_head(model, requested: bool = True) -> str:
         return (
             f"FlashHead (n_probes={head.n_probes}, {head.n_clusters} clusters of "
             f"{head.cluster_size}, {head.recent_tokens} recent tokens, {100 * scored:.1f}% of "
-            f"the vocabulary scored){verified}"
+            f"the vocabulary scored, stage 1 on {head.stage1_format} centroids){verified}"
         )
     if requested and disabled():
         return "dense (FLASHHEAD_DISABLE is set)"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_clusters, make_tiny_model
+import flashhead_mlx
 from flashhead_mlx import assets as assets_module
 from flashhead_mlx.assets import (
     FORMAT_VERSION,
@@ -25,6 +26,7 @@ from flashhead_mlx.assets import (
     write_assets,
 )
 from flashhead_mlx.model_head import head_module, head_rows
+from flashhead_mlx.patch import head_assets
 
 N_PROBES = 5
 
@@ -94,6 +96,26 @@ def test_float_centroids_and_quantized_head(tmp_path):
     loaded = load_assets(folder, model)
     assert loaded["centroid_bits"] is None
     np.testing.assert_array_equal(np.array(loaded["centroids"]), clusters["centroids"])
+
+
+def test_what_a_cpu_load_saves_keeps_the_stored_format(converted, copy):
+    """On the CPU the FlashHead multiplies float32 centroids, but what it hands on (its assets,
+    for ``patch`` again or a new assets file) are the stored packed ones, bit for bit."""
+    folder, model, clusters, mass_bias = converted
+    stored = make_assets(clusters, N_PROBES, mass_bias=mass_bias)
+    loaded, _ = flashhead_mlx.load(str(copy))
+    head = flashhead_mlx.flash_head(loaded)
+    assert head.stage1_format == "float32" and head.stage1_centroids.dtype == mx.float32
+    arrays = {k: v for k, v in head_assets(head).items() if isinstance(v, mx.array)}
+    section = section_of(copy)
+    write_assets(copy, arrays, section)
+    saved = load_assets(copy, model)
+    assert saved["centroid_bits"] == 4 and saved["centroids"].dtype == mx.uint32
+    for key in ("centroids", "centroid_scales", "centroid_biases", "cluster_bias", "order"):
+        assert mx.array_equal(saved[key], stored[key]), key
+    flashhead_mlx.unpatch(loaded)
+    flashhead_mlx.patch(loaded)  # from the assets the unpatched head handed on
+    assert mx.array_equal(flashhead_mlx.flash_head(loaded).centroids, stored["centroids"])
 
 
 def test_model_weights_are_untouched(converted, tiny_llama):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -18,6 +19,7 @@ from flashhead_mlx.bench import (
     break_even,
     bytes_per_token,
     free_head,
+    mac_configurations,
     parameter_bytes,
 )
 from flashhead_mlx.model_head import head_module, is_tied, language_model
@@ -25,6 +27,7 @@ from flashhead_mlx.pipeline import convert
 from flashhead_mlx.speed import decode_speed
 from flashhead_mlx.model_card import BENCH_KEYS
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx.head import FlashHead
 from flashhead_mlx.patch import apply_flashhead
 from flashhead_mlx.testing.architectures import build
 
@@ -63,9 +66,9 @@ def test_bytes_per_token_by_hand(converted):
     # Dense: every parameter, the embedding table only once (as the head) or as one row.
     expected_dense = parameter_bytes(dense) + row if tied else parameter_bytes(dense) - table + row
     assert bytes_per_token(dense) == pytest.approx(expected_dense)
-    # FlashHead: the head's whole table becomes the packed centroids (4-bit, a scale and a bias
-    # per 64 values), the cluster biases and the probed rows with their token ids.
-    centroids = head.n_clusters * (DIMS // 2 + 2 * 4 * DIMS // 64)
+    # FlashHead: the head's whole table becomes the centroids stage 1 multiplies (on the CPU,
+    # float32), the cluster biases and the probed rows with their token ids.
+    centroids = head.n_clusters * DIMS * 4
     probed = head.n_probes * head.cluster_size * (row + 4)
     expected_flash = expected_dense - table + centroids + 4 * head.n_clusters + probed
     assert bytes_per_token(flash) == pytest.approx(expected_flash)
@@ -94,7 +97,8 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
-                 "verified K=2-4", "FlashHead per-row", "Break-even:"):
+                 "verified K=2-4", "FlashHead per-row", "Break-even:", "dequantized per call",
+                 "stage 1 here multiplies float32", "4-bit body, bf16 head"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
@@ -124,6 +128,14 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         assert min(batch[k] for k in BATCH_KEYS - {"chosen_path"}) > 0
     assert report["batches"]["1"]["chosen_path"] == "rows"
     assert set(report["batch_break_even"]) == {"batch_size", "union_share", "chosen_dense_from"}
+    assert report["stage1_format"] == "float32"
+    assert set(report["stage1_ms_by_format"]) == {"1", "4"}
+    for times in report["stage1_ms_by_format"].values():
+        assert set(times) == {"4-bit", "float32", "dequantized per call"} and min(times.values()) > 0
+    assert set(report["mac_configurations"]) == {"4-bit head", "bf16 head"}
+    for config in report["mac_configurations"].values():
+        assert set(config) == {"bytes_per_token_dense", "bytes_per_token_flash",
+                               "bandwidth_bound_speedup"}
 
 
 def test_decode_rate_counts_whole_calls(converted, monkeypatch):
@@ -243,7 +255,29 @@ def test_bytes_per_token_by_hand_on_the_probed_head(name):
     clusters = make_clusters(np.array(arrays[f"{head}.weight"]))
     apply_flashhead(model, make_assets(clusters, 3))
     flash = flash_head(model)
-    stage1 = sum(flash[k].nbytes for k in ("centroids", "centroid_scales", "centroid_biases",
-                                           "cluster_bias"))
+    stage1 = flash.n_clusters * (arrays[f"{head}.weight"].shape[1] + 1) * 4  # float32 on the CPU
     probed = 3 * flash.cluster_size * (head_bytes // arrays[f"{head}.weight"].shape[0] + 4)
     assert bytes_per_token(model) == dense - head_bytes + stage1 + probed
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_mac_configurations_by_hand(tied, tmp_path):
+    """The tiny llama (2 layers; d = 64, MLP 128, 4 query and 2 key/value heads of 16) as a 4-bit
+    body: every projection 0.5 bytes a value plus a bf16 scale and bias per 64 (0.5625), norms
+    in bf16; the head at 4 bits or in bf16, its FlashHead's 4-bit centroids and bf16 biases."""
+    dense, _ = mlx_lm.load(str(make_tiny_model(tmp_path / "tiny", tied=tied)))
+    module = head_module(dense)
+    head = FlashHead.from_module(module, make_assets(make_clusters(np.array(module.weight)), 5))
+    projections = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 128 * 64 + 64 * 128
+    body = 2 * (projections * 0.5625 + 2 * 64 * 2) + 64 * 2
+    clusters, probed = head.n_clusters, 5 * head.cluster_size
+    stage1 = clusters * (64 // 2 + 2 * 2) + 2 * clusters
+    for name, row in (("4-bit head", 64 * 0.5625), ("bf16 head", 64 * 2)):
+        lookup = row if tied else 64 * 0.5625  # the embedding's row: the head's, or 4-bit
+        dense_bytes = body + lookup + VOCAB * row
+        flash_bytes = body + lookup + stage1 + probed * (row + 4)
+        assert mac_configurations(dense, head)[name] == {
+            "bytes_per_token_dense": round(dense_bytes),
+            "bytes_per_token_flash": round(flash_bytes),
+            "bandwidth_bound_speedup": pytest.approx(dense_bytes / flash_bytes),
+        }

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_clusters
 from flashhead_mlx.kernels import centroid_topk, cluster_argmax, cluster_rank, cluster_ranks, cluster_scores
-from flashhead_mlx.kernels.centroid_topk import CPU_DEQUANTIZE_ROWS, _centroid_topk_metal
+from flashhead_mlx.kernels.centroid_topk import _centroid_topk_metal
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx import transform
 from flashhead_mlx.head import FlashHead
@@ -195,20 +195,29 @@ def test_centroid_topk_breaks_ties_by_lowest_cluster_id(dtype, bits):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_cluster_scores_of_many_rows_on_the_cpu(bits):
-    """From CPU_DEQUANTIZE_ROWS rows on, the CPU scores by dequantized centroids: within float32
-    rounding of the float64 scores, and of the quantized matmul the rows get one at a time."""
-    B = CPU_DEQUANTIZE_ROWS + 3
-    h, centroids, scales, biases, cluster_bias = centroid_case(9, B, 128, 200, mx.bfloat16, bits, 64)
-    args = (centroids, scales, biases, cluster_bias, 64, bits)
-    many = np.array(cluster_scores(h, *args), dtype=np.float64)
-    single = np.concatenate([np.array(cluster_scores(h[i : i + 1], *args)) for i in range(B)])
-    rows, magnitude = rows64(centroids, scales, biases, 64, bits)
-    exact = as64(h) @ rows.T + as64(cluster_bias)
-    bound = 1e-6 * (np.abs(as64(h)) @ magnitude.T + np.abs(as64(cluster_bias)))
-    assert np.all(np.abs(many - exact) <= bound)
-    assert np.all(np.abs(many - single) <= 2 * bound)
+def test_cpu_float32_centroids_rank_as_the_stored_format(dtype, bits):
+    """A FlashHead on the CPU multiplies float32 centroids dequantized at load; one built for a
+    GPU keeps the packed ones (MLX's quantized matmul, run here on the CPU). Both score within
+    float32 rounding of the float64 scores of the stored format, and probe the same clusters
+    but for near-ties."""
+    rng = np.random.default_rng(bits)
+    weight = mx.array(rng.normal(size=(1000, 128)).astype(np.float32)).astype(dtype)
+    assets = make_assets(make_clusters(np.array(weight.astype(mx.float32))), 9, centroid_bits=bits)
+    cpu, gpu = FlashHead(assets, weight), FlashHead(assets, weight, device=mx.Device(mx.gpu))
+    assert cpu.stage1_format == "float32" and cpu.stage1_centroids.dtype == mx.float32
+    assert cpu.stage1_arguments()[-1] is None and cpu.stage1_arguments()[0].shape == (63, 128)
+    assert "stage1_centroids" not in gpu and gpu.stage1_format == f"{bits}-bit"
+    assert gpu.stage1_arguments()[0].dtype == mx.uint32 and gpu.stage1_arguments()[-1] == bits
+    h = mx.array(rng.normal(size=(19, 128)).astype(np.float32)).astype(dtype)
+    rows, magnitude = rows64(gpu.centroids, gpu.centroid_scales, gpu.centroid_biases, 64, bits)
+    exact = as64(h) @ rows.T + as64(gpu.cluster_bias)
+    bound = 1e-6 * (np.abs(as64(h)) @ magnitude.T + np.abs(as64(gpu.cluster_bias))) + 1e-6
+    for head in (cpu, gpu):
+        assert np.all(np.abs(np.array(head.cluster_scores(h), np.float64) - exact) <= bound)
+    same = assert_same_choice(cpu.probe(h), gpu.probe(h), exact, bound.max(axis=1))
+    assert same.mean() > 0.5
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)

@@ -9,6 +9,7 @@ from .centroid_topk import (
     cluster_rank,
     cluster_ranks,
     cluster_scores,
+    float32_centroids,
     ranking_key,
     top_clusters,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "cluster_rank",
     "cluster_ranks",
     "cluster_scores",
+    "float32_centroids",
     "forced_path",
     "gathered_logits",
     "kernel_implementation",

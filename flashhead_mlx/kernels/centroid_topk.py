@@ -24,10 +24,6 @@ from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also
 SELECT_THREADS = 512
 KEYS_PER_THREAD = 16
 MAX_KEYS_PER_THREAD = 128
-# On the CPU, MLX's quantized matmul costs about as much per row as dequantizing all centroids
-# once (Gemma-3-270M's 16384: ~12 ms a row, ~0.1 s to dequantize); from this many rows on,
-# stage 1 dequantizes the centroids and multiplies in float32 (~20x faster at 256 rows).
-CPU_DEQUANTIZE_ROWS = 16
 
 
 def centroid_topk(
@@ -78,11 +74,6 @@ def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
     """Every cluster's score ``[..., n_clusters]`` in float32, as :func:`centroid_topk` scores
     them (the arguments are its own)."""
     f32 = mx.float32
-    rows = h.size // h.shape[-1]
-    if bits is not None and rows >= CPU_DEQUANTIZE_ROWS and mx.default_device() == mx.cpu:
-        scales, biases = scales.astype(f32), biases.astype(f32)
-        centroids = mx.dequantize(centroids, scales, biases, group_size=group_size, bits=bits)
-        bits = None
     if bits is None:
         scores = h.astype(f32) @ centroids.astype(f32).T
     else:
@@ -96,6 +87,16 @@ def cluster_scores(h, centroids, scales, biases, cluster_bias, group_size, bits)
             bits=bits,
         )
     return scores + cluster_bias.astype(f32)
+
+
+def float32_centroids(centroids, scales, biases, group_size, bits) -> mx.array:
+    """The centroids ``[n_clusters, d]`` in float32: dequantized when packed (``bits`` set), the
+    values MLX's quantized matmul multiplies by (the arguments are :func:`centroid_topk`'s)."""
+    if bits is None:
+        return centroids.astype(mx.float32)
+    f32 = mx.float32
+    return mx.dequantize(centroids, scales.astype(f32), biases.astype(f32),
+                         group_size=group_size, bits=bits)
 
 
 def ranking_key(scores: mx.array) -> mx.array:
