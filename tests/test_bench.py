@@ -104,10 +104,14 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
     assert report["device"].startswith(("cpu", "gpu"))
-    # What ran (no Metal here): both stages on the MLX path at B = 1 and 4.
+    # What ran (no Metal here): both stages on the MLX path at B = 1 and 4, but none on the
+    # dense switch.
     assert report["kernels"] == "centroid_topk mlx, cluster_argmax mlx"
-    for ran in report["kernels_ran"].values():
-        assert {ran[stage] for stage in ("centroid_topk", "cluster_argmax")} == {"mlx"}
+    head = flash_head(load(str(converted))[0])
+    for b, ran in report["kernels_ran"].items():
+        path = choose_batch_path(int(b), head.n_probes, head.n_clusters)
+        stages = {} if path == "dense" else {"centroid_topk": "mlx", "cluster_argmax": "mlx"}
+        assert ran == {**stages, "batch_path": path}
     assert report["ceiling_speedup"] == pytest.approx(
         report["bytes_per_token_dense"] / report["bytes_per_token_flash"], rel=1e-3
     )
@@ -128,7 +132,6 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         assert report[key] > 0, key
 
     assert set(report["batches"]) == {"1", "2"}
-    head = flash_head(load(str(converted))[0])
     for b, batch in report["batches"].items():
         assert set(batch) == BATCH_KEYS
         assert min(batch[k] for k in BATCH_KEYS - {"chosen_path", "kernels"}) > 0
