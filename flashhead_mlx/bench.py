@@ -14,10 +14,15 @@ two (one warm-up run each first) and the medians are reported:
   the same alternation: its decode tokens/s, the share of FlashHead's decode gain over dense it
   keeps (``(verified - dense) / (flash - dense)``) and its rollbacks per 1000 tokens;
 - batches (``batch_sizes``): per batch size B, the head's decode step ``[B, 1, d]`` in
-  head tokens/s (B rows per step) with the dense head and with FlashHead's stage 2 on each batch
-  path (:data:`flashhead_mlx.kernels.BATCH_PATHS`: per-row gathers, the union of the rows'
-  clusters, the dense matmul) and on the path it chooses, alternated in one run; and the
-  break-even: the first B at which the dense path is at least as fast as the union;
+  head tokens/s (B rows per step) with the dense head and with FlashHead's decode step on each
+  batch path (:data:`flashhead_mlx.kernels.BATCH_PATHS`: per-row gathers, the union of the rows'
+  clusters, the dense switch) and on the path it chooses, alternated in one run, with the path
+  and the kernels the chosen step ran (recorded, not inferred); the break-even: the first B at
+  which the dense switch is at least as fast as the union; and greedy batch generation end to
+  end (FlashHead's ``BatchGenerator``, what ``batch_generate`` runs), dense vs FlashHead
+  alternated, with the batch paths FlashHead's decode steps took;
+- the kernels that ran: per stage, the implementation a decode step at B = 1 and B = 4 ran
+  (``"metal"`` or ``"mlx"``: after the kernels' first-use self-test for those shapes);
 - memory: resident bytes (every parameter; FlashHead's assets are parameters of its head) and the
   bytes of weights one decode step reads at B = 1 (:func:`bytes_per_token`). Their ratio is the
   speedup a bandwidth-bound decode could reach (``ceiling_speedup``); ``share_of_ceiling`` is the
@@ -39,8 +44,9 @@ import json
 import math
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,16 +54,9 @@ from mlx.utils import tree_flatten
 
 from .decode import decoding
 from .calibration import TUNING_TEXT
-from .generation import generate_step, stream_generate
+from .generation import BatchGenerator, generate_step, stream_generate
 from .head import FlashHead
-from .kernels import (
-    BATCH_PATHS,
-    choose_batch_path,
-    cluster_scores,
-    float32_centroids,
-    kernel_implementation,
-    top_clusters,
-)
+from .kernels import BATCH_PATHS, cluster_scores, float32_centroids, recording, top_clusters
 from .kernels.cluster_argmax import DENSE_PROBE_RATIO
 from .loading import load
 from .model_head import head_module
@@ -71,6 +70,10 @@ from .verified import Blocks, block_label
 
 # Different hidden states per batch size of the batch table, in turn.
 N_BATCH_INPUTS = 16
+# Tokens each row of the end-to-end batch generation decodes (`--batch-gen-tokens`).
+BATCH_GEN_TOKENS = 16
+# The stages whose implementation a decode step records (flashhead_mlx.kernels.recording).
+STAGES = ("centroid_topk", "cluster_argmax")
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -271,10 +274,33 @@ def path_step(model: nn.Module, path: str) -> Callable[[mx.array], mx.array]:
     return run
 
 
+def kernels_ran(step: Callable[[mx.array], mx.array], h: mx.array) -> Dict[str, str]:
+    """What the FlashHead decode step ``step`` ran on the hidden states ``h`` (after a first call,
+    in which the kernels' first-use self-test decides for the shape): the implementation of each
+    stage that ran (``"metal"`` or ``"mlx"``) and the batch path
+    (:func:`flashhead_mlx.kernels.recording`)."""
+    mx.eval(step(h))
+    with recording() as ran:
+        mx.eval(step(h))
+    return ran
+
+
+def kernels_label(ran: Dict[str, str]) -> str:
+    """:func:`kernels_ran`'s stages in words: ``"centroid_topk mlx, cluster_argmax metal"``, or
+    ``"none (the dense head)"`` where the step took the dense switch."""
+    return ", ".join(f"{stage} {ran[stage]}" for stage in STAGES if stage in ran) or (
+        "none (the dense head)"
+    )
+
+
 def batch_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int], runs: int) -> dict:
     """Per batch size B: head tokens/s (B rows per decode step) of the dense head (``dense_head``),
-    of FlashHead on each batch path and on the one it chooses (``chosen``, ``chosen_path``),
-    alternated, and the padded union's share of the clusters (``union_share``)."""
+    of FlashHead's decode step on each batch path (``rows``, ``union``, and ``dense``: the dense
+    switch) and on the one it chooses (``chosen``), alternated; the path the chosen step ran
+    (``chosen_path``) and its stages' implementations (``kernels``, :func:`kernels_ran`); the
+    padded union's share of the clusters (``union_share``) and the rows' probes per cluster
+    (``probes_per_cluster``, what :data:`~flashhead_mlx.kernels.cluster_argmax.DENSE_PROBE_RATIO`
+    is compared with)."""
     head = flash_head(flash)
     result = {}
     for batch_size in batch_sizes:
@@ -282,28 +308,83 @@ def batch_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int], runs: int)
         calls = {"dense_head": (decode_step(dense), inputs), "chosen": (decode_step(flash), inputs)}
         calls.update({path: (path_step(flash, path), inputs) for path in BATCH_PATHS})
         ms = alternate(calls, runs)
-        chosen = "rows" if kernel_implementation() == "metal" else choose_batch_path(
-            batch_size, head.n_probes, head.n_clusters
-        )
-        union = min(batch_size * head.n_probes, head.n_clusters)
+        ran = kernels_ran(decode_step(flash), inputs[0])
+        probes = batch_size * head.n_probes
         result[str(batch_size)] = {
             **{name: 1000 * batch_size / t for name, t in ms.items()},
-            "chosen_path": chosen,
-            "union_share": union / head.n_clusters,
+            "chosen_path": ran["batch_path"],
+            "kernels": {stage: ran[stage] for stage in STAGES if stage in ran},
+            "union_share": min(probes, head.n_clusters) / head.n_clusters,
+            "probes_per_cluster": probes / head.n_clusters,
+        }
+    return result
+
+
+def batch_prompts(tokenizer, batch_size: int, prompt_tokens: int) -> List[List[int]]:
+    """``batch_size`` different prompts of ``prompt_tokens`` tokens: consecutive pieces of the
+    built-in text."""
+    tokens = tokenizer.encode(TUNING_TEXT.read_text())
+    return [tokens[i * prompt_tokens : (i + 1) * prompt_tokens] for i in range(batch_size)]
+
+
+def batch_generation_run(model: nn.Module, prompts: List[List[int]], max_tokens: int
+                         ) -> Tuple[float, Dict[str, int]]:
+    """One greedy run of :class:`flashhead_mlx.BatchGenerator` (what ``batch_generate`` runs) on
+    ``prompts``, ``max_tokens`` tokens each (no stop tokens, so every row decodes them all):
+    decode tokens/s of all rows (mlx-lm's ``generation_tps``) and how many of its decode steps
+    after the first took each batch path (:func:`flashhead_mlx.kernels.recording`; the first
+    call also runs the prompts)."""
+    generator = BatchGenerator(model, max_tokens=max_tokens)
+    generator.insert(prompts, [max_tokens] * len(prompts))
+    paths, steps = Counter(), 0
+    with generator.stats() as stats:
+        while True:
+            with recording() as ran:
+                responses = generator.next_generated()
+            if not responses:
+                break
+            if steps and "batch_path" in ran:
+                paths[ran["batch_path"]] += 1
+            steps += 1
+    generator.close()
+    return stats.generation_tps, dict(paths)
+
+
+def batch_generation_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int],
+                            prompt_tokens: int, max_tokens: int, runs: int) -> dict:
+    """Per batch size B: greedy batch generation (:func:`batch_generation_run`) of B prompts of
+    the built-in text, dense and FlashHead alternated after a warm-up run each: median decode
+    tokens/s of all rows (``dense_tok_s``, ``flash_tok_s``), their ratio (``speedup``) and the
+    batch paths of FlashHead's decode steps over its timed runs (``flash_paths``)."""
+    result = {}
+    for batch_size in batch_sizes:
+        prompts = batch_prompts(tokenizer, batch_size, prompt_tokens)
+        runs_of = {name: lambda m=model: batch_generation_run(m, prompts, max_tokens)
+                   for name, model in (("dense", dense), ("flash", flash))}
+        results = alternated_runs(runs_of, runs)
+        tok_s = {name: statistics.median(t for t, _ in r) for name, r in results.items()}
+        paths = sum((Counter(p) for _, p in results["flash"]), Counter())
+        result[str(batch_size)] = {
+            "dense_tok_s": tok_s["dense"],
+            "flash_tok_s": tok_s["flash"],
+            "speedup": tok_s["flash"] / tok_s["dense"],
+            "flash_paths": dict(paths),
         }
     return result
 
 
 def break_even(speeds: dict) -> dict:
-    """The first batch size of :func:`batch_speeds` at which FlashHead's dense path is at least as
-    fast as the union (``None``: none measured) and the padded union's share of the clusters
-    there; and the first at which the chosen path is dense."""
+    """The first batch size of :func:`batch_speeds` at which FlashHead's dense switch (the dense
+    head) is at least as fast as the union (``None``: none measured), the padded union's share
+    of the clusters and the rows' probes per cluster there; and the first at which the chosen
+    path is dense."""
     dense_wins = [b for b, r in speeds.items() if r["dense"] >= r["union"]]
     chosen = [b for b, r in speeds.items() if r["chosen_path"] == "dense"]
-    first = int(dense_wins[0]) if dense_wins else None
+    first = speeds[dense_wins[0]] if dense_wins else {}
     return {
-        "batch_size": first,
-        "union_share": speeds[dense_wins[0]]["union_share"] if dense_wins else None,
+        "batch_size": int(dense_wins[0]) if dense_wins else None,
+        "union_share": first.get("union_share"),
+        "probes_per_cluster": first.get("probes_per_cluster"),
         "chosen_dense_from": int(chosen[0]) if chosen else None,
     }
 
@@ -435,10 +516,11 @@ def bench(
     runs: int = 5,
     verify_blocks: Sequence[Blocks] = (),
     batch_sizes: Sequence[int] = (),
+    batch_gen_tokens: int = BATCH_GEN_TOKENS,
 ) -> dict:
     """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
-    each K of ``verify_blocks``, the batch paths at each of ``batch_sizes``): the JSON object
-    ``bench --json`` writes."""
+    each K of ``verify_blocks``, the batch paths and batch generation of ``batch_gen_tokens``
+    tokens a row at each of ``batch_sizes``): the JSON object ``bench --json`` writes."""
     dense, tokenizer = load(model, flashhead=False)
     flash, _ = load(model)
     if not is_patched(flash):
@@ -446,6 +528,10 @@ def bench(
     latency = head_latency(dense, flash, tokenizer, runs)
     stage1 = stage1_times(dense, flash_head(flash), tokenizer, runs)
     batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
+    generation = batch_generation_speeds(dense, flash, tokenizer, batch_sizes, prompt_tokens,
+                                         batch_gen_tokens, runs)
+    ran = {str(b): kernels_ran(decode_step(flash), hidden_inputs(dense, tokenizer, b, 1)[0])
+           for b in BATCH_SIZES}
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
     models = {"dense": (dense, 0), "flash": (flash, 0)}
     models.update({f"verified K={block_label(block)}": (flash, block) for block in verify_blocks})
@@ -475,7 +561,8 @@ def bench(
         "resident_flash_bytes": parameter_bytes(flash),
         "mac_configurations": mac_configurations(dense, flash_head(flash)),
         "device": device_description(),
-        "kernels": kernel_implementation(),
+        "kernels": kernels_label(ran["1"]),
+        "kernels_ran": ran,
         "head_by_batch_size": {str(b): latency[b] for b in BATCH_SIZES},
         "stage1_format": flash_head(flash).stage1_format,
         "stage1_ms_by_format": stage1,
@@ -486,6 +573,8 @@ def bench(
         **free_head_baseline(steps, latency[1], heads_read),
         "batches": batches,
         "batch_break_even": break_even(batches) if batches else None,
+        "batch_generation": generation,
+        "batch_gen_tokens": batch_gen_tokens,
         "prompt_tokens": len(prompt),
         "gen_tokens": gen_tokens,
         "runs": runs,
@@ -573,13 +662,15 @@ def format_result(result: dict) -> str:
             r["chosen_path"],
             f"{r['chosen'] / r['dense_head']:.2f}x",
             f"{100 * r['union_share']:.0f}%",
+            kernels_label(r["kernels"]),
         ]
         for b, r in batches.items()
     ]
     header = ["head tok/s (B rows per step)", "dense head", "FlashHead per-row", "union",
-              "dense path", "chosen", "chosen path", "chosen / dense head",
-              "padded union of clusters"]
-    batch_table = [table(header, batch_rows) + "\n\n" + break_even_line(result)] if batches else []
+              "dense switch", "chosen", "chosen path", "chosen / dense head",
+              "padded union of clusters", "kernels ran (chosen)"]
+    batch_table = [table(header, batch_rows) + "\n\n" + break_even_line(result) + "\n\n"
+                   + format_batch_generation(result)] if batches else []
     share = result["share_of_ceiling"]
     summary = (
         f"Measured decode speedup {result['decode_speedup']:.2f}x = "
@@ -646,19 +737,32 @@ def format_free_head(result: dict) -> str:
     return table(header, rows) + "\n\n" + summary
 
 
+def format_batch_generation(result: dict) -> str:
+    """The end-to-end batch generation table of :func:`bench`'s result."""
+    rows = [
+        [f"B = {b}", f"{r['dense_tok_s']:.1f}", f"{r['flash_tok_s']:.1f}", f"{r['speedup']:.2f}x",
+         ", ".join(f"{path} {n}" for path, n in r["flash_paths"].items()) or "none recorded"]
+        for b, r in result["batch_generation"].items()
+    ]
+    header = [f"batch generation, greedy, {result['batch_gen_tokens']} tokens a row",
+              "dense tok/s", "FlashHead tok/s", "FlashHead / dense", "FlashHead's decode steps"]
+    return table(header, rows)
+
+
 def break_even_line(result: dict) -> str:
     """The batch break-even of :func:`bench`'s result in words."""
     even = result["batch_break_even"]
     if even["batch_size"] is None:
-        measured = "the union was faster than the dense path at every B measured"
+        measured = "the union was faster than the dense switch at every B measured"
     else:
         measured = (
-            f"the dense path is at least as fast as the union from B = {even['batch_size']} "
-            f"(padded union {100 * even['union_share']:.0f}% of the clusters)"
+            f"the dense switch is at least as fast as the union from B = {even['batch_size']} "
+            f"({even['probes_per_cluster']:.2f} probes per cluster, padded union "
+            f"{100 * even['union_share']:.0f}% of the clusters)"
         )
     chosen = even["chosen_dense_from"]
     return (
-        f"Break-even: {measured}; FlashHead chooses the dense matmul "
+        f"Break-even: {measured}; FlashHead chooses the dense switch "
         + ("at no B measured" if chosen is None else f"from B = {chosen}")
         + f" (DENSE_PROBE_RATIO = {DENSE_PROBE_RATIO:g}); medians of {result['runs']} "
         f"alternated runs over {N_BATCH_INPUTS} inputs."
@@ -733,8 +837,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=blocks,
         default=(),
         metavar="B,B,...",
-        help="Also time the head's batch paths at each batch size, e.g. 1,2,4,8,16,32 "
-        "(default: none).",
+        help="Also time the head's batch paths and greedy batch generation at each batch size, "
+        "e.g. 1,2,4,8,16,32 (default: none).",
+    )
+    parser.add_argument(
+        "--batch-gen-tokens",
+        type=int,
+        default=BATCH_GEN_TOKENS,
+        help="Tokens each row decodes in the batch generation of --batch-sizes "
+        f"(default: {BATCH_GEN_TOKENS}).",
     )
     parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Draw the comparison to this PNG.")
@@ -744,19 +855,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = setup_arg_parser()
     args = parser.parse_args()
-    if min(args.prompt_tokens, args.gen_tokens, args.runs) < 1:
-        parser.error("--prompt-tokens, --gen-tokens and --runs must be positive")
+    if min(args.prompt_tokens, args.gen_tokens, args.runs, args.batch_gen_tokens) < 1:
+        parser.error("--prompt-tokens, --gen-tokens, --runs and --batch-gen-tokens must be "
+                     "positive")
     try:
         if args.plot:
             pyplot()  # fail now, not after the measurements
         result = bench(
             args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks,
-            args.batch_sizes,
+            args.batch_sizes, args.batch_gen_tokens,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx bench: error: {error}")
     print(f"{result['model']}: {result['head']}")
-    print(f"Device: {result['device']}; kernels: {result['kernels']}\n")
+    ran = "; ".join(f"B = {b}: {kernels_label(r)}" for b, r in result["kernels_ran"].items())
+    print(f"Device: {result['device']}; kernels that ran: {ran}\n")
     print(format_result(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

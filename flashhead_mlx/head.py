@@ -18,9 +18,11 @@ from .decode import DecodeContext, decode_context, temperature_array
 from .forward import head_outputs
 from .kernels import (
     best_token,
+    choose_batch_path,
     cluster_scores,
     float32_centroids,
     gathered_logits,
+    record,
     row_logits,
     selftest,
     slot_tokens,
@@ -131,8 +133,9 @@ class FlashHead(nn.Module):
         # Verified decoding's default K and its latest K and counts
         # (flashhead_mlx.verified.Verification), or None.
         self.verification = None
-        # How stage 2 scores a batch of rows (flashhead_mlx.kernels.BATCH_PATHS); None: the
-        # measured choice (flashhead_mlx.kernels.choose_batch_path).
+        # How a decode step (and stage 2) scores a batch of rows
+        # (flashhead_mlx.kernels.BATCH_PATHS); None: the measured choice
+        # (flashhead_mlx.kernels.choose_batch_path).
         self.batch_path = None
         self.freeze()
 
@@ -355,11 +358,25 @@ class FlashHead(nn.Module):
         best = logits.max(axis=-1, keepdims=True)  # the kernel's token's logit
         return best_token(tokens, mx.concatenate([best, self.row_token_logits(h, recent)], -1))
 
+    def dense_switch(self, h: mx.array) -> bool:
+        """Whether a decode step of the rows ``h`` ``[..., d]`` takes the dense head: its batch
+        path (:attr:`batch_path`, else ``choose_batch_path``'s for the rows and ``n_probes``,
+        :mod:`flashhead_mlx.kernels`) is ``"dense"``. Noted in a ``recording`` block."""
+        rows = h.size // h.shape[-1]
+        path = self.batch_path or choose_batch_path(rows, self.n_probes, self.n_clusters)
+        if path == "dense":
+            record("batch_path", path)
+        return path == "dense"
+
     def decode_logits(self, h: mx.array, context: DecodeContext) -> mx.array:
         """Logits ``[..., V]`` of a decode step: exact at the candidates, at each row's recent
         tokens (greedy rows) and at the context's extra tokens, ``-inf`` elsewhere; with
         sampling temperatures, one full-vocabulary sampler draw's logits
-        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows."""
+        (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows. Above the
+        dense threshold (:meth:`dense_switch`), every row's exact dense logits
+        (:meth:`exact_logits`), greedy and sampled rows alike: no stage 1, no scatter."""
+        if self.dense_switch(h):
+            return self.exact_logits(h)
         temperatures = context.temperatures
         if temperatures is None or not any(temperatures):
             logits = self.greedy_logits(h)

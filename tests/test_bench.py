@@ -22,6 +22,7 @@ from flashhead_mlx.bench import (
     mac_configurations,
     parameter_bytes,
 )
+from flashhead_mlx.kernels import choose_batch_path
 from flashhead_mlx.model_head import head_module, is_tied, language_model
 from flashhead_mlx.pipeline import convert
 from flashhead_mlx.speed import decode_speed
@@ -45,7 +46,9 @@ FREE_HEAD_KEYS = {
     "first_step_flash_vs_dense",
 }
 STEP_KEYS = {"prefill_ms", "first_step_ms", "decode_ms"}
-BATCH_KEYS = {"dense_head", "rows", "union", "dense", "chosen", "chosen_path", "union_share"}
+BATCH_KEYS = {"dense_head", "rows", "union", "dense", "chosen", "chosen_path", "kernels",
+              "union_share", "probes_per_cluster"}
+GENERATION_KEYS = {"dense_tok_s", "flash_tok_s", "speedup", "flash_paths"}
 VOCAB, DIMS = 1000, 64
 
 
@@ -94,15 +97,26 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         "2,2-4",
         "--batch-sizes",
         "1,2",
+        "--batch-gen-tokens",
+        "3",
     )
     assert result.returncode == 0, result.stderr
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
                  "verified K=2-4", "FlashHead per-row", "Break-even:", "dequantized per call",
-                 "stage 1 here multiplies float32", "4-bit body, bf16 head"):
+                 "stage 1 here multiplies float32", "4-bit body, bf16 head", "dense switch",
+                 "batch generation", "kernels that ran: B = 1: centroid_topk mlx"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
-    assert report["kernels"] in ("metal", "mlx") and report["device"].startswith(("cpu", "gpu"))
+    assert report["device"].startswith(("cpu", "gpu"))
+    # What ran (no Metal here): both stages on the MLX path at B = 1 and 4, but none on the
+    # dense switch.
+    assert report["kernels"] == "centroid_topk mlx, cluster_argmax mlx"
+    head = flash_head(load(str(converted))[0])
+    for b, ran in report["kernels_ran"].items():
+        path = choose_batch_path(int(b), head.n_probes, head.n_clusters)
+        stages = {} if path == "dense" else {"centroid_topk": "mlx", "cluster_argmax": "mlx"}
+        assert ran == {**stages, "batch_path": path}
     assert report["ceiling_speedup"] == pytest.approx(
         report["bytes_per_token_dense"] / report["bytes_per_token_flash"], rel=1e-3
     )
@@ -123,11 +137,23 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
         assert report[key] > 0, key
 
     assert set(report["batches"]) == {"1", "2"}
-    for batch in report["batches"].values():
+    for b, batch in report["batches"].items():
         assert set(batch) == BATCH_KEYS
-        assert min(batch[k] for k in BATCH_KEYS - {"chosen_path"}) > 0
+        assert min(batch[k] for k in BATCH_KEYS - {"chosen_path", "kernels"}) > 0
+        # The path recorded is the one the rule gives (stage 1 skipped by the dense switch).
+        path = choose_batch_path(int(b), head.n_probes, head.n_clusters)
+        assert batch["chosen_path"] == path
+        assert set(batch["kernels"]) == (set() if path == "dense" else
+                                         {"centroid_topk", "cluster_argmax"})
     assert report["batches"]["1"]["chosen_path"] == "rows"
-    assert set(report["batch_break_even"]) == {"batch_size", "union_share", "chosen_dense_from"}
+    assert set(report["batch_break_even"]) == {"batch_size", "union_share", "probes_per_cluster",
+                                               "chosen_dense_from"}
+    assert set(report["batch_generation"]) == {"1", "2"} and report["batch_gen_tokens"] == 3
+    for b, generation in report["batch_generation"].items():
+        assert set(generation) == GENERATION_KEYS and generation["flash_tok_s"] > 0
+        # Each row decodes 3 tokens: 2 steps after the first, in the 1 timed run.
+        path = choose_batch_path(int(b), head.n_probes, head.n_clusters)
+        assert generation["flash_paths"] == {path: 2}
     assert report["stage1_format"] == "float32"
     assert set(report["stage1_ms_by_format"]) == {"1", "4"}
     for times in report["stage1_ms_by_format"].values():
@@ -205,14 +231,16 @@ def test_free_head_skips_the_head_not_the_body(converted, monkeypatch):
 
 def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
     def row(union, dense, path, share):
-        return {"union": union, "dense": dense, "chosen_path": path, "union_share": share}
+        return {"union": union, "dense": dense, "chosen_path": path, "union_share": min(share, 1),
+                "probes_per_cluster": share}
 
     speeds = {"1": row(10, 2, "rows", 0.1), "2": row(15, 8, "union", 0.2),
               "4": row(20, 20, "union", 0.4), "8": row(20, 30, "dense", 0.8)}
-    assert break_even(speeds) == {"batch_size": 4, "union_share": 0.4, "chosen_dense_from": 8}
+    assert break_even(speeds) == {"batch_size": 4, "union_share": 0.4, "probes_per_cluster": 0.4,
+                                  "chosen_dense_from": 8}
     speeds = {"1": row(10, 2, "rows", 0.1)}
     assert break_even(speeds) == {"batch_size": None, "union_share": None,
-                                  "chosen_dense_from": None}
+                                  "probes_per_cluster": None, "chosen_dense_from": None}
 
 
 def test_verify_blocks_are_positive_integers():

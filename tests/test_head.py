@@ -8,7 +8,7 @@ from conftest import assert_batch_matches_single_rows, make_clusters
 from flashhead_mlx.assets import make_assets
 from flashhead_mlx.decode import decoding
 from flashhead_mlx.head import FlashHead
-from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, union_clusters
+from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, recording, union_clusters
 from flashhead_mlx.kernels.cluster_argmax import DENSE_PROBE_RATIO
 from flashhead_mlx.sampling import sampling_logits
 from flashhead_mlx.transform import softcap
@@ -78,6 +78,7 @@ def test_prefill_is_exact_dense(weight, clusters, quantized):
 @pytest.mark.parametrize("centroid_bits", [None, 8, 4])
 def test_decode_logits_are_dense_at_candidates(weight, clusters, quantized, centroid_bits):
     head, rows = make_head(weight, clusters, quantized, centroid_bits=centroid_bits)
+    head.batch_path = "union"  # 6 rows of 8 probes of 63 clusters: above the dense switch
     h = hidden(weight, 6).reshape(6, 1, DIMS)
     logits = decode_step(head, h)[:, 0]
     tokens, dense = reference_candidates(head, rows, h[:, 0])
@@ -129,7 +130,7 @@ def test_ties_go_to_the_lowest_token_id(weight, clusters):
     assert int(np.argmax(decode_step(head, tied[None, 3:4])[0, 0])) == 3
 
 
-@pytest.mark.parametrize("path", [None, *BATCH_PATHS])
+@pytest.mark.parametrize("path", [None, "rows", "union"])
 def test_batch_rows_get_their_own_probes(weight, clusters, path):
     head, _ = make_head(weight, clusters, n_probes=4)
     head.batch_path = path
@@ -184,6 +185,34 @@ def test_union_clusters_is_the_sorted_union():
         assert np.all(union[distinct.size :] == 0)
         np.testing.assert_array_equal(union[positions], probes)
         assert positions.max() < distinct.size
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch):
+    """A decode step of rows above the threshold returns every row's dense logits, greedy and
+    sampled rows alike, without stage 1 or stage 2; below it, the rows' candidates only."""
+    head, rows = make_head(weight, clusters, quantized, cap=5.0)
+    below = int(np.ceil(DENSE_PROBE_RATIO * head.n_clusters / head.n_probes)) - 1
+    assert choose_batch_path(below, head.n_probes, head.n_clusters) == "union"
+    with decoding():
+        step = np.array(head(mx.array(hidden(weight, below)[:, None])))
+    assert np.isneginf(step).any()
+    h = hidden(weight, below + 1, seed=5)
+    dense = np.tanh(h @ rows.T / 5.0) * 5.0  # numpy's dense head
+    calls = []
+    for stage in ("probe", "cluster_scores", "_cluster_argmax", "greedy_logits"):
+        method = getattr(FlashHead, stage)
+        monkeypatch.setattr(FlashHead, stage, lambda *a, m=method, s=stage, **k:
+                            calls.append(s) or m(*a, **k))
+    with recording() as ran:
+        mixed = [float(row % 2) for row in range(len(h))]  # greedy and sampled rows
+        for temperatures in (None, [0.0], [0.7], mixed):
+            with decoding(temperatures):
+                logits = np.array(head(mx.array(h[:, None])))[:, 0]
+            np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
+            mine, best = logits.argmax(-1), dense.argmax(-1)  # near-ties: within 2e-5
+            assert np.all((mine == best) | (dense[np.arange(len(h)), mine] >= dense.max(-1) - 2e-5))
+    assert not calls and ran == {"batch_path": "dense"}
 
 
 def test_dense_switch_above_the_break_even():

@@ -537,6 +537,7 @@ def test_dispatches_per_decode_step(monkeypatch):
     token reduction unused by mlx-lm's route, used by verified decoding's greedy_step); sampling,
     stage 2 only (stage 1 by MLX's matmul, whose scores the draw also needs)."""
     head, h = decode_head()
+    head.batch_path = "rows"  # 2 rows of 5 probes of 16 clusters are above the dense switch
     monkeypatch.setenv("FLASHHEAD_KERNELS", "metal")
     both = [f"{stage}_{kernel}" for stage, kernel in KERNELS]
     for step in (lambda: head.decode_logits(h, make_context([0.0])),

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import broken_kernels, make_clusters
 from flashhead_mlx.assets import make_assets
+from flashhead_mlx.bench import kernels_label, kernels_ran
+from flashhead_mlx.doctor import decode_step_of
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels import kernel_path, selftest
 from flashhead_mlx.testing.metal_emulator import emulate
@@ -245,3 +247,21 @@ def test_a_bad_cache_file_is_replaced(fresh):
                                             "decisions": {"a key": {"path": "mlx"}}}
     fresh.write_text(json.dumps({"format": selftest.CACHE_FORMAT + 1, "decisions": {"k": {}}}))
     assert selftest.read_cache() == {}
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["faster", "slower"])
+def test_bench_reports_what_ran(head, fresh, monkeypatch, faster):
+    """bench's label of a decode step (kernels_ran) is the self-test's decision for the shape:
+    a shape whose kernels it rejected is reported as the MLX path, though Metal is available."""
+    with emulate() as launches:
+        monkeypatch.setattr(selftest, "clock", FakeClock(launches, *((1.0, 2.0) if faster
+                                                                     else (2.0, 1.0))))
+        ran = kernels_ran(decode_step_of(head), h_rows(1)[:, None])
+        del launches[:]
+        ran_again = kernels_ran(decode_step_of(head), h_rows(1)[:, None])
+    path = "metal" if faster else "mlx"
+    assert ran == ran_again == {"centroid_topk": path, "cluster_argmax": path, "batch_path": "rows"}
+    assert kernels_label(ran) == f"centroid_topk {path}, cluster_argmax {path}"
+    assert stage_calls(launches) == (sorted(STAGES * 2) if faster else [])  # what really ran
+    for stage in STAGES:
+        assert decisions(fresh)[stage, 1]["path"] == path

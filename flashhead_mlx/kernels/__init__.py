@@ -3,7 +3,7 @@ pure-MLX path it must agree with. The sources live in ``metal/``; which path run
 (``FLASHHEAD_KERNELS``, a ``kernel_path`` block), and for a FlashHead the first-use self-test
 (``flashhead_mlx.kernels.selftest``)."""
 
-from ._common import forced_path, kernel_implementation, kernel_path
+from ._common import forced_path, kernel_path, record, recording
 from .centroid_topk import (
     centroid_topk,
     cluster_rank,
@@ -36,9 +36,10 @@ __all__ = [
     "float32_centroids",
     "forced_path",
     "gathered_logits",
-    "kernel_implementation",
     "kernel_path",
     "ranking_key",
+    "record",
+    "recording",
     "row_logits",
     "slot_tokens",
     "top_clusters",

@@ -27,6 +27,8 @@ KERNEL_BITS = (None, 2, 4, 8)
 
 # The path of a kernel_path() block, or None outside one.
 _PATH: contextvars.ContextVar = contextvars.ContextVar("flashhead_kernel_path", default=None)
+# The record of the enclosing recording() block, or None outside one.
+_RAN: contextvars.ContextVar = contextvars.ContextVar("flashhead_kernels_ran", default=None)
 
 
 def forced_path() -> Optional[str]:
@@ -63,10 +65,27 @@ def use_metal() -> bool:
     return path == "metal" if path else mx.metal.is_available()
 
 
-def kernel_implementation() -> str:
-    """Which implementation the kernels run: ``"metal"`` (the fused kernels) or ``"mlx"`` (their
-    pure-MLX path, on any device: CPU, or CUDA)."""
-    return "metal" if use_metal() else "mlx"
+@contextlib.contextmanager
+def recording() -> Iterator[Dict[str, str]]:
+    """Within this block, what the FlashHead's calls ran, in the dict it yields (each call
+    overwrites its entries): ``"centroid_topk"`` and ``"cluster_argmax"``, the implementation
+    each stage ran (``"metal"`` or ``"mlx"``, after the first-use self-test's decision);
+    ``"batch_path"``, the path of a decode step or of stage 2
+    (:data:`~flashhead_mlx.kernels.BATCH_PATHS`; ``"dense"`` with no stage recorded: the
+    decode step's dense switch, the dense head's logits)."""
+    ran: Dict[str, str] = {}
+    token = _RAN.set(ran)
+    try:
+        yield ran
+    finally:
+        _RAN.reset(token)
+
+
+def record(name: str, value: str) -> None:
+    """Note ``name = value`` in the enclosing :func:`recording` block's record, if any."""
+    ran = _RAN.get()
+    if ran is not None:
+        ran[name] = value
 
 
 @lru_cache

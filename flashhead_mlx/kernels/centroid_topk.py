@@ -13,6 +13,7 @@ from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also
     metal_kernel,
     order_key,
     placeholder,
+    record,
     threads_for,
     use_metal,
 )
@@ -59,7 +60,9 @@ def centroid_topk(
     lead = h.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     kernel = kernel_rows(h.shape[-1], centroids.dtype, bits)
-    if use_metal() and kernel and centroids.shape[0] <= SELECT_THREADS * MAX_KEYS_PER_THREAD:
+    kernel = use_metal() and kernel and centroids.shape[0] <= SELECT_THREADS * MAX_KEYS_PER_THREAD
+    record("centroid_topk", "metal" if kernel else "mlx")
+    if kernel:
         ids, scores = _centroid_topk_metal(
             h, centroids, scales, biases, cluster_bias, n_probes, group_size, bits
         )

@@ -16,26 +16,31 @@ from ._common import (  # KERNEL_BITS: the packed formats the kernels take, also
     metal_kernel,
     order_key,
     placeholder,
+    record,
     threads_for,
     use_metal,
 )
 
 # Threads per threadgroup of the reduction to the greedy token, at most.
 REDUCE_THREADS = 256
-# How stage 2 scores a batch of M > 1 rows (the rows of a batch, the positions of a verification
-# block), each row keeping the logits of its own clusters only: "rows" gathers and scores each
-# row's clusters on its own (the fused kernel on Metal), reading about M times the scored share of
-# the head; "union" scores the union of the rows' clusters once, in one gathered matmul (pure
-# MLX); "dense" scores every cluster with the dense matmul.
+# How a decode step of M > 1 rows (the rows of a batch, the positions of a verification block) is
+# scored: "rows" gathers and scores each row's clusters on its own (the fused kernel on Metal),
+# reading about M times the scored share of the head; "union" scores the union of the rows'
+# clusters once, in one gathered matmul (pure MLX), each row keeping the logits of its own
+# clusters only; "dense" is the dense switch: the dense head's exact logits of every row
+# (FlashHead.exact_logits), with no stage 1. Stage 2 called alone (a row's candidates, as
+# evaluation asks for them) takes "dense" as the dense matmul over every cluster, from which each
+# row keeps its own clusters' logits.
 BATCH_PATHS = ("rows", "union", "dense")
 # The union is padded to min(M * clusters per row, n_clusters) clusters (its size cannot depend on
-# the values without a host synchronisation). Once the rows' probes (counted with repeats) reach
-# this many times n_clusters, nearly every cluster is in the union and the dense matmul is the
-# faster way to score them all. Measured with `flashhead-mlx bench --batch-sizes` on a 2-core
-# x86-64 CPU (docs/measuring.md): the union was faster at every B whose probes were fewer than
-# n_clusters, and the dense matmul caught up between 1.5 and 3 times n_clusters. Not yet measured
-# on a GPU (on Metal, batches keep the fused kernel).
-DENSE_PROBE_RATIO = 2.0
+# the values without a host synchronisation), and stage 1 scores every cluster for every row, so
+# FlashHead's cost grows with M while the dense head's barely does. Once the rows' probes (counted
+# with repeats) reach this many times n_clusters, a decode step takes the dense head itself. A
+# provisional value from `flashhead-mlx bench --batch-sizes` tables on a loaded 2-core x86-64 CPU
+# (docs/measuring.md): FlashHead's union (stage 1 included) beat the dense head at probes of 0.37
+# of n_clusters and fewer on both real models, was even or slower from about 0.7 on. To be
+# measured on a quiet machine and on a GPU (the same rule applies where the kernels run).
+DENSE_PROBE_RATIO = 0.5
 
 
 def cluster_argmax(
@@ -68,8 +73,9 @@ def cluster_argmax(
             scale), applied to the scored ones. Default: ``None``.
         mode (str): quantization mode of packed rows; the kernel takes ``"affine"`` rows, the
             others (``"mxfp4"``, ...) take the pure-MLX path. Default: ``"affine"``.
-        path (str, optional): one of :data:`BATCH_PATHS`; ``None``: ``"rows"`` where the Metal
-            kernel runs, else :func:`choose_batch_path`'s. Default: ``None``.
+        path (str, optional): one of :data:`BATCH_PATHS` (``"dense"``: the dense matmul over
+            every cluster); ``None``: ``"rows"`` where the Metal kernel runs, else
+            :func:`choose_batch_path`'s. Default: ``None``.
 
     Returns:
         The token with the highest logit ``[...]`` (int32, ties to the lowest token id) and the
@@ -85,8 +91,11 @@ def cluster_argmax(
     kernel_format = mode == "affine" and kernel_rows(h.shape[-1], weight.dtype, bits)
     kernel = use_metal() and kernel_format and cluster_size % ROWS == 0
     if path is None:
-        # Where the fused kernel runs, batches keep it until the union is measured against it.
+        # Where the fused kernel runs, batches keep it until the union is measured against it
+        # (a decode step above the dense threshold takes the dense head before stage 1).
         path = "rows" if kernel else choose_batch_path(*probes.shape, order.size // cluster_size)
+    record("cluster_argmax", "metal" if kernel and path == "rows" else "mlx")
+    record("batch_path", path)
     if path != "rows":
         tokens, logits = _cluster_argmax_batch(*args, mode, path == "dense")
     elif kernel:
@@ -98,8 +107,9 @@ def cluster_argmax(
 
 def choose_batch_path(rows: int, clusters_per_row: int, n_clusters: int) -> str:
     """The path (:data:`BATCH_PATHS`) of ``rows`` rows of ``clusters_per_row`` clusters each:
-    ``"rows"`` for one row, else ``"dense"`` when the rows' clusters (counted with repeats)
-    number at least :data:`DENSE_PROBE_RATIO` times ``n_clusters``, else ``"union"``."""
+    ``"rows"`` for one row, else ``"dense"`` (in a decode step, the dense head) when the rows'
+    clusters (counted with repeats) number at least :data:`DENSE_PROBE_RATIO` times
+    ``n_clusters``, else ``"union"``."""
     if rows == 1:
         return "rows"
     return "dense" if rows * clusters_per_row >= DENSE_PROBE_RATIO * n_clusters else "union"
