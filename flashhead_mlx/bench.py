@@ -517,12 +517,14 @@ def bench(
     verify_blocks: Sequence[Blocks] = (),
     batch_sizes: Sequence[int] = (),
     batch_gen_tokens: int = BATCH_GEN_TOKENS,
+    n_probes: Optional[int] = None,
 ) -> dict:
-    """Benchmark the FlashHead folder ``model`` against its dense head (and verified decoding at
-    each K of ``verify_blocks``, the batch paths and batch generation of ``batch_gen_tokens``
-    tokens a row at each of ``batch_sizes``): the JSON object ``bench --json`` writes."""
+    """Benchmark the FlashHead folder ``model`` (with ``n_probes`` probes, default the folder's)
+    against its dense head (and verified decoding at each K of ``verify_blocks``, the batch paths
+    and batch generation of ``batch_gen_tokens`` tokens a row at each of ``batch_sizes``): the
+    JSON object ``bench --json`` writes."""
     dense, tokenizer = load(model, flashhead=False)
-    flash, _ = load(model)
+    flash, _ = load(model, n_probes=n_probes)
     if not is_patched(flash):
         raise ValueError(f"{model} has no FlashHead (convert it with `flashhead-mlx convert`)")
     latency = head_latency(dense, flash, tokenizer, runs)
@@ -847,6 +849,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="Tokens each row decodes in the batch generation of --batch-sizes "
         f"(default: {BATCH_GEN_TOKENS}).",
     )
+    parser.add_argument(
+        "--n-probes", type=int, default=None, help="Clusters scored exactly per token "
+        "(default: the folder's)."
+    )
     parser.add_argument("--json", default=None, help="Write the results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Draw the comparison to this PNG.")
     return parser
@@ -863,7 +869,7 @@ def main() -> None:
             pyplot()  # fail now, not after the measurements
         result = bench(
             args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks,
-            args.batch_sizes, args.batch_gen_tokens,
+            args.batch_sizes, args.batch_gen_tokens, args.n_probes,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx bench: error: {error}")
