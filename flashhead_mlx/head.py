@@ -256,17 +256,15 @@ class FlashHead(nn.Module):
         return apply(self.transform, self.raw_logits(h))
 
     def exact_logits(self, h: mx.array) -> mx.array:
-        """The exact logits of every token ``[..., V]`` in vocabulary order, from one product
-        over the rows in cluster order and a gather of the logits (not of the head).
+        """The exact logits of every token ``[..., V]`` in vocabulary order: :meth:`slot_logits`
+        (one product over the rows in cluster order) gathered into token order.
 
         For a few rows (a verification block, a decode batch) it reads the head once without
         copying it. Each logit is the dot product :meth:`dense_logits` computes; a matrix product
         of another shape or row order may sum it in another order, so a near-tie can round
         differently.
         """
-        slots = row_logits(h, self.weight, self.get("scales"), self.get("biases"),
-                           self.group_size, self.bits, self.mode)
-        return apply(self.transform, mx.take(slots, self.inverse, axis=-1))
+        return mx.take(self.slot_logits(h), self.inverse, axis=-1)
 
     def raw_logits(self, h: mx.array) -> mx.array:
         """The dense head module's output ``[..., V]``: :meth:`dense_logits` before the

@@ -44,6 +44,7 @@ from .acceptance import (
 )
 from .decode import in_context, settings_context
 from .head import FlashHead
+from .kernels import best_token
 from .model_head import final_hidden_states
 from .patch import flash_head, is_patched
 from .recent import CACHE_ATTRIBUTE, quantize_kv_cache, reading, track
@@ -275,9 +276,14 @@ class GreedyProposal:
             logits = self.head(h)[:, -1, :]
         return self.sampler(log_softmax(process(self.processors, tokens, logits)))
 
-    def check(self, logprobs: mx.array, proposed: mx.array) -> mx.array:
+    def check(self, logprobs: mx.array, proposed: mx.array, slot_logprobs: mx.array) -> mx.array:
         """The token ``[k]`` dense decoding takes at each position of the block, given its dense
-        log-probabilities ``[k, V]`` and FlashHead's tokens ``[k]``."""
+        log-probabilities ``[k, V]``, FlashHead's tokens ``[k]`` and the log-probabilities in
+        the head's cluster order ``[k, slots]``. Without processors, the argmax of the latter
+        (ties to the lowest token id, as the dense argmax): the token-order ones are then only
+        gathered if a caller reads them."""
+        if not self.processors:
+            return best_token(self.head.order, slot_logprobs)
         return self.sampler(logprobs)
 
 
@@ -321,7 +327,7 @@ class SampledProposal:
             return p, tail_distribution(self.head, logprobs, drawn, self.settings.temperature)
         return p, mx.softmax(drawn, axis=-1)
 
-    def check(self, logprobs: mx.array, proposed: mx.array) -> mx.array:
+    def check(self, logprobs: mx.array, proposed: mx.array, slot_logprobs: mx.array) -> mx.array:
         return accept(*self.distributions(logprobs), proposed)
 
 
@@ -358,7 +364,8 @@ def verify(
         mx.async_eval(token)
         hidden.append(h)
         proposed.append(token)
-    logits = head.exact_logits(mx.concatenate(hidden, axis=1))[0]
+    slots = head.slot_logits(mx.concatenate(hidden, axis=1))[0]  # the dense logits, cluster order
+    logits = mx.take(slots, head.inverse, axis=-1)  # in token order: FlashHead.exact_logits
     if processors:  # row i sees the tokens up to the one it was computed from
         rows = tokens.size - k + 1
         logits = mx.concatenate(
@@ -366,7 +373,7 @@ def verify(
         )
     logprobs = log_softmax(logits)
     flash = mx.concatenate(proposed).reshape(-1)
-    checked = proposal.check(logprobs, flash).tolist()
+    checked = proposal.check(logprobs, flash, log_softmax(slots)).tolist()
     flash = flash.tolist()
     wrong = next((i for i in range(k) if checked[i] != flash[i]), None)
     n = k if wrong is None else wrong + 1

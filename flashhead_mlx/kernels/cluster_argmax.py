@@ -35,12 +35,13 @@ BATCH_PATHS = ("rows", "union", "dense")
 # The union is padded to min(M * clusters per row, n_clusters) clusters (its size cannot depend on
 # the values without a host synchronisation), and stage 1 scores every cluster for every row, so
 # FlashHead's cost grows with M while the dense head's barely does. Once the rows' probes (counted
-# with repeats) reach this many times n_clusters, a decode step takes the dense head itself. A
-# provisional value from `flashhead-mlx bench --batch-sizes` tables on a loaded 2-core x86-64 CPU
-# (docs/measuring.md): FlashHead's union (stage 1 included) beat the dense head at probes of 0.37
-# of n_clusters and fewer on both real models, was even or slower from about 0.7 on. To be
-# measured on a quiet machine and on a GPU (the same rule applies where the kernels run).
-DENSE_PROBE_RATIO = 0.5
+# with repeats) reach this many times n_clusters, a decode step takes the dense head itself.
+# Measured with `flashhead-mlx bench --batch-sizes 1,2,4,8,16,32` on an idle 2-core x86-64 CPU
+# (docs/measuring.md, 2026-12-02): the dense switch never beat the union up to 1.8 probes per
+# cluster on either real model (its B x V logit gather into token order makes it slower than the
+# dense head itself), so the switch waits for twice as many probes as clusters. Not measured on
+# a GPU (the same rule applies where the kernels run).
+DENSE_PROBE_RATIO = 2.0
 
 
 def cluster_argmax(
