@@ -32,6 +32,10 @@ EXPECTED_STATUS = {"bad-json": 400, "negative-max-tokens": 400, "unknown-model":
 GREEDY_KINDS = ("greedy", "stream")
 # Seconds a server has to stop after its deadline, before the process is ended.
 SHUTDOWN_GRACE = 60.0
+# Seconds between Ctrl-Cs while a server has not stopped: a SIGINT can be lost (the
+# KeyboardInterrupt raised inside code that swallows exceptions, such as a finaliser), which left
+# one run of the whole suite waiting in serve_forever with every client done.
+INTERRUPT_RESEND = 30.0
 
 
 def free_port() -> int:
@@ -173,9 +177,13 @@ def serve(
     before = set(threading.enumerate())
 
     def interrupt() -> None:
-        """Ctrl-C for the server, once."""
-        if not stopped.is_set() and interrupted.acquire(blocking=False):
+        """Ctrl-C for the server, again every ``INTERRUPT_RESEND`` seconds until it has stopped
+        (one caller at a time)."""
+        if not interrupted.acquire(blocking=False):
+            return
+        while not stopped.is_set():
             os.kill(os.getpid(), signal.SIGINT)
+            stopped.wait(INTERRUPT_RESEND)
 
     def expire() -> None:
         expired.set()
