@@ -359,8 +359,11 @@ class FlashHead(nn.Module):
     def dense_switch(self, h: mx.array) -> bool:
         """Whether a decode step of the rows ``h`` ``[..., d]`` takes the dense head: its batch
         path (:attr:`batch_path`, else ``choose_batch_path``'s for the rows and ``n_probes``,
-        :mod:`flashhead_mlx.kernels`) is ``"dense"``. Noted in a ``recording`` block."""
-        rows = h.size // h.shape[-1]
+        :mod:`flashhead_mlx.kernels`) is ``"dense"``. The rows are the batch's (the leading axis
+        of ``[B, L, d]``): the positions of one sequence (a forward pass of several tokens in a
+        decode context, a speculative check) keep FlashHead's logits. Noted in a ``recording``
+        block."""
+        rows = h.shape[0] if h.ndim > 2 else h.size // h.shape[-1]
         path = self.batch_path or choose_batch_path(rows, self.n_probes, self.n_clusters)
         if path == "dense":
             record("batch_path", path)
