@@ -264,7 +264,12 @@ class FlashHead(nn.Module):
         of another shape or row order may sum it in another order, so a near-tie can round
         differently.
         """
-        return mx.take(self.slot_logits(h), self.inverse, axis=-1)
+        return self.token_order(self.slot_logits(h))
+
+    def token_order(self, slot_values: mx.array) -> mx.array:
+        """Values per slot ``[..., slots]`` (cluster order) as values per token ``[..., V]``
+        (vocabulary order), the padding slots dropped."""
+        return mx.take(slot_values, self.inverse, axis=-1)
 
     def raw_logits(self, h: mx.array) -> mx.array:
         """The dense head module's output ``[..., V]``: :meth:`dense_logits` before the

@@ -141,7 +141,7 @@ def tail_marginal(head, logits: mx.array, scores: mx.array, temperature: float) 
     )
     log_weight = mx.where(probed, candidate_factor, -denominator)
     log_probs = (logits + log_weight[..., None]).reshape(scores.shape[0], -1)
-    return mx.exp(mx.take(log_probs, head.inverse, axis=-1))
+    return mx.exp(head.token_order(log_probs))
 
 
 def fit_mass_bias(

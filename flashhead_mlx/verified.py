@@ -365,7 +365,7 @@ def verify(
         hidden.append(h)
         proposed.append(token)
     slots = head.slot_logits(mx.concatenate(hidden, axis=1))[0]  # the dense logits, cluster order
-    logits = mx.take(slots, head.inverse, axis=-1)  # in token order: FlashHead.exact_logits
+    logits = head.token_order(slots)  # FlashHead.exact_logits
     if processors:  # row i sees the tokens up to the one it was computed from
         rows = tokens.size - k + 1
         logits = mx.concatenate(
