@@ -1,13 +1,15 @@
 """How often verified decoding's K-row dense check and dense decoding's one-row product pick
 different greedy tokens (near-ties rounded differently), on the evaluation suite's held-out texts.
 
-Dense decoding scores one position at a time (a matrix-vector product); the verify pass scores a
-block of K positions in one matrix product (``FlashHead.exact_logits``: the rows in cluster
-order, the logits gathered into token order). Both sum the same dot products, possibly in another
-order. For every position of ``--tokens`` tokens of each held-out text domain, this takes the
-greedy token both ways, as mlx-lm does (the argmax of ``logits - logsumexp(logits)``, ties to the
-lowest id), counts the positions where they differ, and prints the gap between the two tokens'
-one-row logits there, with the count of positions whose top two one-row logits lie within 1e-4.
+Dense decoding scores one position at a time (a matrix-vector product) and takes mlx-lm's
+greedy token (the argmax of ``logits - logsumexp(logits)``, ties to the lowest id). The verify
+pass scores a block of K positions in one matrix product over the rows in cluster order and takes
+its token there, as verified decoding's check does (the largest log-probability, ties to the
+lowest token id); those logits gathered into token order are ``FlashHead.exact_logits``. Both sum
+the same dot products, possibly in another order. For every position of ``--tokens`` tokens of
+each held-out text domain, this counts the positions where the two tokens differ and prints the
+gap between their one-row logits there, with the positions whose logits are bit-equal both ways,
+the largest difference, and the positions whose top two one-row logits lie within 1e-4.
 
     python scripts/verify_ties.py path/to/flashhead-folder --tokens 512 --block 8
 """
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.blas import reexec_with_openblas
+from flashhead_mlx.kernels import best_token
 from flashhead_mlx.model_head import final_hidden_states
 from flashhead_mlx.speed import decode_step
 from flashhead_mlx.suite import CHAT, plain_prompt_tokens, read_text, suite_files
@@ -42,9 +45,12 @@ def domain_counts(dense, flash, tokens: list, block: int) -> dict:
     hidden = final_hidden_states(dense, mx.array(tokens[:n])[None])[0]  # [n, d]
     one_row = [apply(head.transform, step(hidden[i][None, None]))[0, 0] for i in range(n)]
     one_row = mx.stack(one_row).astype(mx.float32)
-    blocks = [head.exact_logits(hidden[i : i + block][None])[0] for i in range(0, n, block)]
-    k_rows = mx.concatenate(blocks).astype(mx.float32)
-    a, b = greedy(one_row), greedy(k_rows)
+    slots = mx.concatenate(
+        [head.slot_logits(hidden[i : i + block][None])[0] for i in range(0, n, block)]
+    )
+    k_rows = head.token_order(slots).astype(mx.float32)  # exact_logits
+    # The verify pass's greedy check (verified.GreedyProposal.check): in cluster order.
+    a, b = greedy(one_row), np.array(best_token(head.order, log_softmax(slots)))
     values = np.array(one_row)
     top2 = -np.partition(-values, 1, axis=-1)[:, :2]
     differ = np.flatnonzero(a != b)
