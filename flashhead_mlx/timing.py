@@ -1,11 +1,15 @@
 """Timing calls against each other: runs alternated between them after a warm-up run each, and
 their medians (``bench``, ``doctor`` and the kernels' self-test)."""
 
+import importlib
 import statistics
 import time
 from typing import Callable, Dict, Sequence
 
 import mlx.core as mx
+
+# The stream mlx-lm's generate functions (and so FlashHead's) evaluate on.
+GENERATION_STREAM = importlib.import_module("mlx_lm.generate").generation_stream
 
 
 def time_calls(fn: Callable, inputs: Sequence, clock: Callable[[], float] = time.perf_counter
@@ -30,12 +34,22 @@ def alternate(calls: Dict[str, tuple], runs: int,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def settle() -> None:
+    """Wait for the work queued on the default and the generation streams. mlx-lm's
+    ``generate_step`` evaluates one step past the last token it yields, asynchronously: a call
+    that ends a generator leaves that step running, and the next call timed would count it."""
+    mx.synchronize(GENERATION_STREAM)
+    mx.synchronize()
+
+
 def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
     """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
-    after one warm-up call each."""
+    after one warm-up call each; each call starts once the work of the one before has ended
+    (:func:`settle`)."""
     results = {name: [] for name in runs_of}
     for run in range(runs + 1):
         for name, fn in runs_of.items():
+            settle()
             result = fn()
             if run:
                 results[name].append(result)

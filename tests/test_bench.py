@@ -3,6 +3,8 @@ and the bytes a decode step reads, counted by hand."""
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import make_clusters, make_tiny_model, run_cli
-from flashhead_mlx import flash_head, generation, load
+from flashhead_mlx import flash_head, generation, load, timing
 from flashhead_mlx.bench import (
     block_list,
     blocks,
@@ -309,3 +311,35 @@ def test_mac_configurations_by_hand(tied, tmp_path):
             "bytes_per_token_flash": round(flash_bytes),
             "bandwidth_bound_speedup": pytest.approx(dense_bytes / flash_bytes),
         }
+
+
+def test_each_alternated_run_starts_after_the_work_before_it(monkeypatch):
+    """mlx-lm's ``generate_step`` leaves one step evaluating asynchronously on its stream when a
+    generator ends; the next run timed must not count it: each call starts after both streams
+    were synchronized (the prefill of whichever model ran second looked 40% slower)."""
+    events = []
+    monkeypatch.setattr(timing.mx, "synchronize",
+                        lambda stream=None: events.append(
+                            "generation" if stream is timing.GENERATION_STREAM else stream))
+    timing.alternated_runs({name: (lambda n=name: events.append(n)) for name in "ab"}, 2)
+    calls = [i for i, e in enumerate(events) if e in ("a", "b")]
+    assert [events[i] for i in calls] == ["a", "b"] * 3
+    for i in calls:
+        assert events[i - 2 : i] == ["generation", None], events[: i + 1]
+
+
+def test_prefill_script_times_each_prompt_length(converted, tmp_path):
+    out = tmp_path / "prefill.json"
+    script = Path(__file__).parents[1] / "scripts" / "prefill.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(converted), "--prompt-tokens", "3,6",
+         "--gen-tokens", "2", "--runs", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "6-token prompt" in result.stdout and "FlashHead / dense" in result.stdout
+    times = json.loads(out.read_text())
+    assert set(times) == {"3", "6"}
+    for steps in times.values():
+        assert set(steps) == {"dense", "FlashHead", "free head"}
+        assert all(t["prefill_ms"] > 0 and t["decode_ms"] > 0 for t in steps.values())
