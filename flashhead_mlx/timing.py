@@ -35,20 +35,24 @@ def alternate(calls: Dict[str, tuple], runs: int,
 
 
 def settle() -> None:
-    """Wait for the work queued on the default and the generation streams. mlx-lm's
-    ``generate_step`` evaluates one step past the last token it yields, asynchronously: a call
-    that ends a generator leaves that step running, and the next call timed would count it."""
+    """Wait for the work queued on the default and the generation streams, and empty MLX's
+    buffer cache. mlx-lm's ``generate_step`` evaluates one step past the last token it yields,
+    asynchronously: a call that ends a generator leaves that step running, and the next call
+    timed would count it; and a call would otherwise start with the buffers the one before it
+    left (another model's sizes)."""
     mx.synchronize(GENERATION_STREAM)
     mx.synchronize()
+    mx.clear_cache()
 
 
 def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
     """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
-    after one warm-up call each; each call starts once the work of the one before has ended
+    after one warm-up call each, in the given order and then in reverse by turns (so no fn
+    always follows the same one); each call starts once the work of the one before has ended
     (:func:`settle`)."""
     results = {name: [] for name in runs_of}
     for run in range(runs + 1):
-        for name, fn in runs_of.items():
+        for name, fn in list(runs_of.items())[:: 1 if run % 2 else -1]:
             settle()
             result = fn()
             if run:

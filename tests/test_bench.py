@@ -316,16 +316,23 @@ def test_mac_configurations_by_hand(tied, tmp_path):
 def test_each_alternated_run_starts_after_the_work_before_it(monkeypatch):
     """mlx-lm's ``generate_step`` leaves one step evaluating asynchronously on its stream when a
     generator ends; the next run timed must not count it: each call starts after both streams
-    were synchronized (the prefill of whichever model ran second looked 40% slower)."""
+    were synchronized and the buffer cache emptied (the prefill of whichever model ran second
+    looked 25-40% slower), and the order reverses by turns, so no call always follows the same
+    one."""
     events = []
-    monkeypatch.setattr(timing.mx, "synchronize",
-                        lambda stream=None: events.append(
-                            "generation" if stream is timing.GENERATION_STREAM else stream))
-    timing.alternated_runs({name: (lambda n=name: events.append(n)) for name in "ab"}, 2)
-    calls = [i for i, e in enumerate(events) if e in ("a", "b")]
-    assert [events[i] for i in calls] == ["a", "b"] * 3
+    monkeypatch.setattr(timing.mx, "synchronize", lambda stream=None: events.append(
+        "generation" if stream is timing.GENERATION_STREAM else stream))
+    monkeypatch.setattr(timing.mx, "clear_cache", lambda: events.append("clear"))
+    results = timing.alternated_runs(
+        {name: (lambda n=name: events.append(n) or n) for name in "abc"}, 4)
+    assert results == {name: [name] * 4 for name in "abc"}
+    calls = [i for i, e in enumerate(events) if e in ("a", "b", "c")]
+    assert len(calls) == 15
     for i in calls:
-        assert events[i - 2 : i] == ["generation", None], events[: i + 1]
+        assert events[i - 3 : i] == ["generation", None, "clear"], events[: i + 1]
+    timed = [events[i] for i in calls][3:]
+    rounds = ["".join(timed[i : i + 3]) for i in range(0, 12, 3)]
+    assert rounds == ["abc", "cba", "abc", "cba"]
 
 
 def test_prefill_script_times_each_prompt_length(converted, tmp_path):
