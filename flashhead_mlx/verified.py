@@ -256,6 +256,37 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def near_tie_margin(top: mx.array) -> mx.array:
+    """How close ``[k]`` a logit must come to its row's largest, ``top`` ``[k]``, to risk the
+    same log-probability. mlx-lm's greedy token is the argmax of ``logits - c``, ``c`` the
+    row's ``logsumexp``, which lies between ``top`` and ``top + log V`` (float32 ``V`` below
+    ``2**31``: under 22.5). A logit near ``top`` minus ``c`` is a number below 23 in magnitude,
+    and two numbers round to the same float32 only if they lie within its spacing, at most
+    ``2**-23`` of their magnitude: a logit further than ``2**-23 * 23`` below ``top`` stays
+    below it once ``c`` is subtracted. The margin is ``2**-22 * (2 |top| + 23)``, which also
+    covers the rounding of ``c`` itself."""
+    return 2.0**-22 * (2 * mx.abs(top) + 23)
+
+
+def greedy_check(order: mx.array, slots: mx.array) -> mx.array:
+    """The dense greedy token ``[k]`` at each row of logits ``[k, slots]`` in a head's cluster
+    order (``order``: the token of each slot, -1 at padding): mlx-lm's argmax of the
+    log-probabilities, ties to the lowest token id.
+
+    Subtracting ``logsumexp`` (the same number for every logit of a row) keeps the logits'
+    order except where two come within a rounding of each other: so the argmax of the logits
+    themselves (exact ties to the lowest token id, which stay ties) is the dense token unless
+    a logit comes within :func:`near_tie_margin` of the largest without equalling it. Only
+    then are the rows' log-probabilities computed (an exponential per slot, the check's largest
+    cost on a CPU) and searched as the dense decode step searches its own."""
+    top = slots.max(axis=-1)
+    second = mx.where(slots < top[:, None], slots, -mx.inf).max(axis=-1)
+    near = (top - second <= near_tie_margin(top)).any()
+    token = best_token(order, slots)
+    mx.eval(token, near)
+    return best_token(order, log_softmax(slots)) if near.item() else token
+
+
 class GreedyProposal:
     """Greedy verified decoding: FlashHead's argmax, checked against the dense argmax."""
 
@@ -276,14 +307,14 @@ class GreedyProposal:
             logits = self.head(h)[:, -1, :]
         return self.sampler(log_softmax(process(self.processors, tokens, logits)))
 
-    def check(self, logprobs: mx.array, proposed: mx.array, slot_logprobs: mx.array) -> mx.array:
+    def check(self, logprobs: mx.array, proposed: mx.array, slots: mx.array) -> mx.array:
         """The token ``[k]`` dense decoding takes at each position of the block, given its dense
-        log-probabilities ``[k, V]``, FlashHead's tokens ``[k]`` and the log-probabilities in
-        the head's cluster order ``[k, slots]``. Without processors, the argmax of the latter
-        (ties to the lowest token id, as the dense argmax): the token-order ones are then only
-        gathered if a caller reads them."""
+        log-probabilities ``[k, V]``, FlashHead's tokens ``[k]`` and the dense logits in the
+        head's cluster order ``[k, slots]``. Without processors, :func:`greedy_check` on the
+        latter: the token-order log-probabilities are then only gathered if a caller reads
+        them."""
         if not self.processors:
-            return best_token(self.head.order, slot_logprobs)
+            return greedy_check(self.head.order, slots)
         return self.sampler(logprobs)
 
 
@@ -327,7 +358,7 @@ class SampledProposal:
             return p, tail_distribution(self.head, logprobs, drawn, self.settings.temperature)
         return p, mx.softmax(drawn, axis=-1)
 
-    def check(self, logprobs: mx.array, proposed: mx.array, slot_logprobs: mx.array) -> mx.array:
+    def check(self, logprobs: mx.array, proposed: mx.array, slots: mx.array) -> mx.array:
         return accept(*self.distributions(logprobs), proposed)
 
 
@@ -373,7 +404,7 @@ def verify(
         )
     logprobs = log_softmax(logits)
     flash = mx.concatenate(proposed).reshape(-1)
-    checked = proposal.check(logprobs, flash, log_softmax(slots)).tolist()
+    checked = proposal.check(logprobs, flash, slots).tolist()
     flash = flash.tolist()
     wrong = next((i for i in range(k) if checked[i] != flash[i]), None)
     n = k if wrong is None else wrong + 1

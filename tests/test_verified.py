@@ -299,3 +299,49 @@ def test_verified_greedy_is_dense_on_real_models(name, request):
         assert run(model, prompt, 10, flashhead_verify=4)[0] == expected, text
         differs += run(model, prompt, 10, flashhead_verify=0)[0] != expected
     assert differs == len(REAL_PROMPTS)
+
+
+def token_order_argmax(order, slots):
+    """An independent reference: mlx-lm's greedy token on logits put back in token order
+    (numpy's argmax: the first, i.e. lowest, token among equal log-probabilities)."""
+    order = np.array(order)
+    logits = np.full((slots.shape[0], order.max() + 1), -np.inf, dtype=np.float32)
+    logits[:, order[order >= 0]] = np.array(slots)[:, order >= 0]
+    logits = mx.array(logits)
+    logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))  # mlx-lm's
+    return logprobs.argmax(axis=-1).tolist()
+
+
+def test_greedy_check_is_the_dense_argmax_without_log_probabilities(monkeypatch):
+    """Rows whose largest logit is clear of the others: the argmax of the logits, without an
+    exponential per slot; and it is mlx-lm's argmax of the token-order log-probabilities."""
+    rng = np.random.default_rng(0)
+    order = mx.array(np.concatenate([rng.permutation(60), [-1, -1, -1, -1]]).astype(np.int32))
+    slots = mx.array(rng.normal(size=(6, 64)).astype(np.float32) * 4)
+    slots = mx.where(order >= 0, slots, -mx.inf)
+    calls = []
+    monkeypatch.setattr(verified, "log_softmax",
+                        lambda x: calls.append(x) or verified.mx.zeros_like(x))
+    assert verified.greedy_check(order, slots).tolist() == token_order_argmax(order, slots)
+    assert not calls
+
+
+def test_greedy_check_takes_the_log_probabilities_at_a_near_tie():
+    """Two logits one float32 step apart round to the same log-probability once a logsumexp
+    near 20 is subtracted: mlx-lm's argmax then takes the lower token id, not the larger logit.
+    The check sees the near-tie and searches the log-probabilities as the dense step does."""
+    n = 2**20
+    top = np.float32(0.5)
+    below = np.nextafter(top, np.float32(-1))
+    values = np.full(n, -30.0, dtype=np.float32)
+    values[:2] = [below, top]  # token 0 is one step below token 1
+    order = mx.array(np.arange(n, dtype=np.int32)[::-1].copy())  # cluster order reversed
+    slots = mx.array(values[np.array(order)][None])
+    assert token_order_argmax(order, slots) == [0]  # the tie went to the lower token id
+    assert verified.best_token(order, slots).tolist() == [1]  # the larger logit
+    assert verified.greedy_check(order, slots).tolist() == [0]
+    # One step further apart than the margin, the order survives and no log-probabilities
+    # are needed: both searches give the larger logit.
+    values[0] = top - float(verified.near_tie_margin(mx.array(top))) * 1.01
+    slots = mx.array(values[np.array(order)][None])
+    assert token_order_argmax(order, slots) == verified.greedy_check(order, slots).tolist() == [1]
