@@ -1,6 +1,8 @@
 """The FlashHead Metal kernels, run through the CPU emulator, against float64 references and
 against the pure-MLX path of the same functions."""
 
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -681,3 +683,26 @@ def test_cluster_argmax_applies_the_transform(kind, value):
         tokens = tokens.reshape(len(token), -1)
         best = [row_tokens[r == r.max()].min() for row_tokens, r in zip(tokens, capped)]
         np.testing.assert_array_equal(token, best)
+
+
+@pytest.mark.parametrize("path", ["rows", "union"])
+def test_split_gather_gives_the_same_logits(path, monkeypatch):
+    """On a CPU, float32 rows of many clusters are scored on two streams, a half each: the
+    logits match the float64 reference and equal the unsplit call's bit for bit (each
+    cluster's product is the same)."""
+    module = importlib.import_module("flashhead_mlx.kernels.cluster_argmax")
+    B, d, vocab_size, cluster_size, n_probes = 3, 640, 1500, 16, 37
+    case = head_case(5, B, d, vocab_size, cluster_size, n_probes, mx.float32, None, None)
+    args = (*case, cluster_size, None, None, None, "affine", path)
+    splits = []
+    original = module.split_gather
+    monkeypatch.setattr(module, "split_gather", lambda n: splits.append(n) or original(n))
+    monkeypatch.setattr(module, "SPLIT_BYTES", 0)
+    token, logits = cluster_argmax(*args)
+    assert splits and all(original(n) for n in splits)  # the split ran
+    exact, bound, tokens = reference_logits(*case, cluster_size, None, None, None)
+    check_argmax(np.array(token), np.array(logits), exact, bound, tokens)
+    monkeypatch.setattr(module, "SPLIT_BYTES", 2**62)
+    unsplit_token, unsplit_logits = cluster_argmax(*args)
+    assert not original(max(splits))
+    assert mx.array_equal(token, unsplit_token) and mx.array_equal(logits, unsplit_logits)

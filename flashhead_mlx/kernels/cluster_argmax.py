@@ -161,6 +161,23 @@ def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
     return best.min(axis=-1)
 
 
+# On a CPU, MLX runs each stream's operations on a thread of its own, and a gathered matmul of
+# float32 rows is one small product per cluster on that thread: it reads the rows at about one
+# core's memory bandwidth. Rows of many clusters are split over these streams, one per core of
+# this project's 2-core machines. Measured there in a decode step (greedy generate_step,
+# alternated with the dense and a free head, 2026-12-02): Gemma-3-270M's 934 probed clusters
+# (38 MB) 99.5 -> 87.7 ms per step; SmolLM2-135M's 168 (6 MB) 66.6 -> 69.9 ms, slower.
+CPU_STREAMS = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))  # two: the shares are halves
+# The least bytes of gathered rows that are split.
+SPLIT_BYTES = 16 * 2**20
+
+
+def split_gather(rows_bytes: int) -> bool:
+    """Whether a gathered matmul of ``rows_bytes`` bytes of float32 rows on the default
+    device is split over :data:`CPU_STREAMS`: on a CPU, from :data:`SPLIT_BYTES` on."""
+    return mx.default_device().type == mx.cpu and rows_bytes >= SPLIT_BYTES
+
+
 def gathered_logits(x, clusters, weight, scales, biases, cluster_size, group_size, bits, mode):
     """``x`` ``[..., R, d]`` (float32) against the rows of each of ``clusters``, in one gathered
     matmul: ``[..., R, cluster_size]`` per cluster (``x``'s and ``clusters``' leading axes
@@ -175,7 +192,14 @@ def gathered_logits(x, clusters, weight, scales, biases, cluster_size, group_siz
                              rhs_indices=clusters, transpose=True, group_size=group_size,
                              bits=bits, mode=mode)
     if weight.dtype == mx.float32:
-        return mx.gather_mm(x, by_cluster(weight).swapaxes(-1, -2), rhs_indices=clusters)
+        rows = by_cluster(weight).swapaxes(-1, -2)
+        if not split_gather(clusters.size * cluster_size * weight.shape[-1] * 4):
+            return mx.gather_mm(x, rows, rhs_indices=clusters)
+        # Each stream multiplies a share of the clusters; the products are the same.
+        half = clusters.shape[-1] // 2
+        shares = clusters[..., :half], clusters[..., half:]
+        return mx.concatenate([mx.gather_mm(x, rows, rhs_indices=c, stream=stream)
+                               for c, stream in zip(shares, CPU_STREAMS)], axis=-3)
     # gather_mm would cast the whole head to float32: cast the gathered rows only.
     rows = mx.take(by_cluster(weight), clusters, axis=0).astype(mx.float32)
     return x @ rows.swapaxes(-1, -2)
