@@ -274,17 +274,16 @@ def greedy_check(order: mx.array, slots: mx.array) -> mx.array:
     log-probabilities, ties to the lowest token id.
 
     Subtracting ``logsumexp`` (the same number for every logit of a row) keeps the logits'
-    order except where two come within a rounding of each other: so the argmax of the logits
-    themselves (exact ties to the lowest token id, which stay ties) is the dense token unless
-    a logit comes within :func:`near_tie_margin` of the largest without equalling it. Only
-    then are the rows' log-probabilities computed (an exponential per slot, the check's largest
-    cost on a CPU) and searched as the dense decode step searches its own."""
+    order except where two come within a rounding of each other: so where a row's largest logit
+    is the only one within :func:`near_tie_margin` of itself, its token is the dense token.
+    Only where another logit comes that close (a near-tie, or an exact one) are the rows'
+    log-probabilities computed (an exponential per slot, the check's largest cost on a CPU) and
+    searched as the dense decode step searches its own."""
     top = slots.max(axis=-1)
-    second = mx.where(slots < top[:, None], slots, -mx.inf).max(axis=-1)
-    near = (top - second <= near_tie_margin(top)).any()
-    token = best_token(order, slots)
-    mx.eval(token, near)
-    return best_token(order, log_softmax(slots)) if near.item() else token
+    close = (slots >= (top - near_tie_margin(top))[:, None]).sum(axis=-1)
+    token = order[mx.argmax(slots, axis=-1)]
+    mx.eval(token, close)
+    return best_token(order, log_softmax(slots)) if (close > 1).any().item() else token
 
 
 class GreedyProposal:

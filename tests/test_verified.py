@@ -345,3 +345,7 @@ def test_greedy_check_takes_the_log_probabilities_at_a_near_tie():
     values[0] = top - float(verified.near_tie_margin(mx.array(top))) * 1.01
     slots = mx.array(values[np.array(order)][None])
     assert token_order_argmax(order, slots) == verified.greedy_check(order, slots).tolist() == [1]
+    # An exact tie goes to the lower token id, as in mlx-lm (token 0 sits in the later slot).
+    values[0] = top
+    slots = mx.array(values[np.array(order)][None])
+    assert token_order_argmax(order, slots) == verified.greedy_check(order, slots).tolist() == [0]
