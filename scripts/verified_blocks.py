@@ -11,54 +11,58 @@ only after a whole block, so it leaves the first block out. ``4-32`` is the adap
 (:func:`flashhead_mlx.verified.next_block`).
 
     python scripts/verified_blocks.py path/to/smollm2-flashhead --blocks 4,8,16,32,4-32 \\
-        --tokens 48 --runs 1 [--n-probes 143]
+        --tokens 48 --runs 1 [--n-probes 143] [--chat-template gemma_turns.jinja]
 """
 
 import argparse
 import statistics
 import sys
-import time
 
 from flashhead_mlx import flash_head, load
 from flashhead_mlx.bench import block_list
 from flashhead_mlx.speed import generation_run
 from flashhead_mlx.blas import reexec_with_openblas
+from flashhead_mlx.suite import chat_prompt_tokens
+from flashhead_mlx.timing import settle
 from flashhead_mlx.verified import block_label
 from verified_acceptance import PROMPTS  # the same short prompts
 
 
 
 def timed(model, tokenizer, prompt, tokens: int, block):
-    """:func:`flashhead_mlx.speed.generation_run`, and its tokens over its wall time."""
-    start = time.perf_counter()
-    response, rollbacks = generation_run(model, tokenizer, prompt, tokens, block)
-    return response, rollbacks, response.generation_tokens / (time.perf_counter() - start)
+    """:func:`flashhead_mlx.speed.generation_run` (after the work before it has ended), its
+    tokens, rollbacks, and decode rate: the tokens over the call's time after the prefill."""
+    settle()
+    run = generation_run(model, tokenizer, prompt, tokens, block)
+    return run["tokens"], run["rollbacks"], run["tokens"] / (run["total_s"] - run["prefill_s"])
 
 
-def measure(model: str, blocks, prompts, tokens: int, runs: int, n_probes=None) -> dict:
+def measure(model: str, blocks, prompts, tokens: int, runs: int, n_probes=None,
+            chat_template=None) -> dict:
     """Per configuration: decode tok/s ratios to dense (median over prompts and runs), median
     tok/s, and rollbacks per 1000 tokens."""
     dense, tokenizer = load(model, flashhead=False)
     flash, _ = load(model, n_probes=n_probes)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     configs = {"dense": (dense, 0), "FlashHead": (flash, 0)}
     configs.update({f"verified K={block_label(b)}": (flash, b) for b in blocks})
     ratios = {name: [] for name in configs}
     speeds = {name: [] for name in configs}
     rollbacks = dict.fromkeys(configs, 0)
     generated = dict.fromkeys(configs, 0)
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                           add_generation_prompt=True) for text in prompts]
+    chats = [chat_prompt_tokens(tokenizer, text) for text in prompts]
     generation_run(flash, tokenizer, chats[0], 4, blocks[0])  # warm-up
     for run in range(runs):
         for prompt in chats:
             results = {name: timed(m, tokenizer, prompt, tokens, b)
                        for name, (m, b) in configs.items()}
-            for name, (response, n, tok_s) in results.items():
+            for name, (n_tokens, n, tok_s) in results.items():
                 speeds[name].append(tok_s)
                 ratios[name].append(tok_s / results["dense"][2])
                 if run == 0:
                     rollbacks[name] += n
-                    generated[name] += response.generation_tokens
+                    generated[name] += n_tokens
     return {
         "n_probes": flash_head(flash).n_probes,
         "rows": {
@@ -81,9 +85,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="Tokens generated per prompt.")
     parser.add_argument("--runs", type=int, default=1, help="Runs over the prompts.")
     parser.add_argument("--n-probes", type=int, default=None, help="Default: the folder's.")
+    parser.add_argument("--chat-template", help="A Jinja chat template file for a tokenizer "
+                        "without one (Gemma 3's turn format is in docs/suite.md).")
     args = parser.parse_args()
+    template = open(args.chat_template).read() if args.chat_template else None
     result = measure(args.model, args.blocks, PROMPTS[: args.prompts], args.tokens, args.runs,
-                     args.n_probes)
+                     args.n_probes, template)
     print(f"{args.model}: n_probes={result['n_probes']}, {args.prompts} chat prompts x "
           f"{args.tokens} tokens, {args.runs} run(s); medians of the ratios to the dense run "
           "next to each")
