@@ -268,6 +268,13 @@ def near_tie_margin(top: mx.array) -> mx.array:
     return 2.0**-22 * (2 * mx.abs(top) + 23)
 
 
+def near_ties(slots: mx.array) -> mx.array:
+    """Whether ``[k]`` another logit of each row ``[k, slots]`` lies within
+    :func:`near_tie_margin` of the row's largest (a near-tie, or an exact one)."""
+    top = slots.max(axis=-1)
+    return (slots >= (top - near_tie_margin(top))[:, None]).sum(axis=-1) > 1
+
+
 def greedy_check(order: mx.array, slots: mx.array) -> mx.array:
     """The dense greedy token ``[k]`` at each row of logits ``[k, slots]`` in a head's cluster
     order (``order``: the token of each slot, -1 at padding): mlx-lm's argmax of the
@@ -276,14 +283,13 @@ def greedy_check(order: mx.array, slots: mx.array) -> mx.array:
     Subtracting ``logsumexp`` (the same number for every logit of a row) keeps the logits'
     order except where two come within a rounding of each other: so where a row's largest logit
     is the only one within :func:`near_tie_margin` of itself, its token is the dense token.
-    Only where another logit comes that close (a near-tie, or an exact one) are the rows'
+    Only where another logit comes that close (:func:`near_ties`) are the rows'
     log-probabilities computed (an exponential per slot, the check's largest cost on a CPU) and
     searched as the dense decode step searches its own."""
-    top = slots.max(axis=-1)
-    close = (slots >= (top - near_tie_margin(top))[:, None]).sum(axis=-1)
+    near = near_ties(slots).any()
     token = order[mx.argmax(slots, axis=-1)]
-    mx.eval(token, close)
-    return best_token(order, log_softmax(slots)) if (close > 1).any().item() else token
+    mx.eval(token, near)
+    return best_token(order, log_softmax(slots)) if near.item() else token
 
 
 class GreedyProposal:

@@ -2,6 +2,7 @@
 dispatches (score, then reduce) on Metal; for a batch of rows, one matmul over the union of
 their clusters."""
 
+import functools
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -163,18 +164,24 @@ def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
 
 # On a CPU, MLX runs each stream's operations on a thread of its own, and a gathered matmul of
 # float32 rows is one small product per cluster on that thread: it reads the rows at about one
-# core's memory bandwidth. Rows of many clusters are split over these streams, one per core of
+# core's memory bandwidth. Rows of many clusters are split over two streams, one per core of
 # this project's 2-core machines. Measured there in a decode step (greedy generate_step,
 # alternated with the dense and a free head, 2026-12-02): Gemma-3-270M's 934 probed clusters
 # (38 MB) 99.5 -> 87.7 ms per step; SmolLM2-135M's 168 (6 MB) 66.6 -> 69.9 ms, slower.
-CPU_STREAMS = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))  # two: the shares are halves
 # The least bytes of gathered rows that are split.
 SPLIT_BYTES = 16 * 2**20
 
 
+@functools.cache
+def cpu_streams() -> Tuple[mx.Stream, mx.Stream]:
+    """The two CPU streams split gathers run on (two: the shares are halves), made at first use
+    (each stream starts a thread)."""
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
 def split_gather(rows_bytes: int) -> bool:
     """Whether a gathered matmul of ``rows_bytes`` bytes of float32 rows on the default
-    device is split over :data:`CPU_STREAMS`: on a CPU, from :data:`SPLIT_BYTES` on."""
+    device is split over :func:`cpu_streams`: on a CPU, from :data:`SPLIT_BYTES` on."""
     return mx.default_device().type == mx.cpu and rows_bytes >= SPLIT_BYTES
 
 
@@ -199,7 +206,7 @@ def gathered_logits(x, clusters, weight, scales, biases, cluster_size, group_siz
         half = clusters.shape[-1] // 2
         shares = clusters[..., :half], clusters[..., half:]
         return mx.concatenate([mx.gather_mm(x, rows, rhs_indices=c, stream=stream)
-                               for c, stream in zip(shares, CPU_STREAMS)], axis=-3)
+                               for c, stream in zip(shares, cpu_streams())], axis=-3)
     # gather_mm would cast the whole head to float32: cast the gathered rows only.
     rows = mx.take(by_cluster(weight), clusters, axis=0).astype(mx.float32)
     return x @ rows.swapaxes(-1, -2)
