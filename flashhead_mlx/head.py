@@ -348,6 +348,28 @@ class FlashHead(nn.Module):
             logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
         return self.scatter(tokens, logits)
 
+    def dense_greedy_logits(self, h: mx.array) -> mx.array:
+        """Logits ``[..., V]`` of a greedy decode step on the dense switch: one product over
+        every row (the dense head's work), exact at the ``n_probes`` clusters holding each row's
+        highest logits (an exact stage 1: a row's ``k``-th highest logit lies in its ``k`` best
+        clusters by this ranking) and at its recent tokens, ``-inf`` elsewhere.
+
+        The argmax is the dense head's up to a near-tie of a different matmul shape. No
+        ``[..., V]`` gather into token order: on a CPU that gather costs more than the product.
+        """
+        slots = self.slot_logits(h)
+        per_cluster = slots.reshape(*slots.shape[:-1], self.n_clusters, self.cluster_size)
+        clusters, _ = top_clusters(per_cluster.max(axis=-1), self.n_probes)
+        logits = mx.take_along_axis(per_cluster, clusters[..., None].astype(mx.int32), axis=-2)
+        tokens = slot_tokens(clusters, self.order, self.cluster_size)
+        logits = logits.reshape(tokens.shape)
+        recent = self.recent_extra(h, clusters)
+        if recent is not None:
+            recent_slots = self.inverse[mx.maximum(recent, 0)]
+            tokens = mx.concatenate([tokens, recent], axis=-1)
+            logits = mx.concatenate([logits, mx.take_along_axis(slots, recent_slots, -1)], -1)
+        return self.scatter(tokens, logits)
+
     def greedy_step(self, h: mx.array) -> mx.array:
         """The token ``[...]`` (int32) of a greedy decode step: the argmax of
         :meth:`greedy_logits` (ties to the lowest token id), from the stage-2 kernel's greedy
@@ -379,12 +401,16 @@ class FlashHead(nn.Module):
         tokens (greedy rows) and at the context's extra tokens, ``-inf`` elsewhere; with
         sampling temperatures, one full-vocabulary sampler draw's logits
         (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows. Above the
-        dense threshold (:meth:`dense_switch`), every row's exact dense logits
-        (:meth:`exact_logits`), greedy and sampled rows alike: no stage 1, no scatter."""
-        if self.dense_switch(h):
-            return self.exact_logits(h)
+        dense threshold (:meth:`dense_switch`), no stage 1: greedy steps score every row and keep
+        each row's best clusters (:meth:`dense_greedy_logits`); steps that sample get every
+        row's exact dense logits (:meth:`exact_logits`)."""
         temperatures = context.temperatures
-        if temperatures is None or not any(temperatures):
+        all_greedy = temperatures is None or not any(temperatures)
+        if self.dense_switch(h):
+            if not all_greedy:
+                return self.exact_logits(h)
+            logits = self.dense_greedy_logits(h)
+        elif all_greedy:
             logits = self.greedy_logits(h)
         else:
             rows = h.reshape(-1, h.shape[-1]).shape[0]

@@ -189,8 +189,10 @@ def test_union_clusters_is_the_sorted_union():
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch):
-    """A decode step of rows above the threshold returns every row's dense logits, greedy and
-    sampled rows alike, without stage 1 or stage 2; below it, the rows' candidates only."""
+    """A decode step of rows above the threshold runs neither stage 1 nor stage 2: a step that
+    samples returns every row's dense logits; a greedy step the dense logits of the ``n_probes``
+    clusters holding each row's highest ones (found by brute force here), ``-inf`` elsewhere.
+    Below it, the rows' candidates only."""
     head, rows = make_head(weight, clusters, quantized, cap=5.0)
     below = int(np.ceil(DENSE_PROBE_RATIO * head.n_clusters / head.n_probes)) - 1
     assert choose_batch_path(below, head.n_probes, head.n_clusters) == "union"
@@ -199,6 +201,11 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
     assert np.isneginf(step).any()
     h = hidden(weight, below + 1, seed=5)
     dense = np.tanh(h @ rows.T / 5.0) * 5.0  # numpy's dense head
+    order = np.array(head.order).reshape(head.n_clusters, head.cluster_size)
+
+    def cluster_max(logits):
+        return np.where(order >= 0, logits[:, order], -np.inf).max(axis=-1)
+
     calls = []
     for stage in ("probe", "cluster_scores", "_cluster_argmax", "greedy_logits"):
         method = getattr(FlashHead, stage)
@@ -209,7 +216,17 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
         for temperatures in (None, [0.0], [0.7], mixed):
             with decoding(temperatures):
                 logits = np.array(head(mx.array(h[:, None])))[:, 0]
-            np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
+            if temperatures in (None, [0.0]):
+                exact = np.isfinite(logits)
+                np.testing.assert_allclose(logits[exact], dense[exact], rtol=1e-5, atol=1e-5)
+                # Whole clusters, n_probes of them, none below a cluster left out (up to ties).
+                whole = np.where(order >= 0, exact[:, order], True).all(axis=-1)
+                assert np.all(whole.sum(-1) == head.n_probes)
+                assert np.all(exact.sum(-1) == whole @ (order >= 0).sum(-1))  # and nothing else
+                kept, left = (np.where(mask, cluster_max(dense), np.nan) for mask in (whole, ~whole))
+                assert np.all(np.nanmin(kept, -1) >= np.nanmax(left, -1) - 1e-5)
+            else:
+                np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
             mine, best = logits.argmax(-1), dense.argmax(-1)  # near-ties: within 2e-5
             assert np.all((mine == best) | (dense[np.arange(len(h)), mine] >= dense.max(-1) - 2e-5))
     assert not calls and ran == {"batch_path": "dense"}

@@ -42,10 +42,12 @@ def folder(request, tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", **MODELS[request.param])
 
 
-def patched(folder, recent_tokens, n_probes=N_PROBES):
+def patched(folder, recent_tokens, n_probes=N_PROBES, batch_path=None):
     model, tokenizer = mlx_lm.load(str(folder))
     assets = make_assets(make_clusters(np.array(head_rows(head_module(model)))), n_probes)
-    return apply_flashhead(model, assets, recent_tokens=recent_tokens), tokenizer
+    model = apply_flashhead(model, assets, recent_tokens=recent_tokens)
+    flash_head(model).batch_path = batch_path
+    return model, tokenizer
 
 
 def decode_step(model, rows: np.ndarray) -> np.ndarray:
@@ -56,12 +58,15 @@ def decode_step(model, rows: np.ndarray) -> np.ndarray:
         return np.array(model(mx.array(rows[:, -1:]), cache=cache)[:, -1])
 
 
-def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder):
+@pytest.mark.parametrize("batch_path", [None, "dense"])
+def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder, batch_path):
+    """On FlashHead's own paths and on the dense switch alike (whose candidates are the clusters
+    holding the highest logits)."""
     dense, _ = mlx_lm.load(str(folder))
     reference = np.array(dense(mx.array(ROWS))[:, -1])
-    candidates = np.isfinite(decode_step(patched(folder, 0)[0], ROWS))
+    candidates = np.isfinite(decode_step(patched(folder, 0, batch_path=batch_path)[0], ROWS))
     recent = 16
-    step = decode_step(patched(folder, recent)[0], ROWS)
+    step = decode_step(patched(folder, recent, batch_path=batch_path)[0], ROWS)
     for b in range(len(ROWS)):
         own = np.zeros(reference.shape[-1], dtype=bool)
         own[ROWS[b, -recent:]] = True
