@@ -243,9 +243,12 @@ class FlashHead(nn.Module):
 
     def slot_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every slot ``[..., n_clusters * cluster_size]``, in cluster order."""
-        logits = row_logits(h, self.weight, self.get("scales"), self.get("biases"),
-                            self.group_size, self.bits, self.mode)
-        return mx.where(self.order >= 0, apply(self.transform, logits), -mx.inf)
+        logits = apply(self.transform, row_logits(h, self.weight, self.get("scales"),
+                                                  self.get("biases"), self.group_size,
+                                                  self.bits, self.mode))
+        if self.n_clusters * self.cluster_size == self.vocab_size:
+            return logits  # no padding slot
+        return mx.where(self.order >= 0, logits, -mx.inf)
 
     def dense_logits(self, h: mx.array) -> mx.array:
         """The exact logits of every token ``[..., V]``, in vocabulary order.
@@ -350,19 +353,23 @@ class FlashHead(nn.Module):
 
     def dense_greedy_logits(self, h: mx.array) -> mx.array:
         """Logits ``[..., V]`` of a greedy decode step on the dense switch: one product over
-        every row (the dense head's work), exact at the ``n_probes`` clusters holding each row's
-        highest logits (an exact stage 1: a row's ``k``-th highest logit lies in its ``k`` best
-        clusters by this ranking) and at its recent tokens, ``-inf`` elsewhere.
+        every row (the dense head's work), exact at each row's recent tokens and at the
+        ``recent_tokens + 1`` clusters holding its highest logits, ``-inf`` elsewhere.
 
-        The argmax is the dense head's up to a near-tie of a different matmul shape. No
-        ``[..., V]`` gather into token order: on a CPU that gather costs more than the product.
+        Ranked by their highest logit, a row's ``k`` best clusters hold its ``k`` highest
+        logits, so they hold its highest token outside its recent ones: a greedy step, even with
+        penalties on the recent tokens (mlx-lm's only lower them), takes the dense head's token up
+        to a near-tie of a different matmul shape. No ``[..., V]`` gather into token order: on
+        a CPU that gather costs more than the product.
         """
         slots = self.slot_logits(h)
         per_cluster = slots.reshape(*slots.shape[:-1], self.n_clusters, self.cluster_size)
-        clusters, _ = top_clusters(per_cluster.max(axis=-1), self.n_probes)
-        logits = mx.take_along_axis(per_cluster, clusters[..., None].astype(mx.int32), axis=-2)
-        tokens = slot_tokens(clusters, self.order, self.cluster_size)
-        logits = logits.reshape(tokens.shape)
+        k = min(self.n_clusters, self.recent_tokens + 1)
+        # Any k best: a tie at the last place keeps the k highest logits either way.
+        clusters = mx.argpartition(-per_cluster.max(axis=-1), k - 1, axis=-1)[..., :k]
+        kept = clusters[..., None] * self.cluster_size + mx.arange(self.cluster_size)
+        kept = kept.reshape(*clusters.shape[:-1], -1)
+        tokens, logits = self.order[kept], mx.take_along_axis(slots, kept, axis=-1)
         recent = self.recent_extra(h, clusters)
         if recent is not None:
             recent_slots = self.inverse[mx.maximum(recent, 0)]

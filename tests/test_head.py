@@ -190,10 +190,11 @@ def test_union_clusters_is_the_sorted_union():
 @pytest.mark.parametrize("quantized", [False, True])
 def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch):
     """A decode step of rows above the threshold runs neither stage 1 nor stage 2: a step that
-    samples returns every row's dense logits; a greedy step the dense logits of the ``n_probes``
-    clusters holding each row's highest ones (found by brute force here), ``-inf`` elsewhere.
-    Below it, the rows' candidates only."""
+    samples returns every row's dense logits; a greedy step the dense logits of the
+    ``recent_tokens + 1`` clusters holding each row's highest ones (checked by brute force
+    here), ``-inf`` elsewhere. Below it, the rows' candidates only."""
     head, rows = make_head(weight, clusters, quantized, cap=5.0)
+    head.recent_tokens = 4
     below = int(np.ceil(DENSE_PROBE_RATIO * head.n_clusters / head.n_probes)) - 1
     assert choose_batch_path(below, head.n_probes, head.n_clusters) == "union"
     with decoding():
@@ -221,7 +222,7 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
                 np.testing.assert_allclose(logits[exact], dense[exact], rtol=1e-5, atol=1e-5)
                 # Whole clusters, n_probes of them, none below a cluster left out (up to ties).
                 whole = np.where(order >= 0, exact[:, order], True).all(axis=-1)
-                assert np.all(whole.sum(-1) == head.n_probes)
+                assert np.all(whole.sum(-1) == head.recent_tokens + 1)
                 assert np.all(exact.sum(-1) == whole @ (order >= 0).sum(-1))  # and nothing else
                 kept, left = (np.where(mask, cluster_max(dense), np.nan) for mask in (whole, ~whole))
                 assert np.all(np.nanmin(kept, -1) >= np.nanmax(left, -1) - 1e-5)
@@ -230,6 +231,23 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
             mine, best = logits.argmax(-1), dense.argmax(-1)  # near-ties: within 2e-5
             assert np.all((mine == best) | (dense[np.arange(len(h)), mine] >= dense.max(-1) - 2e-5))
     assert not calls and ran == {"batch_path": "dense"}
+
+
+@pytest.mark.parametrize("recent", [0, 3, 16])
+def test_dense_switch_keeps_the_best_token_outside_the_recent_ones(weight, clusters, recent):
+    """A greedy step on the dense switch holds, exact, each row's highest token outside any
+    ``recent_tokens`` others: with the dense head's ``recent`` highest tokens pushed down (as a
+    repetition penalty pushes the recent tokens down), the step's argmax is the dense one."""
+    head, rows = make_head(weight, clusters)
+    head.recent_tokens, head.batch_path = recent, "dense"
+    h = hidden(weight, 12, seed=7)
+    dense = h @ rows.T
+    with decoding():
+        step = np.array(head(mx.array(h[:, None])))[:, 0]
+    top = np.argsort(-dense, axis=-1)[:, :recent]
+    for logits in (step, dense):
+        np.put_along_axis(logits, top, -1e9, axis=-1)
+    np.testing.assert_array_equal(step.argmax(-1), dense.argmax(-1))
 
 
 def test_dense_switch_above_the_break_even():

@@ -60,8 +60,8 @@ def decode_step(model, rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("batch_path", [None, "dense"])
 def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder, batch_path):
-    """On FlashHead's own paths and on the dense switch alike (whose candidates are the clusters
-    holding the highest logits)."""
+    """On FlashHead's own paths; on the dense switch, whose candidates grow with the recent
+    tokens (tests/test_head.py), the row's own recent tokens are exact too."""
     dense, _ = mlx_lm.load(str(folder))
     reference = np.array(dense(mx.array(ROWS))[:, -1])
     candidates = np.isfinite(decode_step(patched(folder, 0, batch_path=batch_path)[0], ROWS))
@@ -70,6 +70,11 @@ def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder, 
     for b in range(len(ROWS)):
         own = np.zeros(reference.shape[-1], dtype=bool)
         own[ROWS[b, -recent:]] = True
+        if batch_path == "dense":
+            exact = np.isfinite(step[b])
+            assert exact[own].all() and step[b].argmax() == reference[b].argmax()
+            np.testing.assert_allclose(step[b, exact], reference[b, exact], rtol=1e-4, atol=1e-4)
+            continue
         # Exact at a candidate or one of the row's last 16 tokens (not another row's), else -inf.
         np.testing.assert_array_equal(np.isfinite(step[b]), candidates[b] | own)
         assert (own & ~candidates[b]).any()  # the recent tokens add exact logits
