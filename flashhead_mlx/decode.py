@@ -40,10 +40,13 @@ class DecodeContext:
     ``histories``: in a batch, each row's tokens before the step's inputs (mlx-lm's batch's
     ``tokens``: the tokens in each row's cache, no padding), whose last ones the row scores
     exactly at greedy steps (:mod:`flashhead_mlx.recent`); ``None`` elsewhere.
+    ``processors``: whether a row may have logits processors (penalties that push its recent
+    tokens down); ``False`` only where the rows' settings were read and have none.
     """
 
     temperatures: Optional[tuple] = None
     extra_tokens: tuple = ()
+    processors: bool = True
     histories: Optional[Sequence[Sequence[int]]] = field(default=None, compare=False, repr=False)
 
 
@@ -192,7 +195,8 @@ def settings_context(samplers: Sequence, processors: Sequence) -> Optional[Decod
     tokens = [biased_tokens(p) for row in processors for p in row or ()]
     if None in temperatures or None in tokens:
         return None
-    return make_context(temperatures, [t for row in tokens for t in row])
+    context = make_context(temperatures, [t for row in tokens for t in row])
+    return replace(context, processors=any(processors))
 
 
 def batch_context(batch) -> Optional[DecodeContext]:

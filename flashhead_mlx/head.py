@@ -351,10 +351,11 @@ class FlashHead(nn.Module):
             logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
         return self.scatter(tokens, logits)
 
-    def dense_greedy_logits(self, h: mx.array) -> mx.array:
+    def dense_greedy_logits(self, h: mx.array, processors: bool = True) -> mx.array:
         """Logits ``[..., V]`` of a greedy decode step on the dense switch: one product over
-        every row (the dense head's work), exact at each row's recent tokens and at the
-        ``recent_tokens + 1`` clusters holding its highest logits, ``-inf`` elsewhere.
+        every row (the dense head's work), exact at the cluster holding each row's highest
+        logit, ``-inf`` elsewhere; with ``processors``, at its recent tokens and at the
+        ``recent_tokens + 1`` clusters holding its highest logits.
 
         Ranked by their highest logit, a row's ``k`` best clusters hold its ``k`` highest
         logits, so they hold its highest token outside its recent ones: a greedy step, even with
@@ -364,13 +365,13 @@ class FlashHead(nn.Module):
         """
         slots = self.slot_logits(h)
         per_cluster = slots.reshape(*slots.shape[:-1], self.n_clusters, self.cluster_size)
-        k = min(self.n_clusters, self.recent_tokens + 1)
+        k = min(self.n_clusters, self.recent_tokens + 1) if processors else 1
         # Any k best: a tie at the last place keeps the k highest logits either way.
         clusters = mx.argpartition(-per_cluster.max(axis=-1), k - 1, axis=-1)[..., :k]
         kept = clusters[..., None] * self.cluster_size + mx.arange(self.cluster_size)
         kept = kept.reshape(*clusters.shape[:-1], -1)
         tokens, logits = self.order[kept], mx.take_along_axis(slots, kept, axis=-1)
-        recent = self.recent_extra(h, clusters)
+        recent = self.recent_extra(h, clusters) if processors else None
         if recent is not None:
             recent_slots = self.inverse[mx.maximum(recent, 0)]
             tokens = mx.concatenate([tokens, recent], axis=-1)
@@ -416,7 +417,7 @@ class FlashHead(nn.Module):
         if self.dense_switch(h):
             if not all_greedy:
                 return self.exact_logits(h)
-            logits = self.dense_greedy_logits(h)
+            logits = self.dense_greedy_logits(h, context.processors)
         elif all_greedy:
             logits = self.greedy_logits(h)
         else:

@@ -340,3 +340,13 @@ def test_the_package_exports_mlx_lms_names():
     for name in ("generate", "stream_generate", "batch_generate", "generate_step"):
         assert getattr(flashhead_mlx, name) is getattr(generation, name)
     assert flashhead_mlx.make_sampler(0.5).temperature == 0.5
+
+
+def test_the_decode_context_says_whether_rows_have_logits_processors():
+    """Only rows read to have no logits processors let the dense switch keep one cluster
+    (FlashHead.dense_greedy_logits); a context made without reading them assumes some."""
+    greedy = mlx_sample_utils.make_sampler(0.0)
+    assert decode.settings_context([greedy, greedy], [[], None]).processors is False
+    penalty = mlx_sample_utils.make_logits_processors(repetition_penalty=1.3)
+    assert decode.settings_context([greedy, greedy], [[], penalty]).processors is True
+    assert decode.make_context([0.0]).processors is True

@@ -1,12 +1,14 @@
 """FlashHead against the dense head and a numpy reference of the two stages."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import assert_batch_matches_single_rows, make_clusters
 from flashhead_mlx.assets import make_assets
-from flashhead_mlx.decode import decoding
+from flashhead_mlx.decode import decoding, in_context, make_context
 from flashhead_mlx.head import FlashHead
 from flashhead_mlx.kernels import BATCH_PATHS, choose_batch_path, recording, union_clusters
 from flashhead_mlx.kernels.cluster_argmax import DENSE_PROBE_RATIO
@@ -247,6 +249,23 @@ def test_dense_switch_keeps_the_best_token_outside_the_recent_ones(weight, clust
     top = np.argsort(-dense, axis=-1)[:, :recent]
     for logits in (step, dense):
         np.put_along_axis(logits, top, -1e9, axis=-1)
+    np.testing.assert_array_equal(step.argmax(-1), dense.argmax(-1))
+
+
+def test_dense_switch_without_processors_keeps_the_best_cluster(weight, clusters):
+    """Rows read to have no logits processors keep only the cluster of their highest logit,
+    whatever ``recent_tokens``, and take the dense head's token."""
+    head, rows = make_head(weight, clusters)
+    head.batch_path = "dense"
+    h = hidden(weight, 12, seed=8)
+    dense = h @ rows.T
+    with in_context(replace(make_context([0.0]), processors=False)):
+        step = np.array(head(mx.array(h[:, None])))[:, 0]
+    order = np.array(head.order).reshape(head.n_clusters, head.cluster_size)
+    for row, token in enumerate(dense.argmax(-1)):
+        cluster = order[(order == token).any(-1)][0]
+        np.testing.assert_array_equal(np.flatnonzero(np.isfinite(step[row])),
+                                      np.sort(cluster[cluster >= 0]))
     np.testing.assert_array_equal(step.argmax(-1), dense.argmax(-1))
 
 

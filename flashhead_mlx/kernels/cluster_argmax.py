@@ -28,8 +28,8 @@ REDUCE_THREADS = 256
 # scored: "rows" gathers and scores each row's clusters on its own (the fused kernel on Metal),
 # reading about M times the scored share of the head; "union" scores the union of the rows'
 # clusters once, in one gathered matmul (pure MLX), each row keeping the logits of its own
-# clusters only; "dense" is the dense switch: the dense head's exact logits of every row
-# (FlashHead.exact_logits), with no stage 1. Stage 2 called alone (a row's candidates, as
+# clusters only; "dense" is the dense switch: the dense head's product over every row, with no
+# stage 1 (FlashHead.dense_greedy_logits at greedy steps, FlashHead.exact_logits when sampling). Stage 2 called alone (a row's candidates, as
 # evaluation asks for them) takes "dense" as the dense matmul over every cluster, from which each
 # row keeps its own clusters' logits.
 BATCH_PATHS = ("rows", "union", "dense")
@@ -37,12 +37,12 @@ BATCH_PATHS = ("rows", "union", "dense")
 # the values without a host synchronisation), and stage 1 scores every cluster for every row, so
 # FlashHead's cost grows with M while the dense head's barely does. Once the rows' probes (counted
 # with repeats) reach this many times n_clusters, a decode step takes the dense head itself.
-# Measured with `flashhead-mlx bench --batch-sizes 1,2,4,8,16,32` on an idle 2-core x86-64 CPU
-# (docs/measuring.md, 2026-12-02): the dense switch never beat the union up to 1.8 probes per
-# cluster on either real model (its B x V logit gather into token order makes it slower than the
-# dense head itself), so the switch waits for twice as many probes as clusters. Not measured on
-# a GPU (the same rule applies where the kernels run).
-DENSE_PROBE_RATIO = 2.0
+# Measured with `flashhead-mlx bench --batch-sizes` on an idle 2-core x86-64 CPU (docs/measuring.md,
+# 2026-12-03): the dense switch (greedy steps in cluster order, FlashHead.dense_greedy_logits)
+# beat the union from 1.3 probes per cluster on SmolLM2-135M and tied it at 1.4 on Gemma-3-270M
+# (B = 24), beating it at 1.8 (B = 32); the union won at 0.9 (B = 16) on both. Not measured on a
+# GPU (the same rule applies where the kernels run).
+DENSE_PROBE_RATIO = 1.25
 
 
 def cluster_argmax(
