@@ -34,16 +34,19 @@ LINK_DIR = Path.home() / ".cache" / "flashhead-mlx" / "lib"
 REFERENCE = "MLX's bundled reference BLAS"
 
 
-def _package_dir(name: str) -> Optional[Path]:
-    """The folder of the installed package ``name``, found without importing it."""
+def _package_files(name: str, pattern: str) -> List[str]:
+    """The files matching ``pattern`` (relative to a folder of the installed package ``name``,
+    found without importing it), sorted. A namespace package (``mlx``) may have several folders:
+    an ``mlx`` folder beside a script is one of them."""
     spec = importlib.util.find_spec(name)
-    return Path(next(iter(spec.submodule_search_locations))) if spec else None
+    folders = (spec.submodule_search_locations or []) if spec else []
+    found = (f for folder in folders for f in glob.glob(os.path.join(folder, pattern)))
+    return sorted(os.path.normpath(f) for f in found)
 
 
 def wheel_openblas() -> Optional[Path]:
     """The OpenBLAS library of the ``ngsolve-openblas`` wheel, or None if it is not installed."""
-    folder = _package_dir("ngsolve_openblas")
-    found = sorted(glob.glob(str(folder / "libopenblas*.so*"))) if folder else []
+    found = _package_files("ngsolve_openblas", "libopenblas*.so*")
     return Path(found[0]) if found else None
 
 
@@ -56,11 +59,10 @@ def fortran_runtime_dirs() -> List[str]:
     """Folders to put on ``LD_LIBRARY_PATH`` so that the wheel's OpenBLAS finds
     ``libgfortran.so.5``: a link to the ``mlx-cpu`` wheel's copy, and that wheel's library folder
     (where the copy finds its own dependencies). Empty if that copy is absent."""
-    mlx = _package_dir("mlx")
-    libs = mlx.parent / "mlx_cpu.libs" if mlx else None
-    found = sorted(glob.glob(str(libs / "libgfortran-*.so.5*"))) if libs else []
+    found = _package_files("mlx", "../mlx_cpu.libs/libgfortran-*.so.5*")
     if not found:
         return []
+    libs = Path(found[0]).parent
     link = LINK_DIR / "libgfortran.so.5"
     if not link.is_symlink() or os.readlink(link) != found[0]:
         LINK_DIR.mkdir(parents=True, exist_ok=True)

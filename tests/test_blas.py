@@ -89,3 +89,18 @@ def test_fresh_machine(tiny_llama, tmp_path):
     # numpy's own OpenBLAS (scipy_openblas: prefixed names) may be mapped; no cblas_* one is.
     plain = mapped_libraries({**fresh, "FLASHHEAD_OPENBLAS": "none"}, tmp_path)
     assert not [p for p in plain if "libopenblas" in p and "scipy_openblas" not in p], plain
+
+
+def test_an_mlx_folder_beside_a_script_does_not_hide_the_wheels(tmp_path):
+    """``mlx`` is a namespace package: a folder named ``mlx`` beside a script joins it, first.
+    The Fortran runtime is still found in the ``mlx-cpu`` wheel."""
+    if not blas.fortran_runtime_dirs():
+        pytest.skip("no mlx-cpu wheel with a libgfortran here (not Linux x86_64)")
+    (tmp_path / "mlx" / "0.32.4").mkdir(parents=True)
+    script = tmp_path / "script.py"
+    script.write_text("import mlx.core\nfrom flashhead_mlx import blas\n"
+                      "print(len(list(mlx.__path__)), blas.fortran_runtime_dirs())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, FLASHHEAD_OPENBLAS="none")).stdout
+    folders, dirs = out.split(" ", 1)
+    assert int(folders) == 2 and "mlx_cpu.libs" in dirs
