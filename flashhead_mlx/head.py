@@ -280,10 +280,17 @@ class FlashHead(nn.Module):
         return self._row_logits(h, self.inverse)
 
     def scatter(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens."""
-        full = mx.full((*tokens.shape[:-1], self.vocab_size + 1), -mx.inf, dtype=logits.dtype)
-        tokens = mx.where(tokens < 0, self.vocab_size, tokens)  # padding goes to a spare column
-        return mx.put_along_axis(full, tokens, logits, axis=-1)[..., : self.vocab_size]
+        """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens.
+
+        A padding entry (token -1) writes again the row's first real entry, so the result is
+        contiguous (a spare column sliced off would leave strided rows, on which a CPU's
+        ``logsumexp``, what mlx-lm's samplers take first, runs ~30% slower)."""
+        full = mx.full((*tokens.shape[:-1], self.vocab_size), -mx.inf, dtype=logits.dtype)
+        padding = tokens < 0
+        first = mx.argmax(~padding, axis=-1, keepdims=True)
+        tokens = mx.where(padding, mx.take_along_axis(tokens, first, axis=-1), tokens)
+        logits = mx.where(padding, mx.take_along_axis(logits, first, axis=-1), logits)
+        return mx.put_along_axis(full, tokens, logits, axis=-1)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The rows of ``tokens`` (the tied embedding lookup), dequantized when quantized."""
