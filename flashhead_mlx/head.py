@@ -20,6 +20,7 @@ from .kernels import (
     best_token,
     choose_batch_path,
     cluster_scores,
+    cluster_slots,
     float32_centroids,
     gathered_logits,
     record,
@@ -375,8 +376,7 @@ class FlashHead(nn.Module):
         k = min(self.n_clusters, self.recent_tokens + 1) if processors else 1
         # Any k best: a tie at the last place keeps the k highest logits either way.
         clusters = mx.argpartition(-per_cluster.max(axis=-1), k - 1, axis=-1)[..., :k]
-        kept = clusters[..., None] * self.cluster_size + mx.arange(self.cluster_size)
-        kept = kept.reshape(*clusters.shape[:-1], -1)
+        kept = cluster_slots(clusters, self.cluster_size)
         tokens, logits = self.order[kept], mx.take_along_axis(slots, kept, axis=-1)
         recent = self.recent_extra(h, clusters) if processors else None
         if recent is not None:

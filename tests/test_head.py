@@ -222,7 +222,7 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
             if temperatures in (None, [0.0]):
                 exact = np.isfinite(logits)
                 np.testing.assert_allclose(logits[exact], dense[exact], rtol=1e-5, atol=1e-5)
-                # Whole clusters, n_probes of them, none below a cluster left out (up to ties).
+                # Whole clusters, recent_tokens + 1 of them, none below one left out (up to ties).
                 whole = np.where(order >= 0, exact[:, order], True).all(axis=-1)
                 assert np.all(whole.sum(-1) == head.recent_tokens + 1)
                 assert np.all(exact.sum(-1) == whole @ (order >= 0).sum(-1))  # and nothing else

@@ -29,9 +29,9 @@ REDUCE_THREADS = 256
 # reading about M times the scored share of the head; "union" scores the union of the rows'
 # clusters once, in one gathered matmul (pure MLX), each row keeping the logits of its own
 # clusters only; "dense" is the dense switch: the dense head's product over every row, with no
-# stage 1 (FlashHead.dense_greedy_logits at greedy steps, FlashHead.exact_logits when sampling). Stage 2 called alone (a row's candidates, as
-# evaluation asks for them) takes "dense" as the dense matmul over every cluster, from which each
-# row keeps its own clusters' logits.
+# stage 1 (FlashHead.dense_greedy_logits at greedy steps, FlashHead.exact_logits when sampling).
+# Stage 2 called alone (a row's candidates, as evaluation asks for them) takes "dense" as the
+# dense matmul over every cluster, from which each row keeps its own clusters' logits.
 BATCH_PATHS = ("rows", "union", "dense")
 # The union is padded to min(M * clusters per row, n_clusters) clusters (its size cannot depend on
 # the values without a host synchronisation), and stage 1 scores every cluster for every row, so
@@ -145,12 +145,18 @@ def row_logits(h, weight, scales=None, biases=None, group_size=None, bits=None, 
     )
 
 
+def cluster_slots(probes: mx.array, cluster_size: int) -> mx.array:
+    """The slots ``[..., n_probes * cluster_size]`` (int32) of clusters ``probes``
+    ``[..., n_probes]``, in the order of :func:`cluster_argmax`'s logits."""
+    slots = probes[..., None].astype(mx.int32) * cluster_size
+    slots = slots + mx.arange(cluster_size, dtype=mx.int32)
+    return slots.reshape(*probes.shape[:-1], -1)
+
+
 def slot_tokens(probes: mx.array, order: mx.array, cluster_size: int) -> mx.array:
     """The token ids ``[..., n_probes * cluster_size]`` of the slots of clusters ``probes``
     ``[..., n_probes]`` (-1 at padding), in the order of :func:`cluster_argmax`'s logits."""
-    slots = probes[..., None].astype(mx.int32) * cluster_size
-    slots = slots + mx.arange(cluster_size, dtype=mx.int32)
-    return order[slots.reshape(*probes.shape[:-1], -1)]
+    return order[cluster_slots(probes, cluster_size)]
 
 
 def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
