@@ -63,6 +63,7 @@ from .model_head import head_module
 from .probe import EMBEDDING_HEADS, probe_head, set_module
 from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
+from .sample_utils import make_sampler
 from .speed import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
 from .timing import alternate, alternated_runs
 from .mlx_lm_commands import block_argument
@@ -327,14 +328,15 @@ def batch_prompts(tokenizer, batch_size: int, prompt_tokens: int) -> List[List[i
     return [tokens[i * prompt_tokens : (i + 1) * prompt_tokens] for i in range(batch_size)]
 
 
-def batch_generation_run(model: nn.Module, prompts: List[List[int]], max_tokens: int
-                         ) -> Tuple[float, Dict[str, int]]:
-    """One greedy run of :class:`flashhead_mlx.BatchGenerator` (what ``batch_generate`` runs) on
-    ``prompts``, ``max_tokens`` tokens each (no stop tokens, so every row decodes them all):
+def batch_generation_run(model: nn.Module, prompts: List[List[int]], max_tokens: int,
+                         temperature: float = 0.0) -> Tuple[float, Dict[str, int]]:
+    """One run of :class:`flashhead_mlx.BatchGenerator` (what ``batch_generate`` runs) on
+    ``prompts``, ``max_tokens`` tokens each (no stop tokens, so every row decodes them all),
+    greedy or sampling at ``temperature`` (mlx-lm's ``make_sampler``):
     decode tokens/s of all rows (mlx-lm's ``generation_tps``) and how many of its decode steps
     after the first took each batch path (:func:`flashhead_mlx.kernels.recording`; the first
     call also runs the prompts)."""
-    generator = BatchGenerator(model, max_tokens=max_tokens)
+    generator = BatchGenerator(model, max_tokens=max_tokens, sampler=make_sampler(temperature))
     generator.insert(prompts, [max_tokens] * len(prompts))
     paths, steps = Counter(), 0
     with generator.stats() as stats:
@@ -351,15 +353,17 @@ def batch_generation_run(model: nn.Module, prompts: List[List[int]], max_tokens:
 
 
 def batch_generation_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int],
-                            prompt_tokens: int, max_tokens: int, runs: int) -> dict:
-    """Per batch size B: greedy batch generation (:func:`batch_generation_run`) of B prompts of
+                            prompt_tokens: int, max_tokens: int, runs: int,
+                            temperature: float = 0.0) -> dict:
+    """Per batch size B: batch generation (:func:`batch_generation_run`, at ``temperature``) of
+    B prompts of
     the built-in text, dense and FlashHead alternated after a warm-up run each: median decode
     tokens/s of all rows (``dense_tok_s``, ``flash_tok_s``), their ratio (``speedup``) and the
     batch paths of FlashHead's decode steps over its timed runs (``flash_paths``)."""
     result = {}
     for batch_size in batch_sizes:
         prompts = batch_prompts(tokenizer, batch_size, prompt_tokens)
-        runs_of = {name: lambda m=model: batch_generation_run(m, prompts, max_tokens)
+        runs_of = {name: lambda m=model: batch_generation_run(m, prompts, max_tokens, temperature)
                    for name, model in (("dense", dense), ("flash", flash))}
         results = alternated_runs(runs_of, runs)
         tok_s = {name: statistics.median(t for t, _ in r) for name, r in results.items()}
@@ -518,11 +522,12 @@ def bench(
     batch_sizes: Sequence[int] = (),
     batch_gen_tokens: int = BATCH_GEN_TOKENS,
     n_probes: Optional[int] = None,
+    batch_temp: float = 0.0,
 ) -> dict:
     """Benchmark the FlashHead folder ``model`` (with ``n_probes`` probes, default the folder's)
     against its dense head (and verified decoding at each K of ``verify_blocks``, the batch paths
-    and batch generation of ``batch_gen_tokens`` tokens a row at each of ``batch_sizes``): the
-    JSON object ``bench --json`` writes."""
+    and batch generation of ``batch_gen_tokens`` tokens a row, at temperature ``batch_temp``, at
+    each of ``batch_sizes``): the JSON object ``bench --json`` writes."""
     dense, tokenizer = load(model, flashhead=False)
     flash, _ = load(model, n_probes=n_probes)
     if not is_patched(flash):
@@ -531,7 +536,7 @@ def bench(
     stage1 = stage1_times(dense, flash_head(flash), tokenizer, runs)
     batches = batch_speeds(dense, flash, tokenizer, batch_sizes, runs)
     generation = batch_generation_speeds(dense, flash, tokenizer, batch_sizes, prompt_tokens,
-                                         batch_gen_tokens, runs)
+                                         batch_gen_tokens, runs, batch_temp)
     ran = {str(b): kernels_ran(decode_step(flash), hidden_inputs(dense, tokenizer, b, 1)[0])
            for b in BATCH_SIZES}
     prompt = tokenizer.encode(TUNING_TEXT.read_text())[:prompt_tokens]
@@ -577,6 +582,7 @@ def bench(
         "batch_break_even": break_even(batches) if batches else None,
         "batch_generation": generation,
         "batch_gen_tokens": batch_gen_tokens,
+        "batch_temp": batch_temp,
         "prompt_tokens": len(prompt),
         "gen_tokens": gen_tokens,
         "runs": runs,
@@ -746,7 +752,9 @@ def format_batch_generation(result: dict) -> str:
          ", ".join(f"{path} {n}" for path, n in r["flash_paths"].items()) or "none recorded"]
         for b, r in result["batch_generation"].items()
     ]
-    header = [f"batch generation, greedy, {result['batch_gen_tokens']} tokens a row",
+    temp = result.get("batch_temp", 0.0)
+    mode = f"temperature {temp:g}" if temp > 0 else "greedy"
+    header = [f"batch generation, {mode}, {result['batch_gen_tokens']} tokens a row",
               "dense tok/s", "FlashHead tok/s", "FlashHead / dense", "FlashHead's decode steps"]
     return table(header, rows)
 
@@ -850,6 +858,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         f"(default: {BATCH_GEN_TOKENS}).",
     )
     parser.add_argument(
+        "--batch-temp",
+        type=float,
+        default=0.0,
+        help="Sampling temperature of the batch generation of --batch-sizes (default: 0.0, "
+        "greedy).",
+    )
+    parser.add_argument(
         "--n-probes", type=int, default=None, help="Clusters scored exactly per token "
         "(default: the folder's)."
     )
@@ -869,7 +884,7 @@ def main() -> None:
             pyplot()  # fail now, not after the measurements
         result = bench(
             args.model, args.prompt_tokens, args.gen_tokens, args.runs, args.verify_blocks,
-            args.batch_sizes, args.batch_gen_tokens, args.n_probes,
+            args.batch_sizes, args.batch_gen_tokens, args.n_probes, args.batch_temp,
         )
     except ValueError as error:
         raise SystemExit(f"flashhead-mlx bench: error: {error}")

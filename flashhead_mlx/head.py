@@ -223,13 +223,19 @@ class FlashHead(nn.Module):
         return (self.weight, self.get("scales"), self.get("biases"), self.order,
                 self.cluster_size, self.group_size, self.bits, self.transform, self.mode)
 
-    def cluster_logits(self, h: mx.array, clusters: mx.array) -> Tuple[mx.array, mx.array]:
+    def cluster_logits(self, h: mx.array, clusters: mx.array, slots: Optional[mx.array] = None
+                       ) -> Tuple[mx.array, mx.array]:
         """Token ids and exact logits ``[..., K * s]`` (float32) of the rows of ``clusters``
-        ``[..., K]``.
+        ``[..., K]``: scored by stage 2, or taken from ``slots``, the logits of every slot
+        (:meth:`slot_logits`) when given.
 
         Padding slots have token id -1 and logit ``-inf``.
         """
-        _, logits = self._cluster_argmax(h, clusters)
+        if slots is None:
+            _, logits = self._cluster_argmax(h, clusters)
+        else:
+            kept = cluster_slots(clusters, self.cluster_size)
+            logits = mx.take_along_axis(slots, kept, axis=-1).astype(mx.float32)
         return slot_tokens(clusters, self.order, self.cluster_size), logits
 
     def candidates(self, h: mx.array) -> Tuple[mx.array, mx.array]:
@@ -359,11 +365,13 @@ class FlashHead(nn.Module):
             logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
         return self.scatter(tokens, logits)
 
-    def dense_greedy_logits(self, h: mx.array, processors: bool = True) -> mx.array:
+    def dense_greedy_logits(self, h: mx.array, processors: bool = True,
+                            slots: Optional[mx.array] = None) -> mx.array:
         """Logits ``[..., V]`` of a greedy decode step on the dense switch: one product over
-        every row (the dense head's work), exact at the cluster holding each row's highest
-        logit, ``-inf`` elsewhere; with ``processors``, at its recent tokens and at the
-        ``recent_tokens + 1`` clusters holding its highest logits.
+        every row (the dense head's work; ``slots``, its :meth:`slot_logits`, when already
+        computed), exact at the cluster holding each row's highest logit, ``-inf`` elsewhere;
+        with ``processors``, at its recent tokens and at the ``recent_tokens + 1`` clusters
+        holding its highest logits.
 
         Ranked by their highest logit, a row's ``k`` best clusters hold its ``k`` highest
         logits, so they hold its highest token outside its recent ones: a greedy step, even with
@@ -371,7 +379,7 @@ class FlashHead(nn.Module):
         to a near-tie of a different matmul shape. No ``[..., V]`` gather into token order: on
         a CPU that gather costs more than the product.
         """
-        slots = self.slot_logits(h)
+        slots = self.slot_logits(h) if slots is None else slots
         per_cluster = slots.reshape(*slots.shape[:-1], self.n_clusters, self.cluster_size)
         k = min(self.n_clusters, self.recent_tokens + 1) if processors else 1
         # Any k best: a tie at the last place keeps the k highest logits either way.
@@ -416,28 +424,32 @@ class FlashHead(nn.Module):
         tokens (greedy rows) and at the context's extra tokens, ``-inf`` elsewhere; with
         sampling temperatures, one full-vocabulary sampler draw's logits
         (:func:`flashhead_mlx.sampling.full_vocabulary_logits`) at the sampled rows. Above the
-        dense threshold (:meth:`dense_switch`), no stage 1: greedy steps score every row and keep
-        each row's best clusters (:meth:`dense_greedy_logits`); steps that sample get every
-        row's exact dense logits (:meth:`exact_logits`)."""
+        dense threshold (:meth:`dense_switch`) one product scores every row (the dense head's
+        work) and replaces stage 2: greedy rows keep their best clusters
+        (:meth:`dense_greedy_logits`, no stage 1), sampled rows take their candidates and drawn
+        cluster from it."""
         temperatures = context.temperatures
-        all_greedy = temperatures is None or not any(temperatures)
-        if self.dense_switch(h):
-            if not all_greedy:
-                return self.exact_logits(h)
-            logits = self.dense_greedy_logits(h, context.processors)
-        elif all_greedy:
-            logits = self.greedy_logits(h)
+        slots = self.slot_logits(h) if self.dense_switch(h) else None
+
+        def greedy_rows() -> mx.array:
+            if slots is None:
+                return self.greedy_logits(h)
+            return self.dense_greedy_logits(h, context.processors, slots)
+
+        if temperatures is None or not any(temperatures):
+            logits = greedy_rows()
         else:
             rows = h.reshape(-1, h.shape[-1]).shape[0]
             if len(temperatures) > 1 and h.ndim > 2:
                 # Rows of a batch: each position of row b samples at temperature b.
                 temperatures = tuple(t for t in temperatures for _ in range(h.shape[-2]))
             temperature = temperature_array(temperatures, rows)
-            logits = full_vocabulary_logits(self, h, temperature)
-            if 0 in temperatures and self.recent_tokens and recent_tokens() is not None:
-                # The greedy rows of a batch that also samples score their recent tokens too.
+            logits = full_vocabulary_logits(self, h, temperature, slots=slots)
+            recent = self.recent_tokens and recent_tokens() is not None
+            if 0 in temperatures and (recent or slots is not None):
+                # The greedy rows of a batch that also samples score as greedy steps do.
                 greedy = (temperature == 0).reshape(*h.shape[:-1], 1)
-                logits = mx.where(greedy, self.greedy_logits(h), logits)
+                logits = mx.where(greedy, greedy_rows(), logits)
         if context.extra_tokens:
             extra = mx.array(context.extra_tokens, mx.int32)
             index = mx.broadcast_to(extra, (*logits.shape[:-1], extra.size))

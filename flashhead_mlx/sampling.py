@@ -56,6 +56,7 @@ def sampling_logits(
     temperature,
     key: Optional[mx.array] = None,
     scores: Optional[mx.array] = None,
+    slots: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Token ids and logits ``[M, (n_probes + 1) * cluster_size]`` of one draw's categorical.
 
@@ -63,7 +64,9 @@ def sampling_logits(
     ``q_k``; the logits are already divided by ``temperature`` (a float, or an array ``[M, 1]``
     of per-row temperatures where ``0`` marks a greedy row: its drawn cluster gets ``-inf``).
     Sampling ``softmax(logits)`` draws from the full-vocabulary sampler. ``scores``: the
-    stage-1 scores ``[M, n_clusters]`` of ``h`` when already computed.
+    stage-1 scores ``[M, n_clusters]`` of ``h`` when already computed; ``slots``: the logits of
+    every slot (:meth:`~flashhead_mlx.head.FlashHead.slot_logits` of ``h``), which the clusters'
+    logits are then taken from instead of scored.
     """
     h = h.reshape(-1, h.shape[-1])
     greedy, temperature = _greedy_rows(temperature)
@@ -72,7 +75,8 @@ def sampling_logits(
     tail_log_probs = _tail_log_probs(head, scores, probes, temperature)
     drawn = mx.random.categorical(tail_log_probs, key=key)[:, None]
     clusters = mx.concatenate([probes, drawn.astype(probes.dtype)], axis=-1)
-    tokens, logits = head.cluster_logits(h, clusters)
+    slots = None if slots is None else slots.reshape(h.shape[0], -1)
+    tokens, logits = head.cluster_logits(h, clusters, slots)
     logits = logits.astype(mx.float32) / temperature
     n_candidates = head.n_probes * head.cluster_size
     drawn_log_prob = mx.take_along_axis(tail_log_probs, drawn, axis=-1)
@@ -98,14 +102,16 @@ def sample(
 
 
 def full_vocabulary_logits(
-    head, h: mx.array, temperature, key: Optional[mx.array] = None
+    head, h: mx.array, temperature, key: Optional[mx.array] = None,
+    slots: Optional[mx.array] = None,
 ) -> mx.array:
     """Logits ``[..., V]`` that mlx-lm's sampler at ``temperature`` turns into one sampler draw.
 
     ``-inf`` outside the candidates and the drawn cluster; a new cluster is drawn at every call.
-    ``temperature`` is a float or per-row ``[M, 1]`` (``0``: greedy, candidates only).
+    ``temperature`` is a float or per-row ``[M, 1]`` (``0``: greedy, candidates only);
+    ``slots``: as :func:`sampling_logits`.
     """
-    tokens, logits = sampling_logits(head, h, temperature, key)
+    tokens, logits = sampling_logits(head, h, temperature, key, slots=slots)
     full = head.scatter(tokens, logits * _greedy_rows(temperature)[1])
     return full.reshape(*h.shape[:-1], head.vocab_size)
 

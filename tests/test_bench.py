@@ -16,6 +16,8 @@ from mlx.utils import tree_flatten
 from conftest import make_clusters, make_tiny_model, run_cli
 from flashhead_mlx import flash_head, generation, load, timing
 from flashhead_mlx.bench import (
+    batch_generation_run,
+    batch_prompts,
     block_list,
     blocks,
     break_even,
@@ -151,6 +153,7 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     assert set(report["batch_break_even"]) == {"batch_size", "union_share", "probes_per_cluster",
                                                "chosen_dense_from"}
     assert set(report["batch_generation"]) == {"1", "2"} and report["batch_gen_tokens"] == 3
+    assert report["batch_temp"] == 0.0  # greedy unless --batch-temp
     for b, generation in report["batch_generation"].items():
         assert set(generation) == GENERATION_KEYS and generation["flash_tok_s"] > 0
         # Each row decodes 3 tokens: 2 steps after the first, in the 1 timed run.
@@ -164,6 +167,25 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for config in report["mac_configurations"].values():
         assert set(config) == {"bytes_per_token_dense", "bytes_per_token_flash",
                                "bandwidth_bound_speedup"}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_batch_generation_samples_at_the_temperature_asked(converted, monkeypatch, temperature):
+    """``bench --batch-temp``: every decode step of the batch generation reaches the head with
+    each row's temperature (greedy rows read as temperature 0)."""
+    flash, tokenizer = load(str(converted))
+    seen = []
+    decode_logits = FlashHead.decode_logits
+    monkeypatch.setattr(FlashHead, "decode_logits", lambda self, h, context:
+                        seen.append(context.temperatures) or decode_logits(self, h, context))
+    prompts = batch_prompts(tokenizer, 3, 4)
+    tok_s, _ = batch_generation_run(flash, prompts, 3, temperature)
+    assert tok_s > 0
+    rows = (temperature,) * 3
+    if temperature:  # the prompts' step reads no settings (None)
+        assert rows in seen and all(t in (None, rows) for t in seen)
+    else:
+        assert seen and all(t is None or not any(t) for t in seen)
 
 
 def test_decode_rate_counts_whole_calls(converted, monkeypatch):

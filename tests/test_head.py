@@ -191,12 +191,15 @@ def test_union_clusters_is_the_sorted_union():
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch):
-    """A decode step of rows above the threshold runs neither stage 1 nor stage 2: a step that
-    samples returns every row's dense logits; a greedy step the dense logits of the
-    ``recent_tokens + 1`` clusters holding each row's highest ones (checked by brute force
-    here), ``-inf`` elsewhere. Below it, the rows' candidates only."""
+    """A decode step of rows above the threshold runs no stage 2, one product over every row
+    instead: greedy rows (no stage 1 either) keep the dense logits of the ``recent_tokens + 1``
+    clusters holding their highest ones (checked by brute force here), ``-inf`` elsewhere;
+    sampled rows the candidates and drawn cluster of the gathering path's draw (the same
+    random draws), their logits taken from the product. Below it, the rows' candidates only."""
     head, rows = make_head(weight, clusters, quantized, cap=5.0)
     head.recent_tokens = 4
+    head.mass_bias = mx.array(np.random.default_rng(6).normal(0, 1, (2, head.n_clusters)),
+                              mx.float32)
     below = int(np.ceil(DENSE_PROBE_RATIO * head.n_clusters / head.n_probes)) - 1
     assert choose_batch_path(below, head.n_probes, head.n_clusters) == "union"
     with decoding():
@@ -209,30 +212,46 @@ def test_dense_switch_is_the_dense_head(weight, clusters, quantized, monkeypatch
     def cluster_max(logits):
         return np.where(order >= 0, logits[:, order], -np.inf).max(axis=-1)
 
+    def step(temperatures, path):
+        head.batch_path = path
+        mx.random.seed(7)
+        with decoding(temperatures):
+            return np.array(head(mx.array(h[:, None])))[:, 0]
+
+    mixed = [float(row % 2) for row in range(len(h))]  # greedy and sampled rows
+    settings = (None, [0.0], [0.7], mixed)
+    gathered = {str(t): step(t, "rows") for t in settings[2:]}  # stage 2's own draws
     calls = []
     for stage in ("probe", "cluster_scores", "_cluster_argmax", "greedy_logits"):
         method = getattr(FlashHead, stage)
         monkeypatch.setattr(FlashHead, stage, lambda *a, m=method, s=stage, **k:
                             calls.append(s) or m(*a, **k))
     with recording() as ran:
-        mixed = [float(row % 2) for row in range(len(h))]  # greedy and sampled rows
-        for temperatures in (None, [0.0], [0.7], mixed):
-            with decoding(temperatures):
-                logits = np.array(head(mx.array(h[:, None])))[:, 0]
-            if temperatures in (None, [0.0]):
-                exact = np.isfinite(logits)
-                np.testing.assert_allclose(logits[exact], dense[exact], rtol=1e-5, atol=1e-5)
-                # Whole clusters, recent_tokens + 1 of them, none below one left out (up to ties).
-                whole = np.where(order >= 0, exact[:, order], True).all(axis=-1)
-                assert np.all(whole.sum(-1) == head.recent_tokens + 1)
-                assert np.all(exact.sum(-1) == whole @ (order >= 0).sum(-1))  # and nothing else
-                kept, left = (np.where(mask, cluster_max(dense), np.nan) for mask in (whole, ~whole))
-                assert np.all(np.nanmin(kept, -1) >= np.nanmax(left, -1) - 1e-5)
-            else:
-                np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
-            mine, best = logits.argmax(-1), dense.argmax(-1)  # near-ties: within 2e-5
-            assert np.all((mine == best) | (dense[np.arange(len(h)), mine] >= dense.max(-1) - 2e-5))
-    assert not calls and ran == {"batch_path": "dense"}
+        for temperatures in settings:
+            logits = step(temperatures, None)
+            sampled = np.broadcast_to(np.array(temperatures or [0.0]) > 0, len(h))
+            if sampled.any():
+                mine, theirs = logits[sampled], gathered[str(temperatures)][sampled]
+                np.testing.assert_array_equal(np.isinf(mine), np.isinf(theirs))
+                finite = np.isfinite(theirs)
+                np.testing.assert_allclose(mine[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+            greedy, reference = logits[~sampled], dense[~sampled]
+            if not len(greedy):
+                continue
+            exact = np.isfinite(greedy)
+            np.testing.assert_allclose(greedy[exact], reference[exact], rtol=1e-5, atol=1e-5)
+            # Whole clusters, recent_tokens + 1 of them, none below one left out (up to ties).
+            whole = np.where(order >= 0, exact[:, order], True).all(axis=-1)
+            assert np.all(whole.sum(-1) == head.recent_tokens + 1)
+            assert np.all(exact.sum(-1) == whole @ (order >= 0).sum(-1))  # and nothing else
+            kept, left = (np.where(mask, cluster_max(reference), np.nan) for mask in (whole, ~whole))
+            assert np.all(np.nanmin(kept, -1) >= np.nanmax(left, -1) - 1e-5)
+            mine, best = greedy.argmax(-1), reference.argmax(-1)  # near-ties: within 2e-5
+            rows_ = np.arange(len(greedy))
+            assert np.all((mine == best) | (reference[rows_, mine] >= reference.max(-1) - 2e-5))
+    assert "_cluster_argmax" not in calls and "greedy_logits" not in calls
+    assert set(calls) == {"probe", "cluster_scores"}  # the sampled steps' stage 1
+    assert ran == {"batch_path": "dense"}
 
 
 @pytest.mark.parametrize("recent", [0, 3, 16])

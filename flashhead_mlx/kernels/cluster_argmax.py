@@ -155,8 +155,9 @@ def cluster_slots(probes: mx.array, cluster_size: int) -> mx.array:
 
 def slot_tokens(probes: mx.array, order: mx.array, cluster_size: int) -> mx.array:
     """The token ids ``[..., n_probes * cluster_size]`` of the slots of clusters ``probes``
-    ``[..., n_probes]`` (-1 at padding), in the order of :func:`cluster_argmax`'s logits."""
-    return order[cluster_slots(probes, cluster_size)]
+    ``[..., n_probes]`` (-1 at padding), in the order of :func:`cluster_argmax`'s logits: one
+    gather of whole clusters."""
+    return order.reshape(-1, cluster_size)[probes].reshape(*probes.shape[:-1], -1)
 
 
 def best_token(tokens: mx.array, logits: mx.array) -> mx.array:
