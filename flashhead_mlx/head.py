@@ -269,7 +269,7 @@ class FlashHead(nn.Module):
         """The exact logits of every token ``[..., V]`` in vocabulary order: :meth:`slot_logits`
         (one product over the rows in cluster order) gathered into token order.
 
-        For a few rows (a verification block, a decode batch) it reads the head once without
+        For a few rows (a verification block) it reads the head once without
         copying it. Each logit is the dot product :meth:`dense_logits` computes; a matrix product
         of another shape or row order may sum it in another order, so a near-tie can round
         differently.

@@ -28,8 +28,9 @@ REDUCE_THREADS = 256
 # scored: "rows" gathers and scores each row's clusters on its own (the fused kernel on Metal),
 # reading about M times the scored share of the head; "union" scores the union of the rows'
 # clusters once, in one gathered matmul (pure MLX), each row keeping the logits of its own
-# clusters only; "dense" is the dense switch: the dense head's product over every row, with no
-# stage 1 (FlashHead.dense_greedy_logits at greedy steps, FlashHead.exact_logits when sampling).
+# clusters only; "dense" is the dense switch: the dense head's product over every row in place of
+# stage 2 (FlashHead.dense_greedy_logits at greedy steps, with no stage 1; sampled rows take their
+# candidates and drawn cluster from it, FlashHead.cluster_logits).
 # Stage 2 called alone (a row's candidates, as evaluation asks for them) takes "dense" as the
 # dense matmul over every cluster, from which each row keeps its own clusters' logits.
 BATCH_PATHS = ("rows", "union", "dense")
