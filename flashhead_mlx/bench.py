@@ -356,10 +356,10 @@ def batch_generation_speeds(dense, flash, tokenizer, batch_sizes: Sequence[int],
                             prompt_tokens: int, max_tokens: int, runs: int,
                             temperature: float = 0.0) -> dict:
     """Per batch size B: batch generation (:func:`batch_generation_run`, at ``temperature``) of
-    B prompts of
-    the built-in text, dense and FlashHead alternated after a warm-up run each: median decode
-    tokens/s of all rows (``dense_tok_s``, ``flash_tok_s``), their ratio (``speedup``) and the
-    batch paths of FlashHead's decode steps over its timed runs (``flash_paths``)."""
+    B prompts of the built-in text, dense and FlashHead alternated after a warm-up run each:
+    median decode tokens/s of all rows (``dense_tok_s``, ``flash_tok_s``), their ratio
+    (``speedup``) and the batch paths of FlashHead's decode steps over its timed runs
+    (``flash_paths``)."""
     result = {}
     for batch_size in batch_sizes:
         prompts = batch_prompts(tokenizer, batch_size, prompt_tokens)
