@@ -384,8 +384,7 @@ class FlashHead(nn.Module):
         k = min(self.n_clusters, self.recent_tokens + 1) if processors else 1
         # Any k best: a tie at the last place keeps the k highest logits either way.
         clusters = mx.argpartition(-per_cluster.max(axis=-1), k - 1, axis=-1)[..., :k]
-        kept = cluster_slots(clusters, self.cluster_size)
-        tokens, logits = self.order[kept], mx.take_along_axis(slots, kept, axis=-1)
+        tokens, logits = self.cluster_logits(h, clusters, slots)
         recent = self.recent_extra(h, clusters) if processors else None
         if recent is not None:
             recent_slots = self.inverse[mx.maximum(recent, 0)]
