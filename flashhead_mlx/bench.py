@@ -879,6 +879,8 @@ def main() -> None:
     if min(args.prompt_tokens, args.gen_tokens, args.runs, args.batch_gen_tokens) < 1:
         parser.error("--prompt-tokens, --gen-tokens, --runs and --batch-gen-tokens must be "
                      "positive")
+    if args.batch_temp < 0:
+        parser.error(f"--batch-temp must be 0 (greedy) or positive, got {args.batch_temp}")
     try:
         if args.plot:
             pyplot()  # fail now, not after the measurements

@@ -278,6 +278,13 @@ def test_verify_blocks_are_positive_integers():
             block_list(text)
 
 
+def test_a_negative_batch_temperature_is_refused(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--model", str(tmp_path), "--batch-temp", "-0.5", "--json", str(out))
+    assert result.returncode == 2 and "--batch-temp must be 0 (greedy) or positive" in result.stderr
+    assert not out.exists()
+
+
 def test_folder_without_flashhead_is_refused(tmp_path):
     source = make_tiny_model(tmp_path / "plain")
     result = run_cli("bench", "--model", str(source), "--runs", "1")
