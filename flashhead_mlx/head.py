@@ -110,6 +110,8 @@ class FlashHead(nn.Module):
         self.order = order
         # Sorting puts the padding slots (-1) first, then the slot of each token 0..V-1.
         self.inverse = mx.argsort(order)[order.size - self.vocab_size :].astype(mx.int32)
+        # Whether some slots hold no token (-1 in order).
+        self.padded = order.size > self.vocab_size
         self.centroid_bits = assets["centroid_bits"]
         self.centroid_group_size = assets["centroid_group_size"]
         float32 = stage1_float32(device or mx.default_device())
@@ -286,18 +288,23 @@ class FlashHead(nn.Module):
         transform, what the model's own forward pass transforms."""
         return self._row_logits(h, self.inverse)
 
-    def scatter(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        """Full-vocabulary logits ``[..., V]`` from compact ones, ``-inf`` at the other tokens.
+    def scatter(self, tokens: mx.array, logits: mx.array, into: Optional[mx.array] = None,
+                padding: Optional[bool] = None) -> mx.array:
+        """Full-vocabulary logits ``[..., V]`` from compact ones, written over ``into`` (default:
+        ``-inf`` at every token).
 
-        A padding entry (token -1) writes again the row's first real entry, so the result is
-        contiguous (a spare column sliced off would leave strided rows, on which a CPU's
-        ``logsumexp``, what mlx-lm's samplers take first, runs ~30% slower)."""
-        full = mx.full((*tokens.shape[:-1], self.vocab_size), -mx.inf, dtype=logits.dtype)
-        padding = tokens < 0
-        first = mx.argmax(~padding, axis=-1, keepdims=True)
-        tokens = mx.where(padding, mx.take_along_axis(tokens, first, axis=-1), tokens)
-        logits = mx.where(padding, mx.take_along_axis(logits, first, axis=-1), logits)
-        return mx.put_along_axis(full, tokens, logits, axis=-1)
+        ``padding``: whether ``tokens`` may hold padding entries (-1); default: whether the head
+        has padding slots. A padding entry writes again the row's first real entry, so the
+        result is contiguous (a spare column sliced off would leave strided rows, on which a
+        CPU's ``logsumexp``, what mlx-lm's samplers take first, runs ~30% slower)."""
+        if into is None:
+            into = mx.full((*tokens.shape[:-1], self.vocab_size), -mx.inf, dtype=logits.dtype)
+        if self.padded if padding is None else padding:
+            pad = tokens < 0
+            first = mx.argmax(~pad, axis=-1, keepdims=True)
+            tokens = mx.where(pad, mx.take_along_axis(tokens, first, axis=-1), tokens)
+            logits = mx.where(pad, mx.take_along_axis(logits, first, axis=-1), logits)
+        return mx.put_along_axis(into, tokens, logits, axis=-1)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The rows of ``tokens`` (the tied embedding lookup), dequantized when quantized."""
@@ -327,43 +334,47 @@ class FlashHead(nn.Module):
         """The exact logits ``[B, L, R]`` (float32) of each position's own tokens ``[B, L, R]``
         at hidden states ``[B, L, d]`` (-1: no token, ``-inf``)."""
         slots = self.inverse[mx.maximum(tokens, 0)].reshape(-1, tokens.shape[-1])
-        x = h.reshape(-1, h.shape[-1]).astype(mx.float32)[:, None, None, :]
-        logits = gathered_logits(  # each slot a "cluster" of one row
-            x,
-            slots,
-            self.weight,
-            self.get("scales"),
-            self.get("biases"),
-            1,
-            self.group_size,
-            self.bits,
-            self.mode,
-        )
+        x = h.reshape(-1, 1, h.shape[-1]).astype(mx.float32)
+        if "scales" in self:  # each slot a "cluster" of one row
+            logits = gathered_logits(x[:, None], slots, self.weight, self.scales,
+                                     self.get("biases"), 1, self.group_size, self.bits, self.mode)
+        else:  # one product per position, not one per slot
+            rows = mx.take(self.weight, slots, axis=0).astype(mx.float32)
+            logits = x @ rows.swapaxes(-1, -2)
         logits = apply(self.transform, logits).reshape(tokens.shape)
         return mx.where(tokens >= 0, logits, -mx.inf)
 
-    def recent_extra(self, h: mx.array, probes: mx.array) -> Optional[mx.array]:
-        """Each position's recent tokens ``[B, L, R]`` (:func:`flashhead_mlx.recent.recent_tokens`)
-        that are not candidates already (-1 in their place), or ``None`` when the forward pass
-        set none for these positions."""
+    def own_recent_tokens(self, h: mx.array) -> Optional[mx.array]:
+        """Each position's last ``recent_tokens`` context tokens ``[B, L, R]``
+        (:func:`flashhead_mlx.recent.recent_tokens`; -1 where a context is shorter), or ``None``
+        when the forward pass set none for these positions."""
         tokens = recent_tokens()
         if self.recent_tokens == 0 or tokens is None or tokens.shape[:2] != h.shape[:-1]:
             return None
-        tokens = tokens[..., -self.recent_tokens :]
+        return tokens[..., -self.recent_tokens :]
+
+    def recent_extra(self, h: mx.array, probes: mx.array) -> Optional[mx.array]:
+        """:meth:`own_recent_tokens` that are not in ``probes``' clusters already (-1 in their
+        place), or ``None``."""
+        tokens = self.own_recent_tokens(h)
+        if tokens is None:
+            return None
         clusters = self.inverse[mx.maximum(tokens, 0)] // self.cluster_size
         probed = (clusters[..., None] == probes[..., None, :].astype(mx.int32)).any(axis=-1)
         return mx.where(probed, -1, tokens)
 
     def greedy_logits(self, h: mx.array) -> mx.array:
         """Logits ``[..., V]`` of a greedy decode step: exact at the candidates and at each
-        row's recent tokens (:meth:`recent_extra`), ``-inf`` elsewhere."""
+        row's recent tokens (:func:`flashhead_mlx.recent.recent_tokens`), ``-inf`` elsewhere.
+
+        The recent tokens' logits are written first and the candidates' over them, so a recent
+        token among the candidates keeps its stage-2 logit."""
         probes = self.probe(h)
         tokens, logits = self.cluster_logits(h, probes)
-        recent = self.recent_extra(h, probes)
-        if recent is not None:
-            tokens = mx.concatenate([tokens, recent], axis=-1)
-            logits = mx.concatenate([logits, self.row_token_logits(h, recent)], axis=-1)
-        return self.scatter(tokens, logits)
+        recent = self.own_recent_tokens(h)
+        under = None if recent is None else self.scatter(
+            recent, self.row_token_logits(h, recent), padding=True)
+        return self.scatter(tokens, logits, under)
 
     def dense_greedy_logits(self, h: mx.array, processors: bool = True,
                             slots: Optional[mx.array] = None) -> mx.array:
@@ -385,12 +396,13 @@ class FlashHead(nn.Module):
         # Any k best: a tie at the last place keeps the k highest logits either way.
         clusters = mx.argpartition(-per_cluster.max(axis=-1), k - 1, axis=-1)[..., :k]
         tokens, logits = self.cluster_logits(h, clusters, slots)
-        recent = self.recent_extra(h, clusters) if processors else None
+        recent = self.own_recent_tokens(h) if processors else None
+        under = None
         if recent is not None:
             recent_slots = self.inverse[mx.maximum(recent, 0)]
-            tokens = mx.concatenate([tokens, recent], axis=-1)
-            logits = mx.concatenate([logits, mx.take_along_axis(slots, recent_slots, -1)], -1)
-        return self.scatter(tokens, logits)
+            recent_logits = mx.take_along_axis(slots, recent_slots, -1).astype(mx.float32)
+            under = self.scatter(recent, recent_logits, padding=True)
+        return self.scatter(tokens, logits, under)
 
     def greedy_step(self, h: mx.array) -> mx.array:
         """The token ``[...]`` (int32) of a greedy decode step: the argmax of

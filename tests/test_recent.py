@@ -82,6 +82,32 @@ def test_the_exact_set_is_the_candidates_and_the_rows_own_recent_tokens(folder, 
         assert np.all(np.isneginf(step[b, ~(candidates[b] | own)]))
 
 
+def test_a_recent_candidate_keeps_its_stage_two_logit(folder, monkeypatch):
+    """The recent tokens' logits are written first and the candidates' over them: a recent token
+    among the candidates keeps the logit stage 2 gave it (spied: the recent tokens' own logits
+    are shifted by one, so the order shows), the others get their own."""
+    dense, _ = mlx_lm.load(str(folder))
+    reference = np.array(dense(mx.array(ROWS))[:, -1])
+    candidates = decode_step(patched(folder, 0)[0], ROWS)
+    model, _ = patched(folder, ROWS.shape[1])
+    head = flash_head(model)
+    own_logits = type(head).row_token_logits
+    monkeypatch.setattr(type(head), "row_token_logits",
+                        lambda self, h, tokens: own_logits(self, h, tokens) + 1)
+    step = decode_step(model, ROWS)
+    both = 0
+    for b in range(len(ROWS)):
+        kept = np.isfinite(candidates[b])
+        own = np.zeros(kept.shape, dtype=bool)
+        own[ROWS[b]] = True
+        both += (own & kept).sum()
+        np.testing.assert_array_equal(step[b, kept], candidates[b, kept])
+        np.testing.assert_array_equal(np.isfinite(step[b]) & ~kept, own & ~kept)
+        np.testing.assert_allclose(step[b, own & ~kept], reference[b, own & ~kept] + 1,
+                                   rtol=1e-4, atol=1e-4)
+    assert both  # some recent tokens are candidates
+
+
 def test_a_context_holding_every_token_makes_greedy_decoding_dense(folder):
     """With every vocabulary token among the recent ones, FlashHead's greedy output is the dense
     head's whatever the probes; without them the same few probes change it."""
