@@ -50,6 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .decode import decoding
@@ -478,14 +479,38 @@ def step_run(model: nn.Module, prompt: List[int], steps: int) -> Dict[str, float
 
 def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs: int) -> dict:
     """Per ``name -> model``, the medians of :func:`step_run`'s times over ``runs`` runs
-    alternated between the models after one warm-up run each."""
+    alternated between the models after one warm-up run each, and each run's decode step
+    (``decode_runs_ms``, in the order the runs were made)."""
     results = alternated_runs(
         {name: lambda m=model: step_run(m, prompt, steps) for name, model in models.items()}, runs
     )
     return {
-        name: {key: statistics.median(r[key] for r in runs_) for key in runs_[0]}
+        name: {**{key: statistics.median(r[key] for r in runs_) for key in runs_[0]},
+               "decode_runs_ms": [r["decode_ms"] for r in runs_]}
         for name, runs_ in results.items()
     }
+
+
+def head_time_share(dense, flash, free):
+    """The share of the dense head's time per decode step that FlashHead removes,
+    ``(dense - flash) / (dense - free)``, from decode-step times (floats or arrays)."""
+    return (dense - flash) / (dense - free)
+
+
+def share_interval(decode_runs: Dict[str, List[float]], resamples: int = 2000,
+                   seed: int = 0) -> Optional[List[float]]:
+    """A 95% bootstrap interval of :func:`head_time_share` of the runs' medians: the runs
+    resampled with replacement, the same runs for ``dense``, ``flash`` and ``free`` (their runs
+    alternate, so a run's three times share the machine's state); ``None`` where the dense head
+    costs nothing more than the free one in most resamples."""
+    times = np.array([decode_runs[name] for name in ("dense", "flash", "free")])  # [3, runs]
+    picks = np.random.default_rng(seed).integers(0, times.shape[1], (resamples, times.shape[1]))
+    dense, flash, free = np.median(times[:, picks], axis=-1)  # [resamples] each
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = head_time_share(dense, flash, free)[dense > free]
+    if 2 * shares.size < resamples:
+        return None
+    return [float(x) for x in np.percentile(shares, [2.5, 97.5])]
 
 
 def free_head_baseline(
@@ -500,8 +525,11 @@ def free_head_baseline(
         "head_in_step_dense_ms": dense_head,
         "head_in_step_flash_ms": decode["flash"] - decode["free"],
         "share_of_head_time_removed": (
-            (decode["dense"] - decode["flash"]) / dense_head if dense_head > 0 else None
+            head_time_share(decode["dense"], decode["flash"], decode["free"])
+            if dense_head > 0 else None
         ),
+        "share_of_head_time_removed_95": share_interval(
+            {name: times["decode_runs_ms"] for name, times in steps.items()}),
         "head_bytes_read_dense": round(heads_read["dense"]),
         "head_bytes_read_flash": round(heads_read["flash"]),
         "head_dense_gb_s": heads_read["dense"] / head_ms["dense"] / 1e6,
@@ -731,10 +759,12 @@ def format_free_head(result: dict) -> str:
     ]
     header = ["generate_step (ms)", f"prefill ({result['prompt_tokens'] - 1} tokens)",
               "first step", "decode step"]
-    share = result["share_of_head_time_removed"]
+    share, interval = result["share_of_head_time_removed"], result["share_of_head_time_removed_95"]
     summary = (
         "FlashHead removes "
         + ("n/a" if share is None else f"{100 * share:.0f}%")
+        + ("" if interval is None else
+           f" (95% interval over the runs: {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%)")
         + " of the head's time per decode token ((dense - FlashHead) / (dense - free head)). "
         f"Head alone at B = 1: dense reads {result['head_bytes_read_dense'] / 1e6:.1f} MB per "
         f"step at {result['head_dense_gb_s']:.1f} GB/s, FlashHead "

@@ -23,8 +23,10 @@ from flashhead_mlx.bench import (
     break_even,
     bytes_per_token,
     free_head,
+    head_time_share,
     mac_configurations,
     parameter_bytes,
+    share_interval,
 )
 from flashhead_mlx.kernels import choose_batch_path
 from flashhead_mlx.model_head import head_module, is_tied, language_model
@@ -135,7 +137,10 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     assert FREE_HEAD_KEYS <= set(report) and "free head" in result.stdout
     assert set(report["step_ms"]) == {"dense", "flash", "free"}
     for times in report["step_ms"].values():
-        assert set(times) == STEP_KEYS and min(times.values()) > 0
+        assert set(times) == STEP_KEYS | {"decode_runs_ms"}
+        assert min(times[key] for key in STEP_KEYS) > 0
+        assert len(times["decode_runs_ms"]) == report["runs"]
+    assert "share_of_head_time_removed_95" in report
     for key in FREE_HEAD_KEYS - {"share_of_head_time_removed", "head_in_step_dense_ms",
                                  "head_in_step_flash_ms"}:
         assert report[key] > 0, key
@@ -265,6 +270,35 @@ def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
     speeds = {"1": row(10, 2, "rows", 0.1)}
     assert break_even(speeds) == {"batch_size": None, "union_share": None,
                                   "probes_per_cluster": None, "chosen_dense_from": None}
+
+
+def test_share_interval_resamples_the_three_heads_runs_together():
+    """The free-head share's bootstrap interval: one value where every resample gives the same
+    share (identical runs, or runs that drift by the same amount for the three heads, since a
+    run's three times are resampled together), around the point estimate and narrowing with
+    more runs where FlashHead's time is noisy, ``None`` where the dense head costs no more than
+    the free one."""
+    assert share_interval({"dense": [100.0] * 5, "flash": [60.0] * 5, "free": [50.0] * 5}) == \
+        pytest.approx([0.8, 0.8])
+    drift = np.linspace(0, 30, 15)  # the machine slows during the runs
+    runs = {"dense": 100 + drift, "flash": 60 + drift, "free": 50 + drift}
+    assert share_interval(runs) == pytest.approx([0.8, 0.8])
+    unpaired = {name: np.random.default_rng(i).permutation(times) for i, (name, times)
+                in enumerate(runs.items())}
+    low, high = share_interval(unpaired)
+    assert high - low > 0.2  # the drift alone, once the runs are no longer resampled together
+
+    def noisy(n):
+        flash = 60 + np.random.default_rng(n).normal(0, 5, n)
+        return {"dense": [100.0] * n, "flash": flash, "free": [50.0] * n}, flash
+    intervals = {}
+    for n in (9, 81):
+        times, flash = noisy(n)
+        intervals[n] = share_interval(times)
+        point = head_time_share(100.0, np.median(flash), 50.0)
+        assert intervals[n][0] < point < intervals[n][1]
+    assert np.diff(intervals[81]) < np.diff(intervals[9]) / 2
+    assert share_interval({"dense": [50.0] * 3, "flash": [60.0] * 3, "free": [50.0] * 3}) is None
 
 
 def test_verify_blocks_are_positive_integers():
