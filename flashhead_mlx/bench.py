@@ -759,7 +759,8 @@ def format_free_head(result: dict) -> str:
     ]
     header = ["generate_step (ms)", f"prefill ({result['prompt_tokens'] - 1} tokens)",
               "first step", "decode step"]
-    share, interval = result["share_of_head_time_removed"], result["share_of_head_time_removed_95"]
+    share = result["share_of_head_time_removed"]
+    interval = result.get("share_of_head_time_removed_95")  # absent from JSON before 2026-12-03
     summary = (
         "FlashHead removes "
         + ("n/a" if share is None else f"{100 * share:.0f}%")
