@@ -32,9 +32,10 @@ two (one warm-up run each first) and the medians are reported:
 - stage 1 per centroid format (:func:`stage1_times`): packed, float32 (what a CPU FlashHead
   multiplies), dequantized per call, at B = 1 and 4, alternated;
 - the free-head baseline: the same model with a head that costs nothing but writing its logits
-  (:class:`FreeHead`), alternated with dense and FlashHead through ``generate_step``: the prefill
-  (all prompt tokens but the last), the first step (the last prompt token, the head and the
-  sampler) and the decode steps, each timed alone. Per decode token, ``(t_dense - t_flash) /
+  (:class:`FreeHead`), beside dense and FlashHead through ``generate_step``: the prefill (all
+  prompt tokens but the last), the first step (the last prompt token, the head and the sampler),
+  each timed alone, and the decode steps, the three models' generations advanced in turns of 8
+  steps (:func:`step_times`). Per decode token, ``(t_dense - t_flash) /
   (t_dense - t_free)`` is the share of the head's time FlashHead removes; the bytes each head
   reads per step over its time alone (B = 1) is the bandwidth it achieves.
 """
@@ -46,7 +47,7 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,7 +67,7 @@ from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 from .sample_utils import make_sampler
 from .speed import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
-from .timing import alternate, alternated_runs
+from .timing import alternate, alternated_runs, settle
 from .mlx_lm_commands import block_argument
 from .verified import Blocks, block_label
 
@@ -74,6 +75,8 @@ from .verified import Blocks, block_label
 N_BATCH_INPUTS = 16
 # Tokens each row of the end-to-end batch generation decodes (`--batch-gen-tokens`).
 BATCH_GEN_TOKENS = 16
+# Decode steps a model takes in its turn of the free-head baseline's interleaved runs.
+DECODE_TURN = 8
 # The stages whose implementation a decode step records (flashhead_mlx.kernels.recording).
 STAGES = ("centroid_topk", "cluster_argmax")
 
@@ -453,41 +456,79 @@ def free_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def step_run(model: nn.Module, prompt: List[int], steps: int) -> Dict[str, float]:
-    """One greedy ``generate_step`` run of ``steps`` decode steps after the first: the ms of the
-    prefill (every prompt token but the last, until the cache is evaluated), of the first step
-    (the last prompt token through the body, the head and the sampler) and the median ms of
-    the decode steps (the intervals between tokens after the first). No stop at EOS."""
-    marks, tokens = [], []
+def started_generation(model: nn.Module, prompt: List[int], max_tokens: int
+                       ) -> Tuple[Iterator, Dict[str, float]]:
+    """A greedy ``generate_step`` of ``max_tokens`` tokens (no stop at EOS) after its first
+    token, and the ms of its prefill (every prompt token but the last, until the cache is
+    evaluated) and of its first step (the last prompt token through the body, the head and the
+    sampler)."""
+    marks = []
     generator = generate_step(
         mx.array(prompt),
         model,
-        max_tokens=steps + 1,
+        max_tokens=max_tokens,
         prompt_progress_callback=lambda done, total: marks.append(time.perf_counter()),
     )
-    for _ in generator:
-        tokens.append(time.perf_counter())
+    next(generator)
     # marks: the start, after each prefill chunk (none for a 1-token prompt), the first token.
     prefill_end = marks[-2] if len(marks) > 2 else marks[0]
-    intervals = [b - a for a, b in zip(tokens, tokens[1:])]
-    return {
-        "prefill_ms": 1000 * (prefill_end - marks[0]),
-        "first_step_ms": 1000 * (marks[-1] - prefill_end),
-        "decode_ms": 1000 * statistics.median(intervals),
-    }
+    return generator, {"prefill_ms": 1000 * (prefill_end - marks[0]),
+                       "first_step_ms": 1000 * (marks[-1] - prefill_end)}
+
+
+def decode_turn(generator: Iterator, steps: int,
+                clock: Callable[[], float] = time.perf_counter) -> List[float]:
+    """The ms of ``steps`` decode steps of a started ``generate_step``: the intervals between its
+    next ``steps + 2`` tokens (by ``clock``, seconds) but the first. The first interval is left
+    out: the turn's first token was evaluated before the turn
+    (:func:`~flashhead_mlx.timing.settle`), so its interval does not overlap the next step's
+    graph building with the step before, as the others do."""
+    marks = []
+    for _ in range(steps + 2):
+        next(generator)
+        marks.append(clock())
+    return [1000 * (b - a) for a, b in zip(marks[1:], marks[2:])]
 
 
 def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs: int) -> dict:
-    """Per ``name -> model``, the medians of :func:`step_run`'s times over ``runs`` runs
-    alternated between the models after one warm-up run each, and each run's decode step
-    (``decode_runs_ms``, in the order the runs were made)."""
-    results = alternated_runs(
-        {name: lambda m=model: step_run(m, prompt, steps) for name, model in models.items()}, runs
-    )
+    """Per ``name -> model``: the median ms of the prefill, the first step
+    (:func:`started_generation`) and a decode step, the models' greedy ``generate_step`` runs interleaved.
+
+    Each run (after one warm-up run) starts every model's generation on ``prompt``, one after
+    the other, then takes ``steps`` decode steps of each in turns of :data:`DECODE_TURN`
+    (:func:`decode_turn`): a round gives each model a turn, at the same context length, the
+    order reversed every other round, every turn started once the one before has ended
+    (:func:`~flashhead_mlx.timing.settle`). So the machine's slow drift (the same model's
+    decode step moves by +-8% between runs minutes apart on a shared 2-core CPU) falls on the
+    three alike. ``decode_ms`` is the median of the turns' medians, ``decode_turns_ms`` each
+    turn's median, the same index a round for every model."""
+    names = list(models)
+    starts = {name: [] for name in names}
+    turns = {name: [] for name in names}
+    rounds = -(-steps // DECODE_TURN)
+    for run in range(runs + 1):
+        generators = {}
+        for name in names[:: 1 if run % 2 else -1]:
+            settle()
+            generators[name], start = started_generation(
+                models[name], prompt, 1 + steps + 2 * rounds)
+            starts[name].append(start)
+        for round_ in range(rounds):
+            count = min(DECODE_TURN, steps - round_ * DECODE_TURN)
+            for name in names[:: 1 if round_ % 2 else -1]:
+                settle()
+                turn = decode_turn(generators[name], count)
+                if run:
+                    turns[name].append(statistics.median(turn))
+        for generator in generators.values():
+            generator.close()
+        settle()
     return {
-        name: {**{key: statistics.median(r[key] for r in runs_) for key in runs_[0]},
-               "decode_runs_ms": [r["decode_ms"] for r in runs_]}
-        for name, runs_ in results.items()
+        name: {**{key: statistics.median(s[key] for s in starts[name][1:])
+                  for key in ("prefill_ms", "first_step_ms")},
+               "decode_ms": statistics.median(turns[name]),
+               "decode_turns_ms": turns[name]}
+        for name in names
     }
 
 
@@ -497,13 +538,13 @@ def head_time_share(dense, flash, free):
     return (dense - flash) / (dense - free)
 
 
-def share_interval(decode_runs: Dict[str, List[float]], resamples: int = 2000,
+def share_interval(decode_turns: Dict[str, List[float]], resamples: int = 2000,
                    seed: int = 0) -> Optional[List[float]]:
-    """A 95% bootstrap interval of :func:`head_time_share` of the runs' medians: the runs
-    resampled with replacement, the same runs for ``dense``, ``flash`` and ``free`` (their runs
-    alternate, so a run's three times share the machine's state); ``None`` where the dense head
-    costs nothing more than the free one in most resamples."""
-    times = np.array([decode_runs[name] for name in ("dense", "flash", "free")])  # [3, runs]
+    """A 95% bootstrap interval of :func:`head_time_share` of the medians of
+    :func:`step_times`' turns: the rounds resampled with replacement, a round's ``dense``,
+    ``flash`` and ``free`` turns drawn together (they share the machine's state); ``None``
+    where the dense head costs nothing more than the free one in most resamples."""
+    times = np.array([decode_turns[name] for name in ("dense", "flash", "free")])  # [3, rounds]
     picks = np.random.default_rng(seed).integers(0, times.shape[1], (resamples, times.shape[1]))
     dense, flash, free = np.median(times[:, picks], axis=-1)  # [resamples] each
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -529,7 +570,7 @@ def free_head_baseline(
             if dense_head > 0 else None
         ),
         "share_of_head_time_removed_95": share_interval(
-            {name: times["decode_runs_ms"] for name, times in steps.items()}),
+            {name: times["decode_turns_ms"] for name, times in steps.items()}),
         "head_bytes_read_dense": round(heads_read["dense"]),
         "head_bytes_read_flash": round(heads_read["flash"]),
         "head_dense_gb_s": heads_read["dense"] / head_ms["dense"] / 1e6,
@@ -765,7 +806,7 @@ def format_free_head(result: dict) -> str:
         "FlashHead removes "
         + ("n/a" if share is None else f"{100 * share:.0f}%")
         + ("" if interval is None else
-           f" (95% interval over the runs: {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%)")
+           f" (95% interval over the rounds: {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%)")
         + " of the head's time per decode token ((dense - FlashHead) / (dense - free head)). "
         f"Head alone at B = 1: dense reads {result['head_bytes_read_dense'] / 1e6:.1f} MB per "
         f"step at {result['head_dense_gb_s']:.1f} GB/s, FlashHead "

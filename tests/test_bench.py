@@ -2,6 +2,7 @@
 and the bytes a decode step reads, counted by hand."""
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -20,13 +21,16 @@ from flashhead_mlx.bench import (
     batch_prompts,
     block_list,
     blocks,
+    DECODE_TURN,
     break_even,
     bytes_per_token,
+    decode_turn,
     free_head,
     head_time_share,
     mac_configurations,
     parameter_bytes,
     share_interval,
+    step_times,
 )
 from flashhead_mlx.kernels import choose_batch_path
 from flashhead_mlx.model_head import head_module, is_tied, language_model
@@ -137,9 +141,9 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     assert FREE_HEAD_KEYS <= set(report) and "free head" in result.stdout
     assert set(report["step_ms"]) == {"dense", "flash", "free"}
     for times in report["step_ms"].values():
-        assert set(times) == STEP_KEYS | {"decode_runs_ms"}
+        assert set(times) == STEP_KEYS | {"decode_turns_ms"}
         assert min(times[key] for key in STEP_KEYS) > 0
-        assert len(times["decode_runs_ms"]) == report["runs"]
+        assert len(times["decode_turns_ms"]) == report["runs"]  # one turn of 4 steps a run
     assert "share_of_head_time_removed_95" in report
     for key in FREE_HEAD_KEYS - {"share_of_head_time_removed", "head_in_step_dense_ms",
                                  "head_in_step_flash_ms"}:
@@ -258,6 +262,47 @@ def test_free_head_skips_the_head_not_the_body(converted, monkeypatch):
     assert mx.isnan(model(tokens)).all().item()
 
 
+def test_a_decode_turn_leaves_out_its_first_interval():
+    now = [0.0]
+
+    def tokens():  # the k-th token comes k ms after the one before
+        for k in itertools.count():
+            now[0] += k / 1000
+            yield k
+
+    assert decode_turn(tokens(), 5, clock=lambda: now[0]) == pytest.approx([2, 3, 4, 5, 6])
+
+
+def test_step_times_interleaves_the_models_in_turns(converted, monkeypatch):
+    """The three models' decode steps alternate in turns (none gets more than two turns ahead of
+    another: running each model's steps in one go fails this), and each run gives a turn median
+    per round."""
+    models = {"dense": load(str(converted), flashhead=False)[0], "flash": load(str(converted))[0],
+              "free": free_head(load(str(converted), flashhead=False)[0])}
+    layers = {id(language_model(m).model.layers[0]): name for name, m in models.items()}
+    steps = {name: 0 for name in models}
+    most_ahead = [0]
+    layer_class = type(language_model(models["dense"]).model.layers[0])
+    original = layer_class.__call__
+
+    def counted(self, x, *args, **kwargs):
+        if id(self) in layers and x.shape[-2] == 1:  # a decode step (the prompts have 3 tokens)
+            steps[layers[id(self)]] += 1
+            most_ahead[0] = max(most_ahead[0], max(steps.values()) - min(steps.values()))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "__call__", counted)
+    n_steps = 5 * DECODE_TURN
+    times = step_times(models, [1, 2, 3], n_steps, runs=2)
+    rounds = n_steps // DECODE_TURN
+    assert min(steps.values()) > 2 * rounds * DECODE_TURN  # every model's steps were seen
+    assert most_ahead[0] <= 2 * (DECODE_TURN + 2) < rounds * DECODE_TURN
+    for name, t in times.items():
+        assert len(t["decode_turns_ms"]) == 2 * rounds
+        assert t["decode_ms"] == pytest.approx(np.median(t["decode_turns_ms"]))
+        assert min(t["prefill_ms"], t["first_step_ms"]) > 0
+
+
 def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
     def row(union, dense, path, share):
         return {"union": union, "dense": dense, "chosen_path": path, "union_share": min(share, 1),
@@ -272,11 +317,11 @@ def test_break_even_is_the_first_batch_where_the_dense_path_keeps_up():
                                   "probes_per_cluster": None, "chosen_dense_from": None}
 
 
-def test_share_interval_resamples_the_three_heads_runs_together():
+def test_share_interval_resamples_the_three_heads_rounds_together():
     """The free-head share's bootstrap interval: one value where every resample gives the same
-    share (identical runs, or runs that drift by the same amount for the three heads, since a
-    run's three times are resampled together), around the point estimate and narrowing with
-    more runs where FlashHead's time is noisy, ``None`` where the dense head costs no more than
+    share (identical rounds, or rounds that drift by the same amount for the three heads, since a
+    round's three turns are resampled together), around the point estimate and narrowing with
+    more rounds where FlashHead's time is noisy, ``None`` where the dense head costs no more than
     the free one."""
     assert share_interval({"dense": [100.0] * 5, "flash": [60.0] * 5, "free": [50.0] * 5}) == \
         pytest.approx([0.8, 0.8])
