@@ -162,9 +162,13 @@ def render() -> None:
     ]
     missing = {
         "cpu": "Not measured yet: run `python scripts/results_page.py`.",
-        "gpu": "No GPU machine was available to the sessions that generated this page. A session "
-        "that has one (../shared/device/README.md) fills this section by running "
-        "`python scripts/results_page.py` there.",
+        "gpu": "No GPU machine was lent to the sessions that generated this page. A session "
+        "that has one fills this section by running `python scripts/results_page.py --parts "
+        "speed` there, with what that bare machine lacks carried to it: MLX's CUDA build "
+        "(../shared/device/README.md), mlx-lm's own dependencies (transformers, tokenizers, "
+        "sentencepiece, protobuf, jinja2, pyyaml: that recipe carries mlx-lm without them) and "
+        "the two GGUF files (351 MB, over the 64 MiB one call carries: in parts over "
+        "consecutive calls while the machine is warm, as the recipe does with the CUDA wheel).",
     }
     for device, title in (("cpu", "CPU"), ("gpu", "GPU (MLX's CUDA backend)")):
         sections = [line for name in NAMES for line in model_section(device, name)]
