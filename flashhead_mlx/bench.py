@@ -492,7 +492,8 @@ def decode_turn(generator: Iterator, steps: int,
 
 def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs: int) -> dict:
     """Per ``name -> model``: the median ms of the prefill, the first step
-    (:func:`started_generation`) and a decode step, the models' greedy ``generate_step`` runs interleaved.
+    (:func:`started_generation`) and a decode step, the models' greedy ``generate_step`` runs
+    interleaved.
 
     Each run (after one warm-up run) starts every model's generation on ``prompt``, one after
     the other, then takes ``steps`` decode steps of each in turns of :data:`DECODE_TURN`
