@@ -803,8 +803,12 @@ def format_free_head(result: dict) -> str:
               "first step", "decode step"]
     share = result["share_of_head_time_removed"]
     interval = result.get("share_of_head_time_removed_95")  # absent from JSON before 2026-12-03
+    turns = steps["dense"].get("decode_turns_ms")  # absent from JSON before 2026-12-03
     summary = (
-        "FlashHead removes "
+        ("" if turns is None else
+         f"Decode steps: the three heads interleaved in turns of {DECODE_TURN} steps "
+         f"(turns per head: {len(turns)}). ")
+        + "FlashHead removes "
         + ("n/a" if share is None else f"{100 * share:.0f}%")
         + ("" if interval is None else
            f" (95% interval over the rounds: {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%)")

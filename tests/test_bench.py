@@ -114,7 +114,8 @@ def test_cli_smoke_json_and_plot(converted, tmp_path):
     for line in ("head per decode step", "centroid pass", "decode tok/s", "weights read",
                  "verified K=2-4", "FlashHead per-row", "Break-even:", "dequantized per call",
                  "stage 1 here multiplies float32", "4-bit body, bf16 head", "dense switch",
-                 "batch generation", "kernels that ran: B = 1: centroid_topk mlx"):
+                 "batch generation", "kernels that ran: B = 1: centroid_topk mlx",
+                 f"interleaved in turns of {DECODE_TURN} steps (turns per head: 1)"):
         assert line in result.stdout
     report = json.loads(out.read_text())
     assert JSON_KEYS <= set(report)
