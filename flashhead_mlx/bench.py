@@ -67,7 +67,7 @@ from .patch import FlashEmbedding, describe_head, flash_head, is_patched
 from .report import device_description, pyplot, table
 from .sample_utils import make_sampler
 from .speed import BATCH_SIZES, decode_speed, decode_step, hidden_inputs
-from .timing import alternate, alternated_runs, settle
+from .timing import alternate, alternated_runs, settle, turn_order
 from .mlx_lm_commands import block_argument
 from .verified import Blocks, block_label
 
@@ -509,14 +509,15 @@ def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs
     rounds = -(-steps // DECODE_TURN)
     for run in range(runs + 1):
         generators = {}
-        for name in names[:: 1 if run % 2 else -1]:
+        for name in turn_order(names, run):
             settle()
             generators[name], start = started_generation(
                 models[name], prompt, 1 + steps + 2 * rounds)
-            starts[name].append(start)
+            if run:
+                starts[name].append(start)
         for round_ in range(rounds):
             count = min(DECODE_TURN, steps - round_ * DECODE_TURN)
-            for name in names[:: 1 if round_ % 2 else -1]:
+            for name in turn_order(names, round_):
                 settle()
                 turn = decode_turn(generators[name], count)
                 if run:
@@ -525,7 +526,7 @@ def step_times(models: Dict[str, nn.Module], prompt: List[int], steps: int, runs
             generator.close()
         settle()
     return {
-        name: {**{key: statistics.median(s[key] for s in starts[name][1:])
+        name: {**{key: statistics.median(s[key] for s in starts[name])
                   for key in ("prefill_ms", "first_step_ms")},
                "decode_ms": statistics.median(turns[name]),
                "decode_turns_ms": turns[name]}

@@ -45,6 +45,12 @@ def settle() -> None:
     mx.clear_cache()
 
 
+def turn_order(items: Sequence, turn: int) -> Sequence:
+    """``items`` in the order of alternation turn ``turn``: reversed on even turns, as given on
+    odd ones, so that no item always follows the same one."""
+    return items[:: 1 if turn % 2 else -1]
+
+
 def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict[str, list]:
     """The results of ``runs`` calls of each ``name -> fn``, the runs alternating between them
     after one warm-up call each, in the given order and then in reverse by turns (so no fn
@@ -52,7 +58,7 @@ def alternated_runs(runs_of: Dict[str, Callable[[], object]], runs: int) -> Dict
     (:func:`settle`)."""
     results = {name: [] for name in runs_of}
     for run in range(runs + 1):
-        for name, fn in list(runs_of.items())[:: 1 if run % 2 else -1]:
+        for name, fn in turn_order(list(runs_of.items()), run):
             settle()
             result = fn()
             if run:
